@@ -1,0 +1,130 @@
+"""gilfree: process-based parallelism, a drop-in ``multiprocessing`` that does not hang.
+
+``import gilfree as multiprocessing`` and a program written for the stdlib runs unchanged; lambdas,
+closures and functions of ``__main__`` can be sent to children under every start method.
+
+The public API is written out here (not generated at import time), so every name is a real,
+typed object: ``gilfree.Process`` is a class you can subclass.  Top-level functions act on the
+default context (see :mod:`gilfree.context`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from . import connection as connection
+from . import context as context
+from . import process as process
+from . import reduction as reduction
+from . import util as util
+from ._errors import AuthenticationError as AuthenticationError
+from ._errors import BufferTooShort as BufferTooShort
+from ._errors import MainModuleNotGuardedError as MainModuleNotGuardedError
+from ._errors import PicklingError as PicklingError
+from ._errors import ProcessError as ProcessError
+from ._errors import TimeoutError as TimeoutError
+from .connection import Connection as Connection
+from .context import Process as Process
+from .process import active_children as active_children
+from .process import current_process as current_process
+from .process import parent_process as parent_process
+
+__version__ = "0.1.0"
+
+SUBDEBUG = util.SUBDEBUG
+SUBWARNING = util.SUBWARNING
+
+_default = context._default_context
+
+
+def Pipe(duplex: bool = True) -> tuple[Connection, Connection]:
+    """Return two connected :class:`Connection` objects (one-way if ``duplex`` is False)."""
+    return _default.Pipe(duplex)
+
+
+def cpu_count() -> int:
+    """Number of CPUs in the system."""
+    return _default.cpu_count()
+
+
+def get_context(method: str | None = None) -> context.BaseContext:
+    """The context for ``method`` ("fork", "spawn", "forkserver"), or the default context."""
+    return _default.get_context(method)
+
+
+def set_start_method(method: str | None, force: bool = False) -> None:
+    """Choose the default start method, once (again only with ``force=True``)."""
+    _default.set_start_method(method, force)
+
+
+def get_start_method(allow_none: bool = False) -> str | None:
+    """The default start method (fixing it now unless ``allow_none``)."""
+    return _default.get_start_method(allow_none)
+
+
+def get_all_start_methods() -> list[str]:
+    """The start methods available on this platform, the default first."""
+    return _default.get_all_start_methods()
+
+
+def set_executable(executable: str) -> None:
+    """The Python interpreter that spawned children run."""
+    _default.set_executable(executable)
+
+
+def set_forkserver_preload(module_names: list[str]) -> None:
+    """Modules the fork server imports once, before forking children."""
+    _default.set_forkserver_preload(module_names)
+
+
+def freeze_support() -> None:
+    """Kept for programs that call it; nothing to do on POSIX."""
+    _default.freeze_support()
+
+
+def get_logger() -> Any:
+    """The package's logger (``multiprocessing.get_logger``)."""
+    return util.get_logger()
+
+
+def log_to_stderr(level: int | str | None = None) -> Any:
+    """Log the package's records to stderr, in this process and children started later."""
+    return util.log_to_stderr(level)
+
+
+def allow_connection_pickling() -> None:
+    """Kept for compatibility: connections can always be passed to children."""
+
+
+__all__ = [
+    "AuthenticationError",
+    "BufferTooShort",
+    "Connection",
+    "MainModuleNotGuardedError",
+    "PicklingError",
+    "Pipe",
+    "Process",
+    "ProcessError",
+    "SUBDEBUG",
+    "SUBWARNING",
+    "TimeoutError",
+    "active_children",
+    "allow_connection_pickling",
+    "connection",
+    "context",
+    "cpu_count",
+    "current_process",
+    "freeze_support",
+    "get_all_start_methods",
+    "get_context",
+    "get_logger",
+    "get_start_method",
+    "log_to_stderr",
+    "parent_process",
+    "process",
+    "reduction",
+    "set_executable",
+    "set_forkserver_preload",
+    "set_start_method",
+    "util",
+]

@@ -1,0 +1,728 @@
+"""Connections: ``Pipe``, ``Listener``/``Client``, ``wait`` (layer L2).
+
+A :class:`Connection` sends whole messages over a file descriptor -- one end of an ``os.pipe``, of a
+socket pair, or of a TCP/Unix socket::
+
+       sender process                                   receiver process
+    send(obj) ── pickle (reduction, 2 tiers) ──┐
+                                               │ header + pickle chunks + out-of-band buffers,
+                                               │ one writev/sendmsg, no copy of large payloads
+                                               ▼
+                                  [ kernel pipe / socket buffer ]
+                                               │ readv/recv_into straight into the buffers
+                                               ▼               the message will live in
+                                            recv() ── unpickle ──> obj
+
+Framing.  Every message starts with a signed 4-byte big-endian length ``n``:
+
+* ``n >= 0``: ``n`` payload bytes follow (the stdlib's framing, so ``send_bytes``/``recv_bytes``
+  interoperate with ``multiprocessing.connection``);
+* ``n == -1``: an 8-byte length follows, then the payload (the stdlib's framing for > 2 GiB);
+* ``n == -2``: a gilfree message with out-of-band buffers: ``!IQ`` (buffer count ``k``, pickle
+  length), ``k`` 8-byte buffer lengths, then the pickle, then the ``k`` buffers.  Used only by
+  :meth:`Connection.send` for buffers of at least :data:`OOB_MIN` bytes.
+
+File descriptors in a sent object (another ``Connection``, a socket) travel as ``SCM_RIGHTS``
+ancillary data with the header, so they work over duplex pipes and Unix-socket connections.
+
+Authentication (:class:`Listener` / :func:`Client` with an ``authkey``) is the HMAC-SHA256
+challenge-response of CPython 3.12+, done in both directions before a single pickled byte is read,
+within :data:`HANDSHAKE_TIMEOUT` seconds, so a silent or hostile peer cannot stall ``accept()``.
+
+Where this runs: in any process, on the calling thread.  ``recv``/``send`` block until the whole
+message has moved; ``poll`` and ``wait`` block up to their timeout.  A Connection is not
+thread-safe (as in the stdlib): use one per thread, or a lock.
+"""
+
+from __future__ import annotations
+
+import array
+import fcntl
+import hmac
+import os
+import select
+import socket
+import stat
+import struct
+import tempfile
+import time
+from typing import Any, Iterable
+
+from . import reduction, util
+from ._errors import AuthenticationError, BufferTooShort
+
+__all__ = ["Client", "Connection", "Listener", "Pipe", "wait", "deliver_challenge", "answer_challenge"]
+
+#: Buffers at least this large travel out of band, read straight into their final memory.
+OOB_MIN = 256 * 1024
+#: Seconds a peer gets to complete the authentication handshake.
+HANDSHAKE_TIMEOUT = 20.0
+#: Bytes asked of the kernel for a pipe's buffer (fewer context switches for large messages).
+PIPE_BUFFER = 1 << 20
+#: Most descriptors one message may carry.
+MAX_FDS = 253
+
+_HDR = struct.Struct("!i")
+_HDR_LONG = struct.Struct("!Q")
+_HDR_EXT = struct.Struct("!IQ")
+_SMALL = 1 << 16
+_CHUNK = 64 << 20  # never pre-allocate more than this for a length the peer claims
+_IOV_MAX = 1024
+_F_SETPIPE_SZ = 1031
+
+default_family = "AF_UNIX"
+families = ["AF_INET", "AF_UNIX"] + (["AF_INET6"] if socket.has_ipv6 else [])
+
+
+def _is_unix_socket(fd: int) -> bool:
+    try:
+        if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+            return False
+        s = socket.socket(fileno=fd)
+    except OSError:
+        return False
+    try:
+        return s.family == socket.AF_UNIX
+    finally:
+        s.detach()
+
+
+def _view(chunk: Any) -> memoryview:
+    view = memoryview(chunk)
+    return view if view.format == "B" and view.ndim == 1 else view.cast("B")
+
+
+class Connection:
+    """One end of a message channel over a file descriptor (``multiprocessing.connection.Connection``).
+
+    ``Connection(handle, readable=True, writable=True)`` takes ownership of the fd ``handle``.
+    """
+
+    def __init__(self, handle: int, readable: bool = True, writable: bool = True) -> None:
+        handle = handle.__index__()
+        if handle < 0:
+            raise ValueError(f"invalid file descriptor {handle}")
+        if not readable and not writable:
+            raise ValueError("at least one of `readable` and `writable` must be True")
+        self._handle: int | None = handle
+        self._readable = readable
+        self._writable = writable
+        # Unix sockets carry fds with the message; others (pipes, TCP) do not.
+        self._sock: socket.socket | None = socket.socket(fileno=handle) if _is_unix_socket(handle) else None
+        self._is_socket = self._sock is not None or stat.S_ISSOCK(os.fstat(handle).st_mode)
+
+    # -- state ---------------------------------------------------------------------------------
+    def __repr__(self) -> str:
+        mode = "/".join(m for m, on in (("read", self._readable), ("write", self._writable)) if on)
+        kind = "unix socket" if self._sock is not None else ("socket" if self._is_socket else "pipe")
+        state = "closed" if self._handle is None else f"fd={self._handle}"
+        return f"<{type(self).__name__} {state} {mode} {kind}>"
+
+    @property
+    def closed(self) -> bool:
+        """True if the connection is closed."""
+        return self._handle is None
+
+    @property
+    def readable(self) -> bool:
+        return self._readable
+
+    @property
+    def writable(self) -> bool:
+        return self._writable
+
+    def fileno(self) -> int:
+        """The connection's file descriptor (for ``select``/``wait``)."""
+        return self._check_closed()
+
+    def _check_closed(self) -> int:
+        if self._handle is None:
+            raise OSError("handle is closed")
+        return self._handle
+
+    def close(self) -> None:
+        """Close the connection; further use raises ``OSError``.  Idempotent."""
+        handle, self._handle = self._handle, None
+        if handle is not None:
+            if self._sock is not None:
+                self._sock.detach()
+                self._sock = None
+            os.close(handle)
+
+    def _detach(self) -> int:
+        handle = self._check_closed()
+        self._handle = None
+        if self._sock is not None:
+            self._sock.detach()
+            self._sock = None
+        return handle
+
+    def __del__(self) -> None:
+        if getattr(self, "_handle", None) is not None:
+            try:
+                self.close()
+            except OSError:
+                pass
+
+    def __enter__(self) -> Connection:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        return _rebuild_connection, (reduction.DupFd(self._check_closed()), self._readable, self._writable)
+
+    # -- sending -------------------------------------------------------------------------------
+    def _check_writable(self) -> int:
+        fd = self._check_closed()
+        if not self._writable:
+            raise OSError("connection is read-only")
+        return fd
+
+    def _check_readable(self) -> int:
+        fd = self._check_closed()
+        if not self._readable:
+            raise OSError("connection is write-only")
+        return fd
+
+    def send(self, obj: Any) -> None:
+        """Send a picklable object (lambdas and closures included); the peer gets it from :meth:`recv`.
+
+        An object that cannot be pickled raises :class:`~gilfree.PicklingError` here, before
+        anything is written, so the stream stays usable.
+        """
+        self._check_writable()
+        sock = self._sock
+        if sock is None:
+            chunks, oob = reduction.dump_chunks(obj, OOB_MIN)
+            fds: list[int] = []
+        else:
+            fds = []
+
+            def register(fd: int) -> int:
+                if len(fds) >= MAX_FDS:
+                    raise ValueError(f"a message can carry at most {MAX_FDS} file descriptors")
+                fds.append(fd)
+                return len(fds) - 1
+
+            with reduction.fd_channel(register=register):
+                chunks, oob = reduction.dump_chunks(obj, OOB_MIN)
+        size = 0
+        for c in chunks:
+            size += len(c) if type(c) is bytes else memoryview(c).nbytes
+        if oob:
+            lengths = [memoryview(b).nbytes for b in oob]
+            header = _HDR.pack(-2) + _HDR_EXT.pack(len(oob), size) + struct.pack(f"!{len(oob)}Q", *lengths)
+            bufs = [header, *chunks, *oob]
+        elif size <= 0x7FFFFFFF:
+            if len(chunks) == 1:
+                bufs = [_HDR.pack(size) + chunks[0]] if size <= _SMALL else [_HDR.pack(size), chunks[0]]
+            else:
+                bufs = [_HDR.pack(size), *chunks]
+        else:
+            bufs = [_HDR.pack(-1) + _HDR_LONG.pack(size), *chunks]
+        self._write(bufs, fds)
+
+    def send_bytes(self, buf: Any, offset: int = 0, size: int | None = None) -> None:
+        """Send ``buf[offset:offset+size]`` (any bytes-like object) as one message."""
+        self._check_writable()
+        view = _view(buf)
+        n = view.nbytes
+        if offset < 0:
+            raise ValueError("offset is negative")
+        if n < offset:
+            raise ValueError("buffer length < offset")
+        if size is None:
+            size = n - offset
+        elif size < 0:
+            raise ValueError("size is negative")
+        elif offset + size > n:
+            raise ValueError("buffer length < offset + size")
+        if offset or size != n:
+            view = view[offset : offset + size]
+        if size <= 0x7FFFFFFF:
+            bufs: list[Any] = [_HDR.pack(size) + view] if size <= _SMALL else [_HDR.pack(size), view]
+        else:
+            bufs = [_HDR.pack(-1) + _HDR_LONG.pack(size), view]
+        self._write(bufs, [])
+
+    def _write(self, bufs: list[Any], fds: list[int]) -> None:
+        fd = self._handle
+        assert fd is not None
+        sock = self._sock
+        if fds:
+            assert sock is not None
+            anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
+            n = sock.sendmsg(bufs[:_IOV_MAX], anc)
+        elif sock is not None:
+            n = sock.sendmsg(bufs[:_IOV_MAX])
+        else:
+            n = os.writev(fd, bufs[:_IOV_MAX])
+        total = 0
+        for b in bufs:
+            total += len(b) if type(b) is bytes else memoryview(b).nbytes
+        if n == total:
+            return
+        # Partial write (a full pipe or socket buffer): continue from where the kernel stopped.
+        views = [_view(b) for b in bufs]
+        while views:
+            while views and n >= views[0].nbytes:
+                n -= views[0].nbytes
+                views.pop(0)
+            if not views:
+                return
+            if n:
+                views[0] = views[0][n:]
+            n = sock.sendmsg(views[:_IOV_MAX]) if sock is not None else os.writev(fd, views[:_IOV_MAX])
+
+    # -- receiving -----------------------------------------------------------------------------
+    def _read_into(self, view: memoryview, done: int = 0, what: str = "message") -> None:
+        """Fill ``view`` from the stream (``done`` bytes of the message already read)."""
+        fd = self._handle
+        assert fd is not None
+        total, got = view.nbytes, 0
+        sock = self._sock
+        while got < total:
+            if sock is not None:
+                n = sock.recv_into(view[got:])
+            else:
+                n = os.readv(fd, [view[got:]])
+            if n == 0:
+                raise EOFError(
+                    f"connection closed by the peer in the middle of a {what}: got {done + got} "
+                    f"of {done + total} bytes"
+                )
+            got += n
+
+    def _read_exact(self, n: int, done: int = 0, what: str = "message") -> Any:
+        """Read exactly ``n`` bytes; return bytes (small) or a bytearray (large)."""
+        fd = self._handle
+        assert fd is not None
+        if n <= _SMALL:
+            data = self._sock.recv(n) if self._sock is not None else os.read(fd, n)
+            if len(data) == n:
+                return data
+            if not data:
+                raise EOFError(
+                    f"connection closed by the peer in the middle of a {what}: got {done} of {done + n} bytes"
+                )
+            rest = bytearray(n)
+            rest[: len(data)] = data
+            self._read_into(memoryview(rest)[len(data) :], done + len(data), what)
+            return rest
+        if n <= _CHUNK:
+            buf = bytearray(n)
+            self._read_into(memoryview(buf), done, what)
+            return buf
+        # A length this large is read in pieces, so a garbage header cannot allocate memory that the
+        # peer never sends.
+        parts = []
+        remaining = n
+        while remaining:
+            piece = bytearray(min(remaining, _CHUNK))
+            self._read_into(memoryview(piece), done + n - remaining, what)
+            parts.append(piece)
+            remaining -= len(piece)
+        return bytearray().join(parts)
+
+    def _read_header(self) -> tuple[int, list[int]]:
+        """Read a message's 4-byte length; return it and any descriptors that came with it."""
+        fd = self._handle
+        assert fd is not None
+        fds: list[int] = []
+        sock = self._sock
+        if sock is not None:
+            data, anc, flags, _ = sock.recvmsg(4, socket.CMSG_SPACE(MAX_FDS * 4))
+            for level, kind, payload in anc:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    arr = array.array("i")
+                    arr.frombytes(payload[: len(payload) - (len(payload) % arr.itemsize)])
+                    fds.extend(arr)
+            if flags & socket.MSG_CTRUNC:
+                util.close_fds(*fds)
+                raise OSError("a message carried more file descriptors than allowed; they were dropped")
+        else:
+            data = os.read(fd, 4)
+        if len(data) < 4:
+            if not data:
+                util.close_fds(*fds)
+                raise EOFError("connection closed by the peer")
+            data += self._read_exact(4 - len(data), len(data), "message header")
+        return _HDR.unpack(data)[0], fds
+
+    def _recv_frame(self, maxlength: int | None = None) -> tuple[Any, list[Any], list[int]]:
+        n, fds = self._read_header()
+        try:
+            if n >= 0 or n == -1:
+                if n == -1:
+                    n = _HDR_LONG.unpack(self._read_exact(8, 4, "message header"))[0]
+                if maxlength is not None and n > maxlength:
+                    self.close()
+                    raise OSError(f"bad message length: {n} bytes, more than maxlength={maxlength}")
+                return self._read_exact(n, 4), [], fds
+            if n == -2:
+                count, size = _HDR_EXT.unpack(self._read_exact(_HDR_EXT.size, 4, "message header"))
+                if count > 65536:
+                    self.close()
+                    raise OSError(f"bad message header: {count} out-of-band buffers")
+                lengths = struct.unpack(f"!{count}Q", self._read_exact(8 * count, 16, "message header"))
+                if maxlength is not None and size + sum(lengths) > maxlength:
+                    self.close()
+                    raise OSError(f"bad message length: more than maxlength={maxlength}")
+                data = self._read_exact(size, 16 + 8 * count)
+                buffers = []
+                for length in lengths:
+                    buf = bytearray(length)
+                    self._read_into(memoryview(buf))
+                    buffers.append(buf)
+                return data, buffers, fds
+            self.close()
+            raise OSError(f"bad message header: length {n}; the peer does not speak this protocol")
+        except BaseException:
+            util.close_fds(*fds)
+            raise
+
+    def recv(self) -> Any:
+        """Receive an object sent with :meth:`send`; ``EOFError`` when the other end is closed."""
+        self._check_readable()
+        data, buffers, fds = self._recv_frame()
+        if not fds:
+            return reduction.loads(data, buffers=buffers)
+        claimed: set[int] = set()
+
+        def resolve(token: int) -> int:
+            claimed.add(token)
+            return fds[token]
+
+        try:
+            with reduction.fd_channel(resolve=resolve):
+                return reduction.loads(data, buffers=buffers)
+        finally:
+            util.close_fds(*(fd for i, fd in enumerate(fds) if i not in claimed))
+
+    def recv_bytes(self, maxlength: int | None = None) -> bytes:
+        """Receive a message sent with :meth:`send_bytes` as ``bytes``."""
+        self._check_readable()
+        if maxlength is not None and maxlength < 0:
+            raise ValueError("negative maxlength")
+        data, buffers, fds = self._recv_frame(maxlength)
+        util.close_fds(*fds)
+        if buffers:
+            raise OSError("received an object message (sent with send()), not a bytes message")
+        return data if type(data) is bytes else bytes(data)
+
+    def recv_bytes_into(self, buf: Any, offset: int = 0) -> int:
+        """Read a message into the writable buffer ``buf`` at ``offset``; return its size.
+
+        Raises :class:`BufferTooShort` (holding the whole message) if it does not fit.
+        """
+        self._check_readable()
+        view = _view(buf)
+        if offset < 0:
+            raise ValueError("negative offset")
+        if offset > view.nbytes:
+            raise ValueError("offset too large")
+        data, buffers, fds = self._recv_frame()
+        util.close_fds(*fds)
+        if buffers:
+            raise OSError("received an object message (sent with send()), not a bytes message")
+        size = len(data)
+        if size > view.nbytes - offset:
+            raise BufferTooShort(bytes(data))
+        view[offset : offset + size] = data
+        return size
+
+    def poll(self, timeout: float | None = 0.0) -> bool:
+        """Whether there is data to read (or the peer closed); wait up to ``timeout`` seconds."""
+        fd = self._check_readable()
+        return bool(wait([fd], timeout))
+
+
+def _rebuild_connection(df: Any, readable: bool, writable: bool) -> Connection:
+    return Connection(df.detach(), readable, writable)
+
+
+def _set_pipe_buffer(fd: int) -> None:
+    try:
+        fcntl.fcntl(fd, _F_SETPIPE_SZ, PIPE_BUFFER)
+    except OSError:
+        pass  # above the system's limit (pipe-max-size): keep the default
+
+
+def Pipe(duplex: bool = True) -> tuple[Connection, Connection]:
+    """Return two connected :class:`Connection` objects.
+
+    Duplex pipes are Unix socket pairs (they can carry file descriptors); one-way pipes are
+    ``os.pipe`` with a 1 MiB kernel buffer where the system allows it.
+    """
+    if duplex:
+        s1, s2 = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        return Connection(s1.detach()), Connection(s2.detach())
+    r, w = os.pipe()
+    _set_pipe_buffer(w)
+    return Connection(r, writable=False), Connection(w, readable=False)
+
+
+# --------------------------------------------------------------------------------------------------
+# wait()
+
+def wait(object_list: Iterable[Any], timeout: float | None = None) -> list[Any]:
+    """Wait until some of ``object_list`` are ready; return those (``[]`` on timeout).
+
+    Objects may be :class:`Connection` objects, sockets, process sentinels (ints) or anything with
+    a ``fileno()``.  A connection is ready when it has data or its peer closed.
+    """
+    objects = list(object_list)
+    poller = select.poll()
+    by_fd: dict[int, list[Any]] = {}
+    for obj in objects:
+        fd = obj if isinstance(obj, int) else obj.fileno()
+        if fd not in by_fd:
+            by_fd[fd] = []
+            poller.register(fd, select.POLLIN)
+        by_fd[fd].append(obj)
+    deadline = None if timeout is None else time.monotonic() + max(timeout, 0.0)
+    while True:
+        ms = None if deadline is None else max(0, int((deadline - time.monotonic()) * 1000 + 0.999))
+        events = poller.poll(ms)
+        if events:
+            ready = {fd for fd, _ in events}
+            return [obj for obj in objects if (obj if isinstance(obj, int) else obj.fileno()) in ready]
+        if deadline is not None and time.monotonic() >= deadline:
+            return []
+
+
+# --------------------------------------------------------------------------------------------------
+# Authentication: HMAC-SHA256 challenge-response, as in CPython 3.12+ (wire-compatible with it).
+
+_CHALLENGE = b"#CHALLENGE#"
+_WELCOME = b"#WELCOME#"
+_FAILURE = b"#FAILURE#"
+_DIGEST = b"{sha256}"
+_NONCE_BYTES = 40
+_AUTH_MAX = 256
+
+
+def _auth_recv(conn: Connection, deadline: float, step: str) -> bytes:
+    remaining = deadline - time.monotonic()
+    if remaining <= 0 or not conn.poll(remaining):
+        raise AuthenticationError(
+            f"the peer did not answer within {HANDSHAKE_TIMEOUT:g} s during the handshake ({step})"
+        )
+    try:
+        return conn.recv_bytes(_AUTH_MAX)
+    except EOFError as exc:
+        raise AuthenticationError(f"the peer closed the connection during the handshake ({step})") from exc
+    except OSError as exc:
+        raise AuthenticationError(f"the peer sent an invalid handshake message ({step}): {exc}") from exc
+
+
+def _check_key(authkey: Any) -> bytes:
+    if not isinstance(authkey, (bytes, bytearray)):
+        raise TypeError(f"authkey should be a byte string, not {type(authkey).__name__}")
+    return bytes(authkey)
+
+
+def deliver_challenge(conn: Connection, authkey: bytes, timeout: float | None = None) -> None:
+    """Challenge the peer to prove it knows ``authkey``; raise AuthenticationError if it does not."""
+    key = _check_key(authkey)
+    deadline = time.monotonic() + (HANDSHAKE_TIMEOUT if timeout is None else timeout)
+    message = _DIGEST + os.urandom(_NONCE_BYTES)
+    conn.send_bytes(_CHALLENGE + message)
+    response = _auth_recv(conn, deadline, "waiting for the answer to our challenge")
+    expected = _DIGEST + hmac.new(key, message, "sha256").digest()
+    if not hmac.compare_digest(response, expected):
+        try:
+            conn.send_bytes(_FAILURE)
+        except OSError:
+            pass
+        if not response.startswith(_DIGEST):
+            raise AuthenticationError("the peer answered the challenge without HMAC-SHA256 (wrong protocol or an old client)")
+        raise AuthenticationError("digest received was wrong: the peer does not know the authkey")
+    conn.send_bytes(_WELCOME)
+
+
+def answer_challenge(conn: Connection, authkey: bytes, timeout: float | None = None) -> None:
+    """Prove to the peer that we know ``authkey``; raise AuthenticationError if it refuses us."""
+    key = _check_key(authkey)
+    deadline = time.monotonic() + (HANDSHAKE_TIMEOUT if timeout is None else timeout)
+    message = _auth_recv(conn, deadline, "waiting for the challenge")
+    if not message.startswith(_CHALLENGE + _DIGEST):
+        raise AuthenticationError(f"expected an HMAC-SHA256 challenge, received {message[:40]!r}")
+    payload = message[len(_CHALLENGE) :]
+    if len(payload) < len(_DIGEST) + 20:
+        raise AuthenticationError("the challenge is too short to be safe")
+    conn.send_bytes(_DIGEST + hmac.new(key, payload, "sha256").digest())
+    reply = _auth_recv(conn, deadline, "waiting for the verdict")
+    if reply != _WELCOME:
+        raise AuthenticationError("digest sent was rejected: the peer has a different authkey")
+
+
+# --------------------------------------------------------------------------------------------------
+# Listener and Client
+
+def address_type(address: Any) -> str:
+    """The family name of an address: a (host, port) tuple is AF_INET(6), a str is AF_UNIX."""
+    if isinstance(address, tuple):
+        return "AF_INET6" if ":" in str(address[0]) else "AF_INET"
+    if isinstance(address, (str, bytes)):
+        return "AF_UNIX"
+    raise ValueError(f"address type of {address!r} unrecognized: use (host, port) for TCP or a path for a Unix socket")
+
+
+_temp_dir: str | None = None
+
+
+def _get_temp_dir() -> str:
+    global _temp_dir
+    if _temp_dir is None or not os.path.isdir(_temp_dir):
+        import shutil
+
+        _temp_dir = tempfile.mkdtemp(prefix="gilfree-")
+        util.Finalize(None, shutil.rmtree, args=(_temp_dir, True), exitpriority=-100)
+    return _temp_dir
+
+
+def arbitrary_address(family: str) -> Any:
+    """A fresh address for a listener of ``family``."""
+    if family == "AF_INET":
+        return ("localhost", 0)
+    if family == "AF_INET6":
+        return ("::1", 0)
+    if family == "AF_UNIX":
+        return os.path.join(_get_temp_dir(), f"listener-{os.getpid()}-{os.urandom(6).hex()}")
+    raise ValueError(f"unrecognized family {family!r}; use one of {families}")
+
+
+def _validate_family(family: str) -> None:
+    if family not in families:
+        raise ValueError(f"family {family!r} is not available here; use one of {families}")
+
+
+class Listener:
+    """A bound, listening socket whose ``accept()`` returns authenticated :class:`Connection` objects.
+
+    ``Listener(address=None, family=None, backlog=1, authkey=None)``.  With an ``authkey`` each
+    accepted peer must prove it knows the key (and learns that we do) before ``accept`` returns;
+    a peer that fails makes ``accept`` raise :class:`AuthenticationError`, and the listener stays
+    open for the next one.
+    """
+
+    def __init__(self, address: Any = None, family: str | None = None, backlog: int = 1, authkey: bytes | None = None) -> None:
+        family = family or (address and address_type(address)) or default_family
+        _validate_family(family)
+        if family == "AF_INET" and address is not None and ":" in str(address[0]):
+            family = "AF_INET6"
+        address = address or arbitrary_address(family)
+        if authkey is not None:
+            authkey = _check_key(authkey)
+        self._authkey = authkey
+        self._family = family
+        self._socket = socket.socket(getattr(socket, family))
+        self._unlink: util.Finalize | None = None
+        try:
+            if family != "AF_UNIX":
+                self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            self._socket.setblocking(True)
+            self._socket.bind(address)
+            self._socket.listen(backlog)
+        except OSError:
+            self._socket.close()
+            raise
+        self._address = self._socket.getsockname()
+        if family == "AF_UNIX" and isinstance(address, str) and not address.startswith("\0"):
+            self._unlink = util.Finalize(self, os.unlink, args=(address,), exitpriority=0)
+        self._last_accepted: Any = None
+
+    def __repr__(self) -> str:
+        state = "closed" if self._socket is None else "listening"
+        auth = "authenticated" if self._authkey is not None else "no authkey"
+        return f"<{type(self).__name__} {self._family} {self._address!r} {auth} {state}>"
+
+    def accept(self) -> Connection:
+        """Wait for a peer; authenticate it if there is an authkey; return the connection."""
+        if self._socket is None:
+            raise OSError("listener is closed")
+        while True:
+            try:
+                s, self._last_accepted = self._socket.accept()
+                break
+            except InterruptedError:  # pragma: no cover - PEP 475 retries for us
+                continue
+        s.setblocking(True)
+        if self._family != "AF_UNIX":
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        conn = Connection(s.detach())
+        if self._authkey is not None:
+            try:
+                deliver_challenge(conn, self._authkey)
+                answer_challenge(conn, self._authkey)
+            except BaseException:
+                conn.close()
+                raise
+        return conn
+
+    def close(self) -> None:
+        """Stop listening (and remove the Unix socket file).  Idempotent."""
+        sock, self._socket = self._socket, None
+        if sock is not None:
+            sock.close()
+        if self._unlink is not None:
+            unlink, self._unlink = self._unlink, None
+            try:
+                unlink()
+            except FileNotFoundError:
+                pass
+
+    @property
+    def address(self) -> Any:
+        return self._address
+
+    @property
+    def last_accepted(self) -> Any:
+        return self._last_accepted
+
+    def __enter__(self) -> Listener:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def Client(address: Any, family: str | None = None, authkey: bytes | None = None) -> Connection:
+    """Connect to a :class:`Listener` at ``address``; with an ``authkey``, authenticate both ways."""
+    family = family or address_type(address)
+    _validate_family(family)
+    if family == "AF_INET" and ":" in str(address[0]):
+        family = "AF_INET6"
+    s = socket.socket(getattr(socket, family))
+    try:
+        s.setblocking(True)
+        s.connect(address)
+        if family != "AF_UNIX":
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except BaseException:
+        s.close()
+        raise
+    conn = Connection(s.detach())
+    if authkey is not None:
+        try:
+            answer_challenge(conn, authkey)
+            deliver_challenge(conn, authkey)
+        except BaseException:
+            conn.close()
+            raise
+    return conn
+
+
+# sockets pickle through the same fd channel as connections
+def _rebuild_socket(df: Any, family: int, type_: int, proto: int) -> socket.socket:
+    return socket.socket(family, type_, proto, fileno=df.detach())
+
+
+def _reduce_socket(s: socket.socket) -> tuple[Any, tuple[Any, ...]]:
+    return _rebuild_socket, (reduction.DupFd(s.fileno()), s.family, s.type, s.proto)
+
+
+reduction.register(socket.socket, _reduce_socket)

@@ -1,0 +1,449 @@
+"""Pickling in two tiers, with out-of-band buffers and file-descriptor transfer (layer L1).
+
+Tier 1 is the stdlib's C pickler (protocol 5) with this package's dispatch table: it pickles
+functions and classes *by reference* (module + qualified name), which is fast and is what the
+stdlib does.  When tier 1 fails -- a lambda, a closure, a class defined in a function, a function of
+an interactive ``__main__`` -- the same object is pickled again by tier 2, cloudpickle, which pickles
+what cannot be found by reference *by value* and everything else by reference.  An object that
+neither tier can pickle raises :class:`~gilfree.PicklingError` in the caller, naming the culprit's
+type and where it sits inside the sent value (``obj['jobs'][3].lock``).
+
+Large buffers (``bytes``/``bytearray`` payloads, ``numpy`` arrays, :class:`pickle.PickleBuffer`)
+are never copied into the pickle stream: the pickler hands them to the sink as they are
+(:func:`dump_chunks`) and the connection writes them straight from the object's memory.  Buffers of
+at least ``oob_min`` bytes are taken out of band, so the receiver reads them directly into their
+final place.
+
+File descriptors inside pickled objects (a ``Connection`` passed to a child, a socket) go through a
+*channel* that the sender sets for the duration of one dump: a launcher that starts a child
+registers the fds it must pass to the child; a connection over a Unix socket attaches them to the
+message (``SCM_RIGHTS``).  The pickle holds only a token; the receiver's channel turns the token
+back into a descriptor it owns.
+
+Where this runs: in every process, on the thread that sends or receives.  Nothing here blocks.
+"""
+
+from __future__ import annotations
+
+import copyreg
+import io
+import os
+import pickle
+import sys
+import threading
+from typing import Any, Callable, Iterator
+
+from ._errors import PicklingError
+
+__all__ = [
+    "ForkingPickler",
+    "DupFd",
+    "dump",
+    "dumps",
+    "loads",
+    "dump_chunks",
+    "register",
+    "assert_spawning",
+    "fd_channel",
+]
+
+HIGHEST_PROTOCOL = 5
+DEFAULT_PROTOCOL = 5
+
+# Exceptions with which the stdlib pickler says "I cannot pickle this by reference".  Tier 2 is
+# tried after any of them; a RecursionError or MemoryError is not retried.
+_TIER1_FAILURES = (pickle.PicklingError, TypeError, AttributeError, ValueError)
+
+# --------------------------------------------------------------------------------------------------
+# The dispatch table: copyreg's, plus the reducers this package (and users, via register()) add.
+# The C pickler looks a plain dict up in C, so the table is kept as one flat dict, rebuilt when
+# register() is called or copyreg's own table changes size.
+
+_extra_reducers: dict[type, Callable[[Any], Any]] = {}
+_table: dict[type, Callable[[Any], Any]] = {}
+_table_copyreg_len = -1
+
+
+def _dispatch_table() -> dict[type, Callable[[Any], Any]]:
+    global _table, _table_copyreg_len
+    if _table_copyreg_len != len(copyreg.dispatch_table):
+        table = dict(copyreg.dispatch_table)
+        table.update(_extra_reducers)
+        _table, _table_copyreg_len = table, len(copyreg.dispatch_table)
+    return _table
+
+
+def register(type_: type, reduce: Callable[[Any], Any]) -> None:
+    """Use ``reduce(obj)`` to pickle instances of ``type_`` in everything this package sends."""
+    global _table_copyreg_len
+    _extra_reducers[type_] = reduce
+    _table_copyreg_len = -1
+
+
+class _Sink:
+    """The file a pickler writes to: keeps the chunks it is given, copying none."""
+
+    __slots__ = ("chunks",)
+
+    def __init__(self) -> None:
+        self.chunks: list[Any] = []
+
+    def write(self, chunk: Any) -> None:
+        self.chunks.append(chunk)
+
+
+class _Tier1(pickle.Pickler):
+    """The stdlib's C pickler with this package's dispatch table (by reference, fast)."""
+
+    def __init__(self, file: Any, protocol: int, buffer_callback: Callable[[Any], Any] | None) -> None:
+        super().__init__(file, protocol, buffer_callback=buffer_callback)
+        self.dispatch_table = _dispatch_table()
+
+
+_tier2_class: type | None = None
+
+
+def _tier2() -> type:
+    """The cloudpickle-based pickler (tier 2), built on first use.
+
+    cloudpickle is imported here rather than at the top on purpose: importing it costs a child
+    process about 20 ms of start-up, and most programs never need it (docs/design.md).
+    """
+    global _tier2_class
+    if _tier2_class is None:
+        import cloudpickle
+
+        base = cloudpickle.Pickler
+
+        class _Tier2(base):  # type: ignore[misc, valid-type]
+            def __init__(self, file: Any, protocol: int, buffer_callback: Any) -> None:
+                super().__init__(file, protocol=protocol, buffer_callback=buffer_callback)
+                table = dict(base.dispatch_table)
+                table.update(_dispatch_table())
+                self.dispatch_table = table
+
+        _tier2_class = _Tier2
+    return _tier2_class
+
+
+def _main_is_reimportable() -> bool:
+    """Whether a spawned child can import ``__main__`` again (from its file or module name).
+
+    When it cannot (an interactive session, ``python -c``, a notebook), functions and classes of
+    ``__main__`` must travel by value.
+    """
+    main = sys.modules.get("__main__")
+    if main is None:
+        return False
+    spec = getattr(main, "__spec__", None)
+    if spec is not None and getattr(spec, "name", None):
+        return True
+    path = getattr(main, "__file__", None)
+    return bool(path) and os.path.exists(path)
+
+
+def _dump_with(cls: type, obj: Any, protocol: int, oob_min: int | None) -> tuple[list[Any], list[Any]]:
+    sink = _Sink()
+    oob: list[Any] = []
+    callback = None
+    if oob_min is not None:
+        def callback(buf: pickle.PickleBuffer) -> bool:
+            view = memoryview(buf)
+            if view.nbytes < oob_min or not view.contiguous:
+                return True  # in band
+            oob.append(buf)
+            return False
+
+    cls(sink, protocol, callback).dump(obj)
+    return sink.chunks, oob
+
+
+def dump_chunks(obj: Any, oob_min: int | None = None, protocol: int = DEFAULT_PROTOCOL) -> tuple[list[Any], list[Any]]:
+    """Pickle ``obj`` into a list of chunks (no copy of large payloads) and out-of-band buffers.
+
+    Buffers of ``oob_min`` bytes or more are returned separately (``None``: none are).  Tier 1 is
+    tried first; tier 2 (by value) only if it fails.  Raises :class:`PicklingError` naming the
+    unpicklable part.
+    """
+    mark = len(_fd_chan().sent) if _fd_chan().active else 0
+    try:
+        chunks, oob = _dump_with(_Tier1, obj, protocol, oob_min)
+        if not _main_is_reimportable() and any(b"__main__" in c for c in chunks if type(c) is bytes):
+            raise pickle.PicklingError("__main__ cannot be imported by the receiver")
+        return chunks, oob
+    except _TIER1_FAILURES as first:
+        _fd_chan().rollback(mark)
+        try:
+            return _dump_with(_tier2(), obj, protocol, oob_min)
+        except RecursionError:
+            raise
+        except Exception as second:
+            _fd_chan().rollback(mark)
+            raise _explain(obj, second) from first
+
+
+def dumps(obj: Any, protocol: int | None = None) -> bytes:
+    """Pickle ``obj`` to ``bytes`` (both tiers, all buffers in band)."""
+    chunks, _ = dump_chunks(obj, None, protocol or DEFAULT_PROTOCOL)
+    if len(chunks) == 1 and type(chunks[0]) is bytes:
+        return chunks[0]
+    return b"".join(memoryview(c).cast("B") if type(c) is not bytes else c for c in chunks)
+
+
+def dump(obj: Any, file: io.RawIOBase | Any, protocol: int | None = None) -> None:
+    """Pickle ``obj`` into an open binary file (as ``multiprocessing.reduction.dump``)."""
+    file.write(dumps(obj, protocol))
+
+
+loads = pickle.loads
+
+
+class ForkingPickler:
+    """Compatibility face of this module for code written against ``multiprocessing.reduction``."""
+
+    @classmethod
+    def register(cls, type_: type, reduce: Callable[[Any], Any]) -> None:
+        register(type_, reduce)
+
+    @classmethod
+    def dumps(cls, obj: Any, protocol: int | None = None) -> memoryview:
+        return memoryview(dumps(obj, protocol))
+
+    loads = staticmethod(pickle.loads)
+
+
+# --------------------------------------------------------------------------------------------------
+# Explaining what cannot be pickled: walk into the value to find the smallest part that fails.
+
+_MAX_ITEMS = 10_000
+_MAX_DEPTH = 40
+
+
+def _picklable(obj: Any) -> bool:
+    try:
+        _dump_with(_tier2(), obj, DEFAULT_PROTOCOL, None)
+    except RecursionError:
+        return False
+    except Exception:
+        return False
+    return True
+
+
+def _parts(obj: Any) -> Iterator[tuple[str, Any]]:
+    """The parts a pickler would descend into, each with a label that extends a path."""
+    if isinstance(obj, dict):
+        for i, (k, v) in enumerate(obj.items()):
+            if i >= _MAX_ITEMS:
+                return
+            yield f".keys()[{i}]", k
+            yield f"[{k!r}]", v
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj[:_MAX_ITEMS]):
+            yield f"[{i}]", v
+    elif isinstance(obj, (set, frozenset)):
+        for i, v in enumerate(obj):
+            if i >= _MAX_ITEMS:
+                return
+            yield f" item {v!r}", v
+    elif callable(obj) and hasattr(obj, "__code__"):
+        closure = getattr(obj, "__closure__", None) or ()
+        for name, cell in zip(obj.__code__.co_freevars, closure):
+            try:
+                yield f".<closure variable {name!r}>", cell.cell_contents
+            except ValueError:
+                continue
+        glb = getattr(obj, "__globals__", {})
+        for name in obj.__code__.co_names:
+            if name in glb:
+                yield f".<global {name!r}>", glb[name]
+    else:
+        try:
+            reduced = obj.__reduce_ex__(DEFAULT_PROTOCOL)
+        except Exception:
+            return
+        if not isinstance(reduced, tuple):
+            return
+        args = reduced[1] if len(reduced) > 1 else ()
+        state = reduced[2] if len(reduced) > 2 else None
+        if isinstance(state, tuple) and len(state) == 2 and (state[0] is None or isinstance(state[0], dict)):
+            state = {**(state[0] or {}), **(state[1] or {})}
+        if isinstance(state, dict):
+            for k, v in list(state.items())[:_MAX_ITEMS]:
+                yield f".{k}" if isinstance(k, str) and k.isidentifier() else f".__dict__[{k!r}]", v
+        elif state is not None:
+            yield ".__getstate__()", state
+        if isinstance(args, tuple):
+            for i, v in enumerate(args):
+                if isinstance(v, type):
+                    continue
+                yield f".__reduce__()[1][{i}]", v
+
+
+def _locate(obj: Any) -> tuple[str, Any]:
+    path, current = "obj", obj
+    seen: set[int] = set()
+    for _ in range(_MAX_DEPTH):
+        seen.add(id(current))
+        for label, part in _parts(current):
+            if id(part) in seen or part is None:
+                continue
+            if not _picklable(part):
+                path, current = path + label, part
+                break
+        else:
+            return path, current
+    return path, current
+
+
+def _explain(obj: Any, error: BaseException) -> PicklingError:
+    try:
+        path, culprit = _locate(obj)
+    except Exception:  # the explanation must never hide the error itself
+        path, culprit = "obj", obj
+    kind = type(culprit)
+    kind_name = f"{kind.__module__}.{kind.__qualname__}" if kind.__module__ != "builtins" else kind.__qualname__
+    where = "the object itself" if path == "obj" else path
+    message = (
+        f"cannot pickle {kind_name!r} object at {where} (sent value of type {type(obj).__qualname__!r}): "
+        f"{error}. Objects such as locks, open files, sockets and generators cannot be sent to "
+        f"another process; send the data they hold, or create them in the receiving process."
+    )
+    return PicklingError(message, path=path, culprit_type=kind_name)
+
+
+# --------------------------------------------------------------------------------------------------
+# Out-of-band helpers for memoryview, which the stdlib cannot pickle at all.
+
+def _rebuild_memoryview(buf: Any, fmt: str, shape: tuple[int, ...], readonly: bool) -> memoryview:
+    view = memoryview(buf)
+    if readonly and not view.readonly:
+        view = view.toreadonly()
+    if view.format != fmt or view.shape != shape:
+        view = view.cast("B").cast(fmt, shape)
+    return view
+
+
+def _reduce_memoryview(view: memoryview) -> tuple[Any, tuple[Any, ...]]:
+    if view.c_contiguous:
+        payload: Any = pickle.PickleBuffer(view)
+    else:
+        payload = view.tobytes()
+    return _rebuild_memoryview, (payload, view.format, view.shape, view.readonly)
+
+
+register(memoryview, _reduce_memoryview)
+
+
+# --------------------------------------------------------------------------------------------------
+# File descriptors inside pickles.
+
+class _FdChannel(threading.local):
+    """Per-thread state: where fds met while pickling go, and where fds met while unpickling come from.
+
+    ``register`` (sending side) returns the token stored in the pickle; ``resolve`` (receiving side)
+    turns a token back into an fd that the caller then owns.
+    """
+
+    def __init__(self) -> None:
+        self.active = False
+        self.register: Callable[[int], int] | None = None
+        self.resolve: Callable[[int], int] | None = None
+        self.sent: list[int] = []
+        self.spawning: object | None = None
+
+    def rollback(self, mark: int) -> None:
+        del self.sent[mark:]
+
+
+_chan = _FdChannel()
+
+
+def _fd_chan() -> _FdChannel:
+    return _chan
+
+
+class fd_channel:
+    """Context manager that routes the fds of objects pickled (or unpickled) inside it.
+
+    ``fd_channel(register=f)``: while pickling, ``DupFd(fd)`` calls ``f(fd)`` and stores the token
+    it returns.  ``fd_channel(resolve=g)``: while unpickling, a token becomes ``g(token)``.
+    ``spawning`` marks a dump made to start a child: objects that may only be inherited (locks,
+    authkeys) check it with :func:`assert_spawning`.
+    """
+
+    def __init__(
+        self,
+        register: Callable[[int], int] | None = None,
+        resolve: Callable[[int], int] | None = None,
+        spawning: object | None = None,
+    ) -> None:
+        self._new = (register, resolve, spawning)
+        self._old: tuple[Any, ...] = ()
+
+    def __enter__(self) -> fd_channel:
+        c = _chan
+        self._old = (c.active, c.register, c.resolve, c.spawning, c.sent)
+        c.register, c.resolve, c.spawning = self._new
+        c.active = True
+        c.sent = []
+        return self
+
+    @property
+    def sent(self) -> list[int]:
+        """The fds registered so far inside this block."""
+        return _chan.sent
+
+    def __exit__(self, *exc: object) -> None:
+        c = _chan
+        c.active, c.register, c.resolve, c.spawning, c.sent = self._old
+
+
+def spawning_popen() -> object | None:
+    """The launcher on whose behalf this thread is pickling a child's start-up data, if any."""
+    return _chan.spawning
+
+
+def assert_spawning(obj: object) -> None:
+    """Raise unless ``obj`` is being pickled to start a child (it can only be inherited)."""
+    if _chan.spawning is None:
+        raise RuntimeError(
+            f"{type(obj).__name__} objects should only be shared between processes through "
+            f"inheritance: pass it as an argument to Process(...) (or a Pool initializer), not "
+            f"through a pipe or queue"
+        )
+
+
+class _DupFd:
+    """What a pickled fd becomes: a token resolved by the receiver's channel."""
+
+    __slots__ = ("token",)
+
+    def __init__(self, token: int) -> None:
+        self.token = token
+
+    def __reduce__(self) -> tuple[Any, tuple[int]]:
+        return _DupFd, (self.token,)
+
+    def detach(self) -> int:
+        """Return the fd this token stands for; the caller owns it."""
+        resolve = _chan.resolve
+        if resolve is None:
+            raise RuntimeError(
+                "a pickled file descriptor was unpickled outside the channel that carried it; "
+                "descriptors can only arrive as Process arguments or over a Unix-socket Connection"
+            )
+        return resolve(self.token)
+
+
+def DupFd(fd: int) -> _DupFd:
+    """Pickle-able stand-in for ``fd`` that the receiving process turns into its own copy."""
+    register_fd = _chan.register
+    if not _chan.active or register_fd is None:
+        raise RuntimeError(
+            "a file descriptor (a Connection, socket or similar) can only be sent to a child as an "
+            "argument of Process(...) or over a duplex Pipe/Unix-socket Connection; this channel "
+            "cannot carry descriptors"
+        )
+    token = register_fd(fd)
+    _chan.sent.append(fd)
+    return _DupFd(token)

@@ -1,0 +1,267 @@
+"""Logging, finalizers and after-fork hooks (layer L0).
+
+Mirrors the public parts of ``multiprocessing.util``: :func:`get_logger`, :func:`log_to_stderr`,
+:class:`Finalize`, :func:`register_after_fork`, :func:`is_exiting`.  Nothing here starts processes
+or threads; the process layer calls :func:`_run_finalizers` at exit and :func:`_run_after_forkers` in
+a freshly forked child.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import sys
+import threading
+import weakref
+from typing import TYPE_CHECKING, Any, Callable
+
+if TYPE_CHECKING:
+    import logging
+
+__all__ = [
+    "SUBDEBUG",
+    "SUBWARNING",
+    "DEBUG",
+    "INFO",
+    "LOGGER_NAME",
+    "DEFAULT_LOGGING_FORMAT",
+    "Finalize",
+    "close_fds",
+    "debug",
+    "get_logger",
+    "info",
+    "is_exiting",
+    "log_to_stderr",
+    "register_after_fork",
+    "sub_debug",
+    "sub_warning",
+]
+
+SUBDEBUG = 5
+DEBUG = 10
+INFO = 20
+SUBWARNING = 25
+
+LOGGER_NAME = "gilfree"
+DEFAULT_LOGGING_FORMAT = "[%(levelname)s/%(processName)s] %(message)s"
+
+_logger: logging.Logger | None = None
+_log_to_stderr = False
+
+
+def sub_debug(msg: str, *args: Any) -> None:
+    if _logger:
+        _logger.log(SUBDEBUG, msg, *args)
+
+
+def debug(msg: str, *args: Any) -> None:
+    if _logger:
+        _logger.log(DEBUG, msg, *args)
+
+
+def info(msg: str, *args: Any) -> None:
+    if _logger:
+        _logger.log(INFO, msg, *args)
+
+
+def sub_warning(msg: str, *args: Any) -> None:
+    if _logger:
+        _logger.log(SUBWARNING, msg, *args)
+
+
+def get_logger() -> logging.Logger:
+    """Return the package's logger, creating it on first use (as ``multiprocessing.get_logger``)."""
+    global _logger
+    if _logger is None:
+        # Imported here, not at the top: ``logging`` costs a child process several ms of start-up
+        # and most programs never log (docs/design.md, "start-up imports").
+        import logging
+
+        logging.addLevelName(SUBDEBUG, "SUBDEBUG")
+        logging.addLevelName(SUBWARNING, "SUBWARNING")
+        _logger = logging.getLogger(LOGGER_NAME)
+        _logger.propagate = False
+    return _logger
+
+
+def log_to_stderr(level: int | str | None = None) -> logging.Logger:
+    """Send the package's log records to stderr; children started later do the same."""
+    import logging
+
+    global _log_to_stderr
+    logger = get_logger()
+    if not any(getattr(h, "_gilfree_stderr", False) for h in logger.handlers):
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter(DEFAULT_LOGGING_FORMAT))
+        handler._gilfree_stderr = True  # type: ignore[attr-defined]
+        logger.addHandler(handler)
+    if level:
+        logger.setLevel(level)
+    _log_to_stderr = True
+    return logger
+
+
+# --------------------------------------------------------------------------------------------------
+# Finalizers: callbacks run when an object is collected, or at exit by priority.
+
+_finalizer_registry: dict[tuple[Any, int], Finalize] = {}
+_finalizer_counter = itertools.count()
+_exiting = False
+
+
+class Finalize:
+    """Call ``callback(*args, **kwargs)`` when ``obj`` is collected, or at exit.
+
+    With ``obj=None`` the finalizer runs only at exit, and only if ``exitpriority`` is given.
+    Higher priorities run first; equal priorities run newest first.  A finalizer runs at most once
+    and only in the process that created it (a forked child never runs its parent's).
+    """
+
+    def __init__(
+        self,
+        obj: object | None,
+        callback: Callable[..., Any],
+        args: tuple = (),
+        kwargs: dict | None = None,
+        exitpriority: int | None = None,
+    ) -> None:
+        if exitpriority is not None and not isinstance(exitpriority, int):
+            raise TypeError(f"exitpriority must be None or an int, not {type(exitpriority).__name__}")
+        if obj is None and exitpriority is None:
+            raise TypeError("Finalize(None, ...) needs an exitpriority, or it would never run")
+        self._weakref = weakref.ref(obj, self) if obj is not None else None
+        self._callback: Callable[..., Any] | None = callback
+        self._args = args
+        self._kwargs = kwargs or {}
+        self._key = (exitpriority, next(_finalizer_counter))
+        self._pid = os.getpid()
+        _finalizer_registry[self._key] = self
+
+    def __call__(self, wr: object = None) -> Any:
+        """Run the callback now (once); return its result, or None if it already ran."""
+        try:
+            del _finalizer_registry[self._key]
+        except KeyError:
+            return None
+        if self._pid != os.getpid() or self._callback is None:
+            return None
+        callback, args, kwargs = self._callback, self._args, self._kwargs
+        self._callback = self._args = self._kwargs = self._weakref = None  # type: ignore[assignment]
+        return callback(*args, **kwargs)
+
+    def cancel(self) -> None:
+        """Forget the finalizer without running it."""
+        _finalizer_registry.pop(self._key, None)
+        self._callback = self._args = self._kwargs = self._weakref = None  # type: ignore[assignment]
+
+    def still_active(self) -> bool:
+        return self._key in _finalizer_registry
+
+    def __repr__(self) -> str:
+        obj = self._weakref() if self._weakref is not None else None
+        name = getattr(self._callback, "__name__", repr(self._callback))
+        state = "active" if self.still_active() else "done"
+        return f"<Finalize {name} for {type(obj).__name__ if obj is not None else None} priority={self._key[0]} {state}>"
+
+
+def _run_finalizers(minpriority: int | None = None) -> None:
+    """Run the finalizers whose priority is at least ``minpriority`` (all with a priority if None)."""
+    if minpriority is None:
+        def wanted(key: tuple[Any, int]) -> bool:
+            return key[0] is not None
+    else:
+        def wanted(key: tuple[Any, int]) -> bool:
+            return key[0] is not None and key[0] >= minpriority
+    keys = sorted((k for k in list(_finalizer_registry) if wanted(k)), reverse=True)
+    for key in keys:
+        finalizer = _finalizer_registry.get(key)
+        if finalizer is None:
+            continue
+        try:
+            finalizer()
+        except Exception:
+            import traceback
+
+            traceback.print_exc()
+    if minpriority is None:
+        _finalizer_registry.clear()
+
+
+def is_exiting() -> bool:
+    """True once the process has begun shutting down."""
+    return _exiting
+
+
+def _set_exiting() -> None:
+    global _exiting
+    _exiting = True
+
+
+# --------------------------------------------------------------------------------------------------
+# After-fork hooks: objects that hold locks or threads register a function that repairs them in a
+# freshly forked child.
+
+_afterfork_registry: weakref.WeakValueDictionary[tuple[int, int, Callable[..., Any]], Any] = (
+    weakref.WeakValueDictionary()
+)
+_afterfork_counter = itertools.count()
+
+
+def register_after_fork(obj: object, func: Callable[[Any], Any]) -> None:
+    """Call ``func(obj)`` in every child forked after this call, while ``obj`` is alive."""
+    _afterfork_registry[(next(_afterfork_counter), id(obj), func)] = obj
+
+
+def _run_after_forkers() -> None:
+    for (_, _, func), obj in sorted(_afterfork_registry.items(), key=lambda kv: kv[0][0]):
+        try:
+            func(obj)
+        except Exception as exc:
+            info("after forker raised exception %s", exc)
+
+
+def _after_fork_reset() -> None:
+    """Called in a forked child before user code: finalizers belong to the parent."""
+    global _exiting
+    _exiting = False
+    for key, fin in list(_finalizer_registry.items()):
+        if fin._pid != os.getpid():
+            _finalizer_registry.pop(key, None)
+
+
+def close_fds(*fds: int) -> None:
+    """Close each fd, ignoring ones already closed."""
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def _flush_std_streams() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            if stream is not None:
+                stream.flush()
+        except (AttributeError, ValueError, OSError):
+            pass
+
+
+# A lock that forked children must not inherit in the locked state is replaced in the child.
+class ForkAwareThreadLock:
+    """A ``threading.Lock`` that a forked child gets fresh, unlocked."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.acquire = self._lock.acquire
+        self.release = self._lock.release
+        register_after_fork(self, ForkAwareThreadLock._at_fork_reinit)
+
+    def _at_fork_reinit(self) -> None:
+        self._lock._at_fork_reinit()  # type: ignore[attr-defined]
+
+    def __enter__(self) -> bool:
+        return self._lock.__enter__()
+
+    def __exit__(self, *args: object) -> None:
+        self._lock.__exit__(*args)
