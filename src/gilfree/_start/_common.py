@@ -338,14 +338,15 @@ def _import_main_by_name(name: str) -> None:
         _install_main(current)
         return
     import runpy
+    import types
 
     _importing_main = True
     try:
-        result = runpy.run_module(name, run_name="__mp_main__", alter_sys=True)
+        content = runpy.run_module(name, run_name="__mp_main__", alter_sys=True)
     finally:
         _importing_main = False
-    module = sys.modules["__mp_main__"]
-    module.__dict__.update(result)
+    module = types.ModuleType("__mp_main__")
+    module.__dict__.update(content)
     module.__gilfree_main_name__ = name  # type: ignore[attr-defined]
     _install_main(module)
 
