@@ -58,3 +58,9 @@ class MainModuleNotGuardedError(RuntimeError):
 
     Raised instead of the stdlib's "bootstrapping phase" ``RuntimeError``.
     """
+
+
+# Shown as ``gilfree.X`` in tracebacks, where users look them up.
+for _cls in (ProcessError, BufferTooShort, TimeoutError, AuthenticationError, PicklingError, MainModuleNotGuardedError):
+    _cls.__module__ = "gilfree"
+del _cls

@@ -193,21 +193,15 @@ class Connection:
         anything is written, so the stream stays usable.
         """
         self._check_writable()
-        sock = self._sock
-        if sock is None:
+        if self._sock is None:
             chunks, oob = reduction.dump_chunks(obj, OOB_MIN)
             fds: list[int] = []
         else:
-            fds = []
-
-            def register(fd: int) -> int:
-                if len(fds) >= MAX_FDS:
-                    raise ValueError(f"a message can carry at most {MAX_FDS} file descriptors")
-                fds.append(fd)
-                return len(fds) - 1
-
-            with reduction.fd_channel(register=register):
+            with reduction.fd_channel(sending=True) as channel:
                 chunks, oob = reduction.dump_chunks(obj, OOB_MIN)
+            fds = channel.sent
+            if len(fds) > MAX_FDS:
+                raise ValueError(f"a message can carry at most {MAX_FDS} file descriptors, not {len(fds)}")
         size = 0
         for c in chunks:
             size += len(c) if type(c) is bytes else memoryview(c).nbytes

@@ -46,10 +46,7 @@ try:
 except OSError:
     ORIGINAL_DIR = None
 
-_signal_names = {
-    -int(value): name for name, value in signal.__dict__.items() if name.startswith("SIG") and not name.startswith("SIG_")
-    and isinstance(value, int)
-}
+_signal_names = {-int(sig): f"-{sig.name}" for sig in signal.Signals}
 
 
 class AuthenticationString(bytes):

@@ -165,20 +165,20 @@ def dump_chunks(obj: Any, oob_min: int | None = None, protocol: int = DEFAULT_PR
     tried first; tier 2 (by value) only if it fails.  Raises :class:`PicklingError` naming the
     unpicklable part.
     """
-    mark = len(_fd_chan().sent) if _fd_chan().active else 0
+    mark = len(_chan.sent)
     try:
         chunks, oob = _dump_with(_Tier1, obj, protocol, oob_min)
         if not _main_is_reimportable() and any(b"__main__" in c for c in chunks if type(c) is bytes):
             raise pickle.PicklingError("__main__ cannot be imported by the receiver")
         return chunks, oob
     except _TIER1_FAILURES as first:
-        _fd_chan().rollback(mark)
+        _chan.rollback(mark)
         try:
             return _dump_with(_tier2(), obj, protocol, oob_min)
         except RecursionError:
             raise
         except Exception as second:
-            _fd_chan().rollback(mark)
+            _chan.rollback(mark)
             raise _explain(obj, second) from first
 
 
@@ -340,13 +340,13 @@ register(memoryview, _reduce_memoryview)
 class _FdChannel(threading.local):
     """Per-thread state: where fds met while pickling go, and where fds met while unpickling come from.
 
-    ``register`` (sending side) returns the token stored in the pickle; ``resolve`` (receiving side)
-    turns a token back into an fd that the caller then owns.
+    While sending, ``DupFd(fd)`` appends ``fd`` to ``sent`` and stores its index there as the token;
+    the sender passes ``sent`` along with the pickle.  While receiving, ``resolve(token)`` turns a
+    token back into an fd that the caller then owns.
     """
 
     def __init__(self) -> None:
-        self.active = False
-        self.register: Callable[[int], int] | None = None
+        self.sending = False
         self.resolve: Callable[[int], int] | None = None
         self.sent: list[int] = []
         self.spawning: object | None = None
@@ -358,44 +358,35 @@ class _FdChannel(threading.local):
 _chan = _FdChannel()
 
 
-def _fd_chan() -> _FdChannel:
-    return _chan
-
-
 class fd_channel:
     """Context manager that routes the fds of objects pickled (or unpickled) inside it.
 
-    ``fd_channel(register=f)``: while pickling, ``DupFd(fd)`` calls ``f(fd)`` and stores the token
-    it returns.  ``fd_channel(resolve=g)``: while unpickling, a token becomes ``g(token)``.
-    ``spawning`` marks a dump made to start a child: objects that may only be inherited (locks,
-    authkeys) check it with :func:`assert_spawning`.
+    ``fd_channel(sending=True)``: while pickling, fds are collected in :attr:`sent` (in order; a
+    pickle refers to them by index).  ``fd_channel(resolve=g)``: while unpickling, index ``i``
+    becomes ``g(i)``.  ``spawning`` marks a dump made to start a child: objects that may only be
+    inherited (locks, authkeys) check it with :func:`assert_spawning`.
     """
 
     def __init__(
         self,
-        register: Callable[[int], int] | None = None,
+        sending: bool = False,
         resolve: Callable[[int], int] | None = None,
         spawning: object | None = None,
     ) -> None:
-        self._new = (register, resolve, spawning)
+        self._new = (sending, resolve, spawning)
         self._old: tuple[Any, ...] = ()
+        self.sent: list[int] = []
 
     def __enter__(self) -> fd_channel:
         c = _chan
-        self._old = (c.active, c.register, c.resolve, c.spawning, c.sent)
-        c.register, c.resolve, c.spawning = self._new
-        c.active = True
-        c.sent = []
+        self._old = (c.sending, c.resolve, c.spawning, c.sent)
+        c.sending, c.resolve, c.spawning = self._new
+        c.sent = self.sent
         return self
-
-    @property
-    def sent(self) -> list[int]:
-        """The fds registered so far inside this block."""
-        return _chan.sent
 
     def __exit__(self, *exc: object) -> None:
         c = _chan
-        c.active, c.register, c.resolve, c.spawning, c.sent = self._old
+        c.sending, c.resolve, c.spawning, c.sent = self._old
 
 
 def spawning_popen() -> object | None:
@@ -437,13 +428,11 @@ class _DupFd:
 
 def DupFd(fd: int) -> _DupFd:
     """Pickle-able stand-in for ``fd`` that the receiving process turns into its own copy."""
-    register_fd = _chan.register
-    if not _chan.active or register_fd is None:
+    if not _chan.sending:
         raise RuntimeError(
             "a file descriptor (a Connection, socket or similar) can only be sent to a child as an "
             "argument of Process(...) or over a duplex Pipe/Unix-socket Connection; this channel "
             "cannot carry descriptors"
         )
-    token = register_fd(fd)
     _chan.sent.append(fd)
-    return _DupFd(token)
+    return _DupFd(len(_chan.sent) - 1)

@@ -28,8 +28,8 @@ def run_child(life_r: int, received_fds: list[int] | None = None) -> int:
     claimed = {0}
 
     def resolve(token: int) -> int:
-        claimed.add(token)
-        return fds[token]
+        claimed.add(token + 1)  # fds[0] is the lifeline
+        return fds[token + 1]
 
     try:
         with reduction.fd_channel(resolve=resolve):

@@ -218,14 +218,14 @@ def preparation_data(name: str, start_method: str) -> dict[str, Any]:
 
 
 def dump_payload(prep: dict[str, Any], process_obj: process.BaseProcess, popen: Any, fds: list[int]) -> list[bytes]:
-    """Pickle the start-up data; fds met inside ``process_obj`` are appended to ``fds``."""
-    def register(fd: int) -> int:
-        fds.append(fd)
-        return len(fds) - 1
+    """Pickle the start-up data; fds met inside ``process_obj`` are appended to ``fds``.
 
+    ``fds[0]`` is the lifeline; a pickled fd with token ``i`` is ``fds[i + 1]`` in the child.
+    """
     prep_bytes = reduction.dumps(prep)
-    with reduction.fd_channel(register=register, spawning=popen):
+    with reduction.fd_channel(sending=True, spawning=popen) as channel:
         obj_bytes = reduction.dumps(process_obj)
+    fds.extend(channel.sent)
     return [_PAYLOAD.pack(len(prep_bytes), len(obj_bytes), len(fds)), struct.pack(f"!{len(fds)}i", *fds), prep_bytes, obj_bytes]
 
 
