@@ -40,13 +40,14 @@ import array
 import fcntl
 import hmac
 import os
+import pickle
 import select
 import socket
 import stat
 import struct
 import tempfile
 import time
-from typing import Any, Iterable
+from typing import Any, Iterable, NoReturn
 
 from . import reduction, util
 from ._errors import AuthenticationError, BufferTooShort
@@ -74,22 +75,36 @@ default_family = "AF_UNIX"
 families = ["AF_INET", "AF_UNIX"] + (["AF_INET6"] if socket.has_ipv6 else [])
 
 
-def _is_unix_socket(fd: int) -> bool:
-    try:
-        if not stat.S_ISSOCK(os.fstat(fd).st_mode):
-            return False
-        s = socket.socket(fileno=fd)
-    except OSError:
-        return False
-    try:
-        return s.family == socket.AF_UNIX
-    finally:
-        s.detach()
+def _socket_for(fd: int) -> socket.socket:
+    """A socket object over ``fd`` in blocking mode, leaving the descriptor's own flags as they were.
+
+    ``socket.socket(fileno=fd)`` applies :func:`socket.setdefaulttimeout`: under a default timeout it
+    would make the descriptor non-blocking and every ``recv`` time out in the middle of a message.
+    """
+    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    s = socket.socket(fileno=fd)
+    if s.gettimeout() is not None:
+        s.settimeout(None)
+        fcntl.fcntl(fd, fcntl.F_SETFL, flags)
+    return s
 
 
 def _view(chunk: Any) -> memoryview:
     view = memoryview(chunk)
     return view if view.format == "B" and view.ndim == 1 else view.cast("B")
+
+
+def _flat(chunk: Any) -> Any:
+    """``chunk`` as something ``writev``/``sendmsg`` accept: bytes as they are, other buffers as flat views.
+
+    A :class:`pickle.PickleBuffer` over a Fortran-ordered array is contiguous but not C-contiguous;
+    its ``raw()`` view is the flat byte view that the kernel calls need.
+    """
+    if type(chunk) is bytes:
+        return chunk
+    if isinstance(chunk, pickle.PickleBuffer):
+        return chunk.raw()
+    return _view(chunk)
 
 
 class Connection:
@@ -104,12 +119,24 @@ class Connection:
             raise ValueError(f"invalid file descriptor {handle}")
         if not readable and not writable:
             raise ValueError("at least one of `readable` and `writable` must be True")
+        self._is_socket = stat.S_ISSOCK(os.fstat(handle).st_mode)
         self._handle: int | None = handle
         self._readable = readable
         self._writable = writable
+        #: while set (during the authentication handshake), every read waits at most until then
+        self._deadline: float | None = None
         # Unix sockets carry fds with the message; others (pipes, TCP) do not.
-        self._sock: socket.socket | None = socket.socket(fileno=handle) if _is_unix_socket(handle) else None
-        self._is_socket = self._sock is not None or stat.S_ISSOCK(os.fstat(handle).st_mode)
+        self._sock: socket.socket | None = None
+        if self._is_socket:
+            try:
+                sock = _socket_for(handle)
+            except OSError:
+                sock = None
+            if sock is not None:
+                if sock.family == socket.AF_UNIX:
+                    self._sock = sock
+                else:
+                    sock.detach()
 
     # -- state ---------------------------------------------------------------------------------
     def __repr__(self) -> str:
@@ -202,11 +229,13 @@ class Connection:
             fds = channel.sent
             if len(fds) > MAX_FDS:
                 raise ValueError(f"a message can carry at most {MAX_FDS} file descriptors, not {len(fds)}")
+        chunks = [_flat(c) for c in chunks]
         size = 0
         for c in chunks:
-            size += len(c) if type(c) is bytes else memoryview(c).nbytes
+            size += len(c) if type(c) is bytes else c.nbytes
         if oob:
-            lengths = [memoryview(b).nbytes for b in oob]
+            oob = [_flat(b) for b in oob]
+            lengths = [b.nbytes for b in oob]
             header = _HDR.pack(-2) + _HDR_EXT.pack(len(oob), size) + struct.pack(f"!{len(oob)}Q", *lengths)
             bufs = [header, *chunks, *oob]
         elif size <= 0x7FFFFFFF:
@@ -271,54 +300,81 @@ class Connection:
             n = sock.sendmsg(views[:_IOV_MAX]) if sock is not None else os.writev(fd, views[:_IOV_MAX])
 
     # -- receiving -----------------------------------------------------------------------------
-    def _read_into(self, view: memoryview, done: int = 0, what: str = "message") -> None:
-        """Fill ``view`` from the stream (``done`` bytes of the message already read)."""
+    def _await_data(self, fd: int) -> None:
+        """Wait until ``fd`` has data, up to :attr:`_deadline` (set only during the handshake)."""
+        assert self._deadline is not None
+        remaining = self._deadline - time.monotonic()
+        if remaining <= 0 or not wait([fd], remaining):
+            raise TimeoutError("timed out waiting for the peer to send (the rest of) a message")
+
+    def _read_into(self, view: memoryview, done: int = 0, total: int | None = None, what: str = "message") -> None:
+        """Fill ``view`` from the stream.
+
+        ``done`` bytes of the message were read before ``view``; the whole message is ``total``
+        bytes (for the error message when the peer closes early).
+        """
         fd = self._handle
         assert fd is not None
-        total, got = view.nbytes, 0
+        size, got = view.nbytes, 0
+        if total is None:
+            total = done + size
         sock = self._sock
-        while got < total:
+        while got < size:
+            if self._deadline is not None:
+                self._await_data(fd)
             if sock is not None:
                 n = sock.recv_into(view[got:])
             else:
                 n = os.readv(fd, [view[got:]])
             if n == 0:
                 raise EOFError(
-                    f"connection closed by the peer in the middle of a {what}: got {done + got} "
-                    f"of {done + total} bytes"
+                    f"connection closed by the peer in the middle of a {what}: got {done + got} of {total} bytes"
                 )
             got += n
 
-    def _read_exact(self, n: int, done: int = 0, what: str = "message") -> Any:
+    def _read_buffer(self, n: int, done: int = 0, total: int | None = None, what: str = "message") -> bytearray:
+        """Read exactly ``n`` bytes into a new bytearray.
+
+        Up to :data:`_CHUNK` bytes are allocated at once; beyond that the buffer at most doubles as
+        data arrives, so a length the peer claims but never sends cannot allocate that memory.
+        """
+        if total is None:
+            total = done + n
+        if n <= _CHUNK:
+            buf = bytearray(n)
+            self._read_into(memoryview(buf), done, total, what)
+            return buf
+        buf = bytearray(_CHUNK)
+        filled = 0
+        while True:
+            with memoryview(buf) as view, view[filled:] as rest:
+                self._read_into(rest, done + filled, total, what)
+            filled = len(buf)
+            if filled == n:
+                return buf
+            buf += bytes(min(n - filled, filled))  # calloc'ed zero pages: nothing is touched twice
+
+    def _read_exact(self, n: int, done: int = 0, total: int | None = None, what: str = "message") -> Any:
         """Read exactly ``n`` bytes; return bytes (small) or a bytearray (large)."""
         fd = self._handle
         assert fd is not None
-        if n <= _SMALL:
-            data = self._sock.recv(n) if self._sock is not None else os.read(fd, n)
-            if len(data) == n:
-                return data
-            if not data:
-                raise EOFError(
-                    f"connection closed by the peer in the middle of a {what}: got {done} of {done + n} bytes"
-                )
-            rest = bytearray(n)
-            rest[: len(data)] = data
-            self._read_into(memoryview(rest)[len(data) :], done + len(data), what)
-            return rest
-        if n <= _CHUNK:
-            buf = bytearray(n)
-            self._read_into(memoryview(buf), done, what)
-            return buf
-        # A length this large is read in pieces, so a garbage header cannot allocate memory that the
-        # peer never sends.
-        parts = []
-        remaining = n
-        while remaining:
-            piece = bytearray(min(remaining, _CHUNK))
-            self._read_into(memoryview(piece), done + n - remaining, what)
-            parts.append(piece)
-            remaining -= len(piece)
-        return bytearray().join(parts)
+        if total is None:
+            total = done + n
+        if n > _SMALL:
+            return self._read_buffer(n, done, total, what)
+        if n == 0:
+            return b""
+        if self._deadline is not None:
+            self._await_data(fd)
+        data = self._sock.recv(n) if self._sock is not None else os.read(fd, n)
+        if len(data) == n:
+            return data
+        if not data:
+            raise EOFError(f"connection closed by the peer in the middle of a {what}: got {done} of {total} bytes")
+        rest = bytearray(n)
+        rest[: len(data)] = data
+        self._read_into(memoryview(rest)[len(data) :], done + len(data), total, what)
+        return rest
 
     def _read_header(self) -> tuple[int, list[int]]:
         """Read a message's 4-byte length; return it and any descriptors that came with it."""
@@ -326,6 +382,8 @@ class Connection:
         assert fd is not None
         fds: list[int] = []
         sock = self._sock
+        if self._deadline is not None:
+            self._await_data(fd)
         if sock is not None:
             data, anc, flags, _ = sock.recvmsg(4, socket.CMSG_SPACE(MAX_FDS * 4))
             for level, kind, payload in anc:
@@ -339,40 +397,57 @@ class Connection:
         else:
             data = os.read(fd, 4)
         if len(data) < 4:
-            if not data:
+            try:
+                if not data:
+                    raise EOFError("connection closed by the peer")
+                data += self._read_exact(4 - len(data), len(data), 4, "message header")
+            except BaseException:
                 util.close_fds(*fds)
-                raise EOFError("connection closed by the peer")
-            data += self._read_exact(4 - len(data), len(data), "message header")
+                raise
         return _HDR.unpack(data)[0], fds
+
+    def _bad_message(self, message: str) -> NoReturn:
+        """The stream cannot be read past this point: stop reading, as the stdlib does, and raise.
+
+        A duplex connection stays open for writing (the peer may be told what went wrong); a
+        read-only one is closed.
+        """
+        if self._writable:
+            self._readable = False
+        else:
+            self.close()
+        raise OSError(message)
 
     def _recv_frame(self, maxlength: int | None = None) -> tuple[Any, list[Any], list[int]]:
         n, fds = self._read_header()
         try:
             if n >= 0 or n == -1:
+                head = 4
                 if n == -1:
-                    n = _HDR_LONG.unpack(self._read_exact(8, 4, "message header"))[0]
+                    head = 4 + _HDR_LONG.size
+                    n = _HDR_LONG.unpack(self._read_exact(_HDR_LONG.size, 4, head, "message header"))[0]
                 if maxlength is not None and n > maxlength:
-                    self.close()
-                    raise OSError(f"bad message length: {n} bytes, more than maxlength={maxlength}")
-                return self._read_exact(n, 4), [], fds
+                    self._bad_message(f"bad message length: {n} bytes, more than maxlength={maxlength}")
+                return self._read_exact(n, head, head + n), [], fds
             if n == -2:
-                count, size = _HDR_EXT.unpack(self._read_exact(_HDR_EXT.size, 4, "message header"))
+                head = 4 + _HDR_EXT.size
+                count, size = _HDR_EXT.unpack(self._read_exact(_HDR_EXT.size, 4, head, "message header"))
                 if count > 65536:
-                    self.close()
-                    raise OSError(f"bad message header: {count} out-of-band buffers")
-                lengths = struct.unpack(f"!{count}Q", self._read_exact(8 * count, 16, "message header"))
-                if maxlength is not None and size + sum(lengths) > maxlength:
-                    self.close()
-                    raise OSError(f"bad message length: more than maxlength={maxlength}")
-                data = self._read_exact(size, 16 + 8 * count)
+                    self._bad_message(f"bad message header: {count} out-of-band buffers")
+                lengths = struct.unpack(f"!{count}Q", self._read_exact(8 * count, head, head + 8 * count, "message header"))
+                head += 8 * count
+                body = size + sum(lengths)
+                if maxlength is not None and body > maxlength:
+                    self._bad_message(f"bad message length: {body} bytes, more than maxlength={maxlength}")
+                total = head + body
+                data = self._read_exact(size, head, total)
+                done = head + size
                 buffers = []
                 for length in lengths:
-                    buf = bytearray(length)
-                    self._read_into(memoryview(buf))
-                    buffers.append(buf)
+                    buffers.append(self._read_buffer(length, done, total))
+                    done += length
                 return data, buffers, fds
-            self.close()
-            raise OSError(f"bad message header: length {n}; the peer does not speak this protocol")
+            self._bad_message(f"bad message header: length {n}; the peer does not speak this protocol")
         except BaseException:
             util.close_fds(*fds)
             raise
@@ -452,6 +527,8 @@ def Pipe(duplex: bool = True) -> tuple[Connection, Connection]:
     """
     if duplex:
         s1, s2 = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        s1.setblocking(True)  # under socket.setdefaulttimeout() a new socket is non-blocking
+        s2.setblocking(True)
         return Connection(s1.detach()), Connection(s2.detach())
     r, w = os.pipe()
     _set_pipe_buffer(w)
@@ -498,18 +575,22 @@ _NONCE_BYTES = 40
 _AUTH_MAX = 256
 
 
-def _auth_recv(conn: Connection, deadline: float, step: str) -> bytes:
-    remaining = deadline - time.monotonic()
-    if remaining <= 0 or not conn.poll(remaining):
-        raise AuthenticationError(
-            f"the peer did not answer within {HANDSHAKE_TIMEOUT:g} s during the handshake ({step})"
-        )
+def _auth_recv(conn: Connection, deadline: float, timeout: float, step: str) -> bytes:
+    """One handshake message, whole, by ``deadline``: a peer that sends nothing, or only part of a
+    message, cannot keep us waiting longer."""
+    conn._deadline = deadline
     try:
         return conn.recv_bytes(_AUTH_MAX)
+    except TimeoutError as exc:
+        raise AuthenticationError(
+            f"the peer did not answer within {timeout:g} s during the handshake ({step})"
+        ) from exc
     except EOFError as exc:
         raise AuthenticationError(f"the peer closed the connection during the handshake ({step})") from exc
     except OSError as exc:
         raise AuthenticationError(f"the peer sent an invalid handshake message ({step}): {exc}") from exc
+    finally:
+        conn._deadline = None
 
 
 def _check_key(authkey: Any) -> bytes:
@@ -521,10 +602,11 @@ def _check_key(authkey: Any) -> bytes:
 def deliver_challenge(conn: Connection, authkey: bytes, timeout: float | None = None) -> None:
     """Challenge the peer to prove it knows ``authkey``; raise AuthenticationError if it does not."""
     key = _check_key(authkey)
-    deadline = time.monotonic() + (HANDSHAKE_TIMEOUT if timeout is None else timeout)
+    timeout = HANDSHAKE_TIMEOUT if timeout is None else timeout
+    deadline = time.monotonic() + timeout
     message = _DIGEST + os.urandom(_NONCE_BYTES)
     conn.send_bytes(_CHALLENGE + message)
-    response = _auth_recv(conn, deadline, "waiting for the answer to our challenge")
+    response = _auth_recv(conn, deadline, timeout, "waiting for the answer to our challenge")
     expected = _DIGEST + hmac.new(key, message, "sha256").digest()
     if not hmac.compare_digest(response, expected):
         try:
@@ -540,15 +622,16 @@ def deliver_challenge(conn: Connection, authkey: bytes, timeout: float | None = 
 def answer_challenge(conn: Connection, authkey: bytes, timeout: float | None = None) -> None:
     """Prove to the peer that we know ``authkey``; raise AuthenticationError if it refuses us."""
     key = _check_key(authkey)
-    deadline = time.monotonic() + (HANDSHAKE_TIMEOUT if timeout is None else timeout)
-    message = _auth_recv(conn, deadline, "waiting for the challenge")
+    timeout = HANDSHAKE_TIMEOUT if timeout is None else timeout
+    deadline = time.monotonic() + timeout
+    message = _auth_recv(conn, deadline, timeout, "waiting for the challenge")
     if not message.startswith(_CHALLENGE + _DIGEST):
         raise AuthenticationError(f"expected an HMAC-SHA256 challenge, received {message[:40]!r}")
     payload = message[len(_CHALLENGE) :]
     if len(payload) < len(_DIGEST) + 20:
         raise AuthenticationError("the challenge is too short to be safe")
     conn.send_bytes(_DIGEST + hmac.new(key, payload, "sha256").digest())
-    reply = _auth_recv(conn, deadline, "waiting for the verdict")
+    reply = _auth_recv(conn, deadline, timeout, "waiting for the verdict")
     if reply != _WELCOME:
         raise AuthenticationError("digest sent was rejected: the peer has a different authkey")
 
@@ -621,11 +704,11 @@ class Listener:
             self._socket.setblocking(True)
             self._socket.bind(address)
             self._socket.listen(backlog)
-        except OSError:
+        except BaseException:  # OSError, or TypeError for an address of the wrong family
             self._socket.close()
             raise
         self._address = self._socket.getsockname()
-        if family == "AF_UNIX" and isinstance(address, str) and not address.startswith("\0"):
+        if family == "AF_UNIX" and isinstance(address, (str, bytes)) and address[:1] not in ("\0", b"\0"):
             self._unlink = util.Finalize(self, os.unlink, args=(address,), exitpriority=0)
         self._last_accepted: Any = None
 

@@ -429,7 +429,7 @@ class _DupFd:
 def DupFd(fd: int) -> _DupFd:
     """Pickle-able stand-in for ``fd`` that the receiving process turns into its own copy."""
     if not _chan.sending:
-        raise RuntimeError(
+        raise PicklingError(
             "a file descriptor (a Connection, socket or similar) can only be sent to a child as an "
             "argument of Process(...) or over a duplex Pipe/Unix-socket Connection; this channel "
             "cannot carry descriptors"
