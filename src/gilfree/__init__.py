@@ -10,8 +10,6 @@ default context (see :mod:`gilfree.context`).
 
 from __future__ import annotations
 
-from typing import Any
-
 from . import connection as connection
 from . import context as context
 from . import process as process
@@ -28,6 +26,11 @@ from .context import Process as Process
 from .process import active_children as active_children
 from .process import current_process as current_process
 from .process import parent_process as parent_process
+
+# `typing` costs a spawned child several ms to import; annotations are strings here anyway.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 __version__ = "0.1.0"
 
@@ -128,3 +131,5 @@ __all__ = [
     "set_start_method",
     "util",
 ]
+
+del TYPE_CHECKING

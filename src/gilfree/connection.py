@@ -39,6 +39,7 @@ from __future__ import annotations
 import array
 import fcntl
 import hmac
+import operator
 import os
 import pickle
 import select
@@ -114,7 +115,7 @@ class Connection:
     """
 
     def __init__(self, handle: int, readable: bool = True, writable: bool = True) -> None:
-        handle = handle.__index__()
+        handle = operator.index(handle)
         if handle < 0:
             raise ValueError(f"invalid file descriptor {handle}")
         if not readable and not writable:
@@ -137,13 +138,13 @@ class Connection:
                     self._sock = sock
                 else:
                     sock.detach()
+        self._kind = "unix socket" if self._sock is not None else ("socket" if self._is_socket else "pipe")
 
     # -- state ---------------------------------------------------------------------------------
     def __repr__(self) -> str:
         mode = "/".join(m for m, on in (("read", self._readable), ("write", self._writable)) if on)
-        kind = "unix socket" if self._sock is not None else ("socket" if self._is_socket else "pipe")
         state = "closed" if self._handle is None else f"fd={self._handle}"
-        return f"<{type(self).__name__} {state} {mode} {kind}>"
+        return f"<{type(self).__name__} {state} {mode} {self._kind}>"
 
     @property
     def closed(self) -> bool:

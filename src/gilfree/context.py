@@ -13,12 +13,16 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any
 
 from . import connection, process, reduction, util
 from ._errors import AuthenticationError, BufferTooShort, ProcessError, TimeoutError
 from ._start import LAUNCHERS, forkserver, inherited_start_method
 from ._start import set_executable as _set_executable
+
+# `typing` costs a spawned child several ms to import; annotations are strings here anyway.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 __all__ = [
     "BaseContext",

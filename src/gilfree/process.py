@@ -24,10 +24,14 @@ import os
 import signal
 import sys
 import threading
-from typing import Any, Callable, Iterable, Mapping
 
 from . import reduction, util
 from .connection import wait
+
+# `typing` costs a spawned child several ms to import; annotations are strings here anyway.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, Callable, Iterable, Mapping
 
 __all__ = [
     "BaseProcess",

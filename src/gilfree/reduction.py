@@ -31,9 +31,13 @@ import os
 import pickle
 import sys
 import threading
-from typing import Any, Callable, Iterator
 
 from ._errors import PicklingError
+
+# `typing` costs a spawned child several ms to import; annotations are strings here anyway.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, Callable, Iterator
 
 __all__ = [
     "ForkingPickler",
@@ -139,7 +143,7 @@ def _main_is_reimportable() -> bool:
     if spec is not None and getattr(spec, "name", None):
         return True
     path = getattr(main, "__file__", None)
-    return bool(path) and os.path.exists(path)
+    return isinstance(path, str) and os.path.exists(path)
 
 
 def _dump_with(cls: type, obj: Any, protocol: int, oob_min: int | None) -> tuple[list[Any], list[Any]]:
@@ -319,7 +323,7 @@ def _rebuild_memoryview(buf: Any, fmt: str, shape: tuple[int, ...], readonly: bo
     if readonly and not view.readonly:
         view = view.toreadonly()
     if view.format != fmt or view.shape != shape:
-        view = view.cast("B").cast(fmt, shape)
+        view = view.cast("B").cast(fmt, shape)  # type: ignore[call-overload]
     return view
 
 

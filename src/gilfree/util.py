@@ -13,10 +13,12 @@ import os
 import sys
 import threading
 import weakref
-from typing import TYPE_CHECKING, Any, Callable
 
+# `typing` costs a spawned child several ms to import; annotations are strings here anyway.
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     import logging
+    from typing import Any, Callable
 
 __all__ = [
     "SUBDEBUG",
@@ -263,5 +265,5 @@ class ForkAwareThreadLock:
     def __enter__(self) -> bool:
         return self._lock.__enter__()
 
-    def __exit__(self, *args: object) -> None:
+    def __exit__(self, *args: Any) -> None:
         self._lock.__exit__(*args)

@@ -17,18 +17,21 @@ pickled process object, each length-prefixed.
 
 from __future__ import annotations
 
-import ast
 import fcntl
 import os
 import signal
 import struct
 import sys
 import threading
-from typing import Any
 
 from .. import process, reduction, util
 from .._errors import MainModuleNotGuardedError
 from ..connection import wait
+
+# `typing` costs a spawned child several ms to import; annotations are strings here anyway.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 _F_SETSIG = 10
 _F_SETPIPE_SZ = 1031
@@ -369,12 +372,14 @@ def _guard_message(where: str, method: str) -> str:
 
 
 _unguarded_cache: dict[str, list[tuple[int, int]]] = {}
-_BLOCKS = (ast.With, ast.AsyncWith, ast.For, ast.AsyncFor, ast.While, ast.Try, getattr(ast, "TryStar", ast.Try))
 
 
 def _unguarded_ranges(path: str) -> list[tuple[int, int]]:
     """Line ranges of module-level code of ``path`` that is not inside any ``if`` statement."""
     if path not in _unguarded_cache:
+        import ast  # only when a process is started from main-module code (start-up imports, design.md)
+
+        blocks = (ast.With, ast.AsyncWith, ast.For, ast.AsyncFor, ast.While, ast.Try, getattr(ast, "TryStar", ast.Try))
         ranges: list[tuple[int, int]] = []
         try:
             with open(path, "rb") as f:
@@ -382,11 +387,11 @@ def _unguarded_ranges(path: str) -> list[tuple[int, int]]:
         except (OSError, SyntaxError, ValueError):
             tree = None
 
-        def visit(stmts: list[ast.stmt]) -> None:
+        def visit(stmts: list[Any]) -> None:
             for node in stmts:
                 if isinstance(node, (ast.If, ast.Match, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
                     continue  # an `if` may be a guard of any kind; definitions run nothing
-                if isinstance(node, _BLOCKS):
+                if isinstance(node, blocks):
                     ranges.append((node.lineno, node.lineno))  # the header line, then the blocks
                     for field in ("body", "orelse", "finalbody"):
                         visit(getattr(node, field, None) or [])

@@ -30,7 +30,6 @@ Where this runs: ``ensure_running``/``connect`` in the parent, on the thread tha
 
 from __future__ import annotations
 
-import hmac
 import os
 import select
 import signal
@@ -38,15 +37,25 @@ import socket
 import struct
 import sys
 import threading
-from typing import Any
 
 from .. import process, reduction, util
 from . import _common
+
+# `typing` costs a spawned child several ms to import; annotations are strings here anyway.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 SERVER_CODE = "from gilfree._start._forkserver import serve; serve()"
 _KEY_BYTES = 32
 _CLIENT_TIMEOUT = 5.0
 _MAX_FDS = 254
+
+
+def _mac(key: bytes, nonce: bytes) -> bytes:
+    import hmac  # start-up imports (design.md): only the fork server and its clients need it
+
+    return hmac.new(key, nonce, "sha256").digest()
 
 
 def _recv_exact(sock: socket.socket, n: int) -> bytes:
@@ -151,7 +160,7 @@ class ForkServer:
             sock.settimeout(_CLIENT_TIMEOUT * 2)
             sock.connect(self._address)
             nonce = _recv_exact(sock, _KEY_BYTES)
-            sock.sendall(hmac.new(self._key, nonce, "sha256").digest())
+            sock.sendall(_mac(self._key, nonce))
             socket.send_fds(sock, [b"S"], fds)
             pid = struct.unpack("!q", _recv_exact(sock, 8))[0]
             sock.settimeout(None)
@@ -272,7 +281,9 @@ def serve() -> None:
                     nonce = os.urandom(_KEY_BYTES)
                     conn.sendall(nonce)
                     mac = _recv_exact(conn, 32)
-                    if not hmac.compare_digest(mac, hmac.new(key, nonce, "sha256").digest()):
+                    import hmac
+
+                    if not hmac.compare_digest(mac, _mac(key, nonce)):
                         raise PermissionError("wrong key")
                     msg, fds, _, _ = socket.recv_fds(conn, 1, _MAX_FDS)
                     if msg != b"S" or not fds:

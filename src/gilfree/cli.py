@@ -1,0 +1,266 @@
+"""The ``gilfree`` command (layer L9): ``gilfree tour``, ``gilfree bench``.
+
+``python -m gilfree tour`` walks through what gilfree does, one chapter per capability, each chapter
+running the real thing (processes, pipes, sockets) and printing what happened, then ends with a short
+benchmark against the stdlib measured on the spot.  ``python -m gilfree bench`` runs the full
+side-by-side benchmark (``benchmarks/run.py`` of a source checkout).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Callable
+
+import gilfree
+
+# ---------------------------------------------------------------------------------------------------
+# Targets run by the tour's child processes (module-level, so every start method can import them).
+
+
+def _square(n: int, conn: gilfree.Connection) -> None:
+    conn.send((gilfree.current_process().name, os.getpid(), n * n))
+    conn.close()
+
+
+def _echo(conn: gilfree.Connection) -> None:
+    while True:
+        try:
+            msg = conn.recv()
+        except EOFError:
+            return
+        conn.send(msg)
+
+
+def _serve_one(listener_address: object, authkey: bytes, conn: gilfree.Connection) -> None:
+    from gilfree.connection import Client
+
+    try:
+        with Client(listener_address, authkey=authkey) as c:
+            conn.send(f"received {c.recv()!r}")
+    except gilfree.AuthenticationError as exc:
+        conn.send(f"AuthenticationError({exc})")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Presentation helpers
+
+_WIDTH = 78
+
+
+def _title(number: int, text: str) -> None:
+    print()
+    print(f"{number}. {text}")
+    print("=" * min(_WIDTH, len(text) + 4))
+
+
+def _say(text: str) -> None:
+    print(textwrap.fill(" ".join(text.split()), _WIDTH))
+
+
+def _show(label: str, value: object) -> None:
+    print(f"   {label:<34} {value}")
+
+
+def _code(text: str) -> None:
+    print(textwrap.indent(textwrap.dedent(text).strip("\n"), "    | "))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Chapters
+
+
+def chapter_processes() -> None:
+    _title(1, "Processes, under every start method")
+    _say("""Each start method runs the same target in a child.  'fork' copies the parent; 'spawn'
+    starts a fresh interpreter; 'forkserver' forks children from a small server started once.""")
+    for method in gilfree.get_all_start_methods():
+        ctx = gilfree.get_context(method)
+        r, w = ctx.Pipe(duplex=False)
+        t0 = time.perf_counter()
+        p = ctx.Process(target=_square, args=(12, w))
+        p.start()
+        w.close()
+        name, pid, result = r.recv()
+        p.join()
+        r.close()
+        _show(f"{method}:", f"{name} (pid {pid}) computed 12*12 = {result}, exit code {p.exitcode}, "
+              f"{(time.perf_counter() - t0) * 1000:.0f} ms")
+    p = gilfree.get_context("spawn").Process(target=time.sleep, args=(30,))
+    p.start()
+    p.terminate()
+    p.join()
+    _show("a terminated child:", repr(p))
+
+
+def chapter_lambdas() -> None:
+    _title(2, "Functions just work: lambdas and closures in a spawned child")
+    _say("""The stdlib pickles functions by name, so a lambda or a closure sent to a 'spawn' child
+    raises PicklingError.  gilfree tries the stdlib pickler first and falls back to pickling by
+    value (cloudpickle) only for what cannot be found by name.""")
+    ctx = gilfree.get_context("spawn")
+    r, w = ctx.Pipe(duplex=False)
+    base = 1000
+
+    def closure(x: int) -> None:
+        w.send(("closure", base + x))
+
+    for target, args in ((lambda: w.send(("lambda", sum(range(10)))), ()), (closure, (7,))):
+        p = ctx.Process(target=target, args=args)
+        p.start()
+        kind, value = r.recv()
+        p.join()
+        _show(f"a {kind} ran in a spawned child:", f"result {value}, exit code {p.exitcode}")
+    w.close()
+    r.close()
+    _say("""And what cannot be pickled at all is refused in the sender, naming what and where:""")
+    import threading
+
+    try:
+        gilfree.reduction.dumps({"jobs": [1, 2, threading.Lock()]})
+    except gilfree.PicklingError as exc:
+        _show("sending {'jobs': [1, 2, Lock()]}:", f"PicklingError at {exc.path}: {exc.culprit_type}")
+
+
+def chapter_pipes() -> None:
+    _title(3, "Pipes: messages, bytes, numpy arrays, connections")
+    ctx = gilfree.get_context("spawn")
+    a, b = ctx.Pipe()
+    p = ctx.Process(target=_echo, args=(b,))
+    p.start()
+    b.close()
+    t0 = time.perf_counter()
+    n = 2000
+    for i in range(n):
+        a.send(i)
+        a.recv()
+    rtt = (time.perf_counter() - t0) / n * 1e6
+    _show("round trip of a small object:", f"{rtt:.1f} us (to a spawned echo process)")
+    try:
+        import numpy as np
+
+        arr = np.arange(2_000_000, dtype=np.float64)
+        t0 = time.perf_counter()
+        a.send(arr)
+        back = a.recv()
+        dt = time.perf_counter() - t0
+        _show("a 16 MB numpy array there and back:", f"{dt * 1000:.0f} ms, equal: {bool((back == arr).all())}, "
+              f"writeable: {back.flags.writeable}")
+    except ImportError:
+        _show("numpy:", "not installed (pip install gilfree[numpy]); skipped")
+    a.close()
+    p.join()
+    _say("""Large buffers travel out of band: the pickle holds a reference, the bytes go straight from
+    the array's memory into the pipe and straight into the receiver's new array.""")
+
+
+def chapter_listener() -> None:
+    _title(4, "Listener and Client: authenticated connections")
+    _say("""With an authkey, both sides prove they know it (HMAC-SHA256 challenge-response, as in
+    CPython 3.12+) before a single pickled byte is read.  A client with the wrong key is refused on
+    both ends, and the listener goes on serving.""")
+    from gilfree.connection import Listener
+
+    key = os.urandom(16)
+    ctx = gilfree.get_context("spawn")
+    with Listener(("127.0.0.1", 0), authkey=key) as listener:
+        _show("listening on:", listener.address)
+        for label, client_key in (("right key", key), ("wrong key", b"not the key"), ("right key again", key)):
+            r, w = ctx.Pipe(duplex=False)
+            p = ctx.Process(target=_serve_one, args=(listener.address, client_key, w))
+            p.start()
+            w.close()
+            try:
+                conn = listener.accept()
+                conn.send(f"hello, {label}")
+                conn.close()
+                outcome = "accepted"
+            except gilfree.AuthenticationError as exc:
+                outcome = f"refused: AuthenticationError({exc})"
+            client_saw = r.recv()
+            p.join()
+            r.close()
+            _show(f"{label}, listener:", outcome)
+            _show(f"{label}, client:", client_saw)
+
+
+def _find_benchmarks() -> Path | None:
+    here = Path(__file__).resolve()
+    for parent in here.parents:
+        candidate = parent / "benchmarks" / "run.py"
+        if candidate.exists():
+            return candidate
+    return None
+
+
+def _load_benchmarks() -> object | None:
+    path = _find_benchmarks()
+    if path is None:
+        return None
+    spec = importlib.util.spec_from_file_location("gilfree_benchmarks_run", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def chapter_benchmark() -> None:
+    _title(5, "Measured here, now: gilfree beside the stdlib")
+    bench = _load_benchmarks()
+    if bench is None:
+        _say("The benchmark runner lives in benchmarks/run.py of a source checkout; not found here.")
+        return
+    _say("""A quick run (few repetitions, interleaved, medians); `python benchmarks/run.py` runs the
+    full one.  Ratios above 1 mean gilfree is faster.""")
+    results = bench.run(quick=True)  # type: ignore[attr-defined]
+    print(bench.format_table(results))  # type: ignore[attr-defined]
+
+
+CHAPTERS: list[tuple[str, Callable[[], None]]] = [
+    ("processes", chapter_processes),
+    ("lambdas", chapter_lambdas),
+    ("pipes", chapter_pipes),
+    ("listener", chapter_listener),
+    ("benchmark", chapter_benchmark),
+]
+
+
+def tour(only: list[str] | None = None) -> int:
+    print(f"gilfree {gilfree.__version__} tour  (Python {sys.version.split()[0]}, {gilfree.cpu_count()} CPUs, "
+          f"default start method {gilfree.get_start_method()!r})")
+    for name, chapter in CHAPTERS:
+        if only and name not in only:
+            continue
+        chapter()
+    leftovers = gilfree.active_children()
+    print()
+    print(f"End of the tour. Children still running: {len(leftovers)}.")
+    return 0 if not leftovers else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="gilfree", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_tour = sub.add_parser("tour", help="a guided tour of every capability, ending with a quick benchmark")
+    p_tour.add_argument("--chapter", action="append", choices=[n for n, _ in CHAPTERS],
+                        help="run only this chapter (repeatable)")
+    p_bench = sub.add_parser("bench", help="the side-by-side benchmark against the stdlib")
+    p_bench.add_argument("args", nargs=argparse.REMAINDER, help="arguments for benchmarks/run.py")
+    args = parser.parse_args(argv)
+    if args.command == "tour":
+        return tour(args.chapter)
+    bench = _load_benchmarks()
+    if bench is None:
+        print("benchmarks/run.py not found: run this from a source checkout of gilfree", file=sys.stderr)
+        return 2
+    return int(bench.main(args.args) or 0)  # type: ignore[attr-defined]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

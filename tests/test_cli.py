@@ -1,0 +1,30 @@
+"""The `gilfree` command: the tour runs every chapter for real and leaves nothing behind."""
+
+from __future__ import annotations
+
+import sys
+
+from _helpers import run_program
+
+
+def test_tour_chapters_run():
+    res = run_program(["-m", "gilfree", "tour", "--chapter", "processes", "--chapter", "lambdas",
+                       "--chapter", "pipes", "--chapter", "listener"], timeout=120)
+    assert res.returncode == 0, res.stderr
+    out = res.stdout
+    for method in ("fork", "spawn", "forkserver"):
+        assert f"{method}:" in out
+    assert "computed 12*12 = 144" in out
+    assert "a lambda ran in a spawned child:   result 45" in out
+    assert "a closure ran in a spawned child:  result 1007" in out
+    assert "PicklingError at obj['jobs'][2]: _thread.lock" in out
+    assert "wrong key, listener:" in out and "refused: AuthenticationError" in out
+    assert "right key again, client:" in out and "received 'hello, right key again'" in out
+    assert "Children still running: 0." in out
+    assert "Traceback" not in res.stderr
+
+
+def test_help():
+    res = run_program(["-m", "gilfree", "--help"])
+    assert res.returncode == 0 and "tour" in res.stdout
+    assert sys.executable
