@@ -29,6 +29,9 @@ def run_program(path: Path | list[str], timeout: float = 60, env: dict | None = 
     """Run a program with this interpreter; return the completed process (text output)."""
     args = [sys.executable, str(path)] if isinstance(path, Path) else [sys.executable, *path]
     full_env = dict(os.environ)
+    # block-buffered output, as a user running the program into a pipe or file gets: each process
+    # writes what it printed in one piece, so two processes' lines never mix inside a line
+    full_env.pop("PYTHONUNBUFFERED", None)
     full_env["PYTHONPATH"] = SRC + os.pathsep + full_env.get("PYTHONPATH", "")
     full_env.update(env or {})
     return subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=full_env,

@@ -14,10 +14,14 @@ from . import connection as connection
 from . import context as context
 from . import process as process
 from . import reduction as reduction
+from . import sharedctypes as sharedctypes
+from . import synchronize as synchronize
 from . import util as util
 from ._errors import AuthenticationError as AuthenticationError
 from ._errors import BufferTooShort as BufferTooShort
 from ._errors import MainModuleNotGuardedError as MainModuleNotGuardedError
+from ._errors import OwnerDiedError as OwnerDiedError
+from ._errors import OwnerDiedWarning as OwnerDiedWarning
 from ._errors import PicklingError as PicklingError
 from ._errors import ProcessError as ProcessError
 from ._errors import TimeoutError as TimeoutError
@@ -26,6 +30,13 @@ from .context import Process as Process
 from .process import active_children as active_children
 from .process import current_process as current_process
 from .process import parent_process as parent_process
+from .synchronize import Barrier as Barrier
+from .synchronize import BoundedSemaphore as BoundedSemaphore
+from .synchronize import Condition as Condition
+from .synchronize import Event as Event
+from .synchronize import Lock as Lock
+from .synchronize import RLock as RLock
+from .synchronize import Semaphore as Semaphore
 
 # `typing` costs a spawned child several ms to import; annotations are strings here anyway.
 TYPE_CHECKING = False
@@ -43,6 +54,26 @@ _default = context._default_context
 def Pipe(duplex: bool = True) -> tuple[Connection, Connection]:
     """Return two connected :class:`Connection` objects (one-way if ``duplex`` is False)."""
     return _default.Pipe(duplex)
+
+
+def RawValue(typecode_or_type: Any, *args: Any) -> Any:
+    """A ctypes object in shared memory, without a lock."""
+    return _default.RawValue(typecode_or_type, *args)
+
+
+def RawArray(typecode_or_type: Any, size_or_initializer: Any) -> Any:
+    """A ctypes array in shared memory, without a lock."""
+    return _default.RawArray(typecode_or_type, size_or_initializer)
+
+
+def Value(typecode_or_type: Any, *args: Any, lock: Any = True) -> Any:
+    """A ctypes object in shared memory guarded by a (robust) lock."""
+    return _default.Value(typecode_or_type, *args, lock=lock)
+
+
+def Array(typecode_or_type: Any, size_or_initializer: Any, *, lock: Any = True) -> Any:
+    """A ctypes array in shared memory guarded by a (robust) lock."""
+    return _default.Array(typecode_or_type, size_or_initializer, lock=lock)
 
 
 def cpu_count() -> int:
@@ -100,6 +131,21 @@ def allow_connection_pickling() -> None:
 
 
 __all__ = [
+    "Array",
+    "Barrier",
+    "BoundedSemaphore",
+    "Condition",
+    "Event",
+    "Lock",
+    "OwnerDiedError",
+    "OwnerDiedWarning",
+    "RLock",
+    "RawArray",
+    "RawValue",
+    "Semaphore",
+    "Value",
+    "sharedctypes",
+    "synchronize",
     "AuthenticationError",
     "BufferTooShort",
     "Connection",

@@ -17,6 +17,8 @@ __all__ = [
     "AuthenticationError",
     "PicklingError",
     "MainModuleNotGuardedError",
+    "OwnerDiedError",
+    "OwnerDiedWarning",
 ]
 
 
@@ -60,7 +62,41 @@ class MainModuleNotGuardedError(RuntimeError):
     """
 
 
+class OwnerDiedError(ProcessError, RuntimeError):
+    """A lock or semaphore cannot be acquired because the process holding it died.
+
+    Raised to a waiter instead of letting it block forever (the stdlib's behaviour).  ``pid`` is
+    the dead holder; ``lock`` the lock.  The lock stays held by the dead process: every later
+    acquire that has to wait raises this too, because whatever the lock protected may be
+    half-updated.  A lock created with ``on_owner_death="takeover"`` is taken over instead.
+    """
+
+    def __init__(self, pid: int, lock: object = None) -> None:
+        super().__init__(pid, lock)
+        self.pid = pid
+        self.lock = lock
+        if isinstance(lock, str):
+            self.what = lock
+        else:
+            self.what = getattr(lock, "_purpose", None) or (type(lock).__name__ if lock is not None else "lock")
+
+    def __reduce__(self) -> tuple[type, tuple[int, str]]:
+        return type(self), (self.pid, self.what)  # the lock itself stays behind
+
+    def __str__(self) -> str:
+        return (
+            f"the process that held this {self.what} (pid {self.pid}) died without releasing it, so it "
+            f"will never be released; the data it protected may be half-updated.  Stop, or repair "
+            f"that data and create the lock with on_owner_death='takeover' to continue."
+        )
+
+
+class OwnerDiedWarning(RuntimeWarning):
+    """Issued when a lock created with ``on_owner_death="takeover"`` takes a dead holder's place."""
+
+
 # Shown as ``gilfree.X`` in tracebacks, where users look them up.
-for _cls in (ProcessError, BufferTooShort, TimeoutError, AuthenticationError, PicklingError, MainModuleNotGuardedError):
+for _cls in (ProcessError, BufferTooShort, TimeoutError, AuthenticationError, PicklingError, MainModuleNotGuardedError,
+             OwnerDiedError, OwnerDiedWarning):
     _cls.__module__ = "gilfree"
 del _cls

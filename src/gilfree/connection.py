@@ -594,6 +594,13 @@ def _auth_recv(conn: Connection, deadline: float, timeout: float, step: str) -> 
         conn._deadline = None
 
 
+def _auth_send(conn: Connection, data: bytes, step: str) -> None:
+    try:
+        conn.send_bytes(data)
+    except OSError as exc:  # the peer left (BrokenPipeError, ConnectionResetError)
+        raise AuthenticationError(f"the peer closed the connection during the handshake ({step}): {exc}") from exc
+
+
 def _check_key(authkey: Any) -> bytes:
     if not isinstance(authkey, (bytes, bytearray)):
         raise TypeError(f"authkey should be a byte string, not {type(authkey).__name__}")
@@ -606,7 +613,7 @@ def deliver_challenge(conn: Connection, authkey: bytes, timeout: float | None = 
     timeout = HANDSHAKE_TIMEOUT if timeout is None else timeout
     deadline = time.monotonic() + timeout
     message = _DIGEST + os.urandom(_NONCE_BYTES)
-    conn.send_bytes(_CHALLENGE + message)
+    _auth_send(conn, _CHALLENGE + message, "sending our challenge")
     response = _auth_recv(conn, deadline, timeout, "waiting for the answer to our challenge")
     expected = _DIGEST + hmac.new(key, message, "sha256").digest()
     if not hmac.compare_digest(response, expected):
@@ -617,7 +624,7 @@ def deliver_challenge(conn: Connection, authkey: bytes, timeout: float | None = 
         if not response.startswith(_DIGEST):
             raise AuthenticationError("the peer answered the challenge without HMAC-SHA256 (wrong protocol or an old client)")
         raise AuthenticationError("digest received was wrong: the peer does not know the authkey")
-    conn.send_bytes(_WELCOME)
+    _auth_send(conn, _WELCOME, "welcoming the peer")
 
 
 def answer_challenge(conn: Connection, authkey: bytes, timeout: float | None = None) -> None:
@@ -631,7 +638,7 @@ def answer_challenge(conn: Connection, authkey: bytes, timeout: float | None = N
     payload = message[len(_CHALLENGE) :]
     if len(payload) < len(_DIGEST) + 20:
         raise AuthenticationError("the challenge is too short to be safe")
-    conn.send_bytes(_DIGEST + hmac.new(key, payload, "sha256").digest())
+    _auth_send(conn, _DIGEST + hmac.new(key, payload, "sha256").digest(), "answering the challenge")
     reply = _auth_recv(conn, deadline, timeout, "waiting for the verdict")
     if reply != _WELCOME:
         raise AuthenticationError("digest sent was rejected: the peer has a different authkey")
@@ -697,18 +704,19 @@ class Listener:
             authkey = _check_key(authkey)
         self._authkey = authkey
         self._family = family
-        self._socket = socket.socket(getattr(socket, family))
+        sock = socket.socket(getattr(socket, family))
         self._unlink: util.Finalize | None = None
         try:
             if family != "AF_UNIX":
-                self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            self._socket.setblocking(True)
-            self._socket.bind(address)
-            self._socket.listen(backlog)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setblocking(True)
+            sock.bind(address)
+            sock.listen(backlog)
         except BaseException:  # OSError, or TypeError for an address of the wrong family
-            self._socket.close()
+            sock.close()
             raise
-        self._address = self._socket.getsockname()
+        self._socket: socket.socket | None = sock
+        self._address = sock.getsockname()
         if family == "AF_UNIX" and isinstance(address, (str, bytes)) and address[:1] not in ("\0", b"\0"):
             self._unlink = util.Finalize(self, os.unlink, args=(address,), exitpriority=0)
         self._last_accepted: Any = None

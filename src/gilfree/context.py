@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import sys
 
-from . import connection, process, reduction, util
+from . import connection, process, reduction, sharedctypes, synchronize, util
 from ._errors import AuthenticationError, BufferTooShort, ProcessError, TimeoutError
 from ._start import LAUNCHERS, forkserver, inherited_start_method
 from ._start import set_executable as _set_executable
@@ -67,6 +67,47 @@ class BaseContext:
     def Pipe(self, duplex: bool = True) -> tuple[connection.Connection, connection.Connection]:
         """Two connected :class:`~gilfree.connection.Connection` objects (see ``connection.Pipe``)."""
         return connection.Pipe(duplex)
+
+    # -- synchronisation and shared state (gilfree.synchronize, gilfree.sharedctypes) --------------
+    def Lock(self, *, on_owner_death: str = "raise") -> synchronize.Lock:
+        """A non-recursive lock (robust: a dead holder is reported, not waited for)."""
+        return synchronize.Lock(ctx=self, on_owner_death=on_owner_death)
+
+    def RLock(self, *, on_owner_death: str = "raise") -> synchronize.RLock:
+        """A recursive lock."""
+        return synchronize.RLock(ctx=self, on_owner_death=on_owner_death)
+
+    def Condition(self, lock: Any = None) -> synchronize.Condition:
+        """A condition variable (with a new RLock unless ``lock`` is given)."""
+        return synchronize.Condition(lock, ctx=self)
+
+    def Semaphore(self, value: int = 1, *, on_owner_death: str = "raise") -> synchronize.Semaphore:
+        return synchronize.Semaphore(value, ctx=self, on_owner_death=on_owner_death)
+
+    def BoundedSemaphore(self, value: int = 1, *, on_owner_death: str = "raise") -> synchronize.BoundedSemaphore:
+        return synchronize.BoundedSemaphore(value, ctx=self, on_owner_death=on_owner_death)
+
+    def Event(self) -> synchronize.Event:
+        return synchronize.Event(ctx=self)
+
+    def Barrier(self, parties: int, action: Any = None, timeout: float | None = None) -> synchronize.Barrier:
+        return synchronize.Barrier(parties, action, timeout, ctx=self)
+
+    def RawValue(self, typecode_or_type: Any, *args: Any) -> Any:
+        """A shared ctypes object without a lock."""
+        return sharedctypes.RawValue(typecode_or_type, *args)
+
+    def RawArray(self, typecode_or_type: Any, size_or_initializer: Any) -> Any:
+        """A shared ctypes array without a lock."""
+        return sharedctypes.RawArray(typecode_or_type, size_or_initializer)
+
+    def Value(self, typecode_or_type: Any, *args: Any, lock: Any = True) -> Any:
+        """A shared ctypes object guarded by a lock."""
+        return sharedctypes.Value(typecode_or_type, *args, lock=lock, ctx=self)
+
+    def Array(self, typecode_or_type: Any, size_or_initializer: Any, *, lock: Any = True) -> Any:
+        """A shared ctypes array guarded by a lock."""
+        return sharedctypes.Array(typecode_or_type, size_or_initializer, lock=lock, ctx=self)
 
     def get_context(self, method: str | None = None) -> BaseContext:
         if method is None:

@@ -121,10 +121,12 @@ def _tier2() -> type:
 
         class _Tier2(base):  # type: ignore[misc, valid-type]
             def __init__(self, file: Any, protocol: int, buffer_callback: Any) -> None:
-                super().__init__(file, protocol=protocol, buffer_callback=buffer_callback)
+                # set before the base initialiser: cloudpickle's class attribute would otherwise
+                # shadow the C pickler's table and our reducers would be ignored
                 table = dict(base.dispatch_table)
                 table.update(_dispatch_table())
                 self.dispatch_table = table
+                super().__init__(file, protocol=protocol, buffer_callback=buffer_callback)
 
         _tier2_class = _Tier2
     return _tier2_class
@@ -331,7 +333,7 @@ def _reduce_memoryview(view: memoryview) -> tuple[Any, tuple[Any, ...]]:
     if view.c_contiguous:
         payload: Any = pickle.PickleBuffer(view)
     else:
-        payload = view.tobytes()
+        payload = view.tobytes() if view.readonly else bytearray(view.tobytes())
     return _rebuild_memoryview, (payload, view.format, view.shape, view.readonly)
 
 

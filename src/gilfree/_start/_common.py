@@ -24,7 +24,7 @@ import struct
 import sys
 import threading
 
-from .. import process, reduction, util
+from .. import _tracker, process, reduction, util
 from .._errors import MainModuleNotGuardedError
 from ..connection import wait
 
@@ -207,6 +207,7 @@ def preparation_data(name: str, start_method: str) -> dict[str, Any]:
         "start_method": start_method,
         "log_level": util._logger.getEffectiveLevel() if util._logger is not None else None,
         "log_to_stderr": util._log_to_stderr,
+        "shm_tracker": _tracker.address(),
     }
     main = sys.modules.get("__main__")
     spec = getattr(main, "__spec__", None)
@@ -290,6 +291,8 @@ def prepare(data: dict[str, Any]) -> None:
             pass
     if "orig_dir" in data:
         process.ORIGINAL_DIR = data["orig_dir"]
+    if "shm_tracker" in data:
+        _tracker.set_address(data["shm_tracker"])
     global inherited_start_method
     inherited_start_method = data.get("start_method")
     if "main_name" in data:

@@ -1,0 +1,514 @@
+"""Who owns which shared-memory segment, and the process that cleans up after dead owners (layer L1).
+
+::
+
+    client: any process that creates tracked segments        tracker (spawned on first need)
+    --------------------------------------------------        -------
+    register(name), first time in this process:               serve(): poll(listener, clients)
+      no tracker address yet: bind the abstract socket,          │
+        connect to it, posix_spawn ────────────────────────────> │ (the listener fd is inherited)
+      else: connect to the inherited address ─────────────────> │ accept; uid check (SO_PEERCRED),
+                                <─────────────── b"W" welcome ── │ the peer's pid is remembered
+    register(name)   b"O" name   "I own this segment" ────────> │ owned[client].add(name)
+    unregister(name) b"U" name   "it has been unlinked" ──────> │ name removed from every client
+    at exit          b"B"        "bye" ───────────────────────> │ shm_unlink what the client still
+                     <─────────── b"B" + number of clients left │ owns, one stderr line per segment
+    crash / SIGKILL: the kernel closes the connection ────────> │ EOF: same clean-up as "bye"
+                                                                 │ no client left: exit
+
+    fork child:  closes the inherited connection at once, owns nothing; connects on its first create
+    spawn / forkserver child:  gets the address in the preparation data (``_start._common``)
+
+*Client side* (:func:`register`, :func:`unregister`, :func:`address`, :func:`set_address`,
+:func:`tracker_pid`): each process has its own connection, opened lazily by its first tracked create
+and closed by a "bye" at exit (a :class:`~gilfree.util.Finalize` that runs after the children are
+joined).  The connection *is* the owner's lifeline: when it closes without the owner having unlinked
+its segments, the owner is gone and the tracker unlinks them.  A process that only attaches never
+connects, so it can never cause a clean-up or a warning.  If the tracker has gone (its last client
+left, or it was killed), the next create starts a new one and registers again everything this
+process still owns.  The process that spawned the tracker reaps it: at exit the "bye" reply says
+whether it was the last client, and then it waits (bounded) for the tracker to end.
+
+*Tracker* (:func:`serve`): a ``python -S -c`` started with ``posix_spawn``, like the fork server.  It
+must start fast, so it does not run the package's ``__init__`` (which imports the whole API): the
+command line registers a bare ``gilfree`` package module and imports only this module and ``util``.
+It ignores SIGINT and SIGTERM (Ctrl-C or a group kill must not take it down before the clients it
+cleans up after) and exits once its last client has disconnected.  Unlike the fork server it needs no
+lifeline pipe to its parent: the clients' connections are its lifelines, and it keeps serving the
+descendants after the process that started it has exited.  stdin and stdout go to ``/dev/null``;
+stderr is the starting process's, where leak lines belong.
+
+The stdlib's resource tracker keys segments by name only, for the whole process tree: any process
+that merely attached (before 3.13) registered the segment, and the first one to exit destroyed it for
+everybody.  Here a segment belongs to the connection of the process that created it.
+
+Where this runs: the client functions in any process, on the calling thread; they block only for one
+``send`` (plus, once per process, a connect that waits for the welcome, and at exit the "bye" round
+trip and the bounded reap).  :func:`serve` runs in the tracker, single-threaded, blocking in ``poll``.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import socket
+import struct
+import sys
+import threading
+import time
+
+import _posixshmem
+
+from . import util
+
+# `typing` costs a child several ms to import; annotations are strings here anyway.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Iterable
+
+__all__ = ["register", "unregister", "address", "set_address", "tracker_pid", "serve"]
+
+#: The tracker's command line (``python -S -c TRACKER_CODE <package dir> <listener fd>``): a bare
+#: package module instead of ``gilfree/__init__.py``, so only this module and ``util`` are imported.
+TRACKER_CODE = (
+    "import sys; m = type(sys)('gilfree'); m.__path__ = [sys.argv[1]]; sys.modules['gilfree'] = m; "
+    "from gilfree._tracker import serve; serve()"
+)
+WELCOME = b"W"
+OWN, UNLINKED, BYE = b"O", b"U", b"B"
+_NAMED = struct.Struct("!cH")  # op, length of the name that follows
+_BYE_REPLY = struct.Struct("!cI")  # b"B", clients still connected after this one
+_START_TIMEOUT = 30.0  # a loaded machine may take long to start an interpreter
+_BYE_TIMEOUT = 5.0
+_REAP_TIMEOUT = 5.0
+_BYE_PRIORITY = -1000  # after the children are joined and every other finalizer has run
+
+
+def _named(op: bytes, name: str) -> bytes:
+    data = os.fsencode(name)
+    return _NAMED.pack(op, len(data)) + data
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            raise ConnectionError("the shared-memory tracker closed the connection")
+        data += chunk
+    return data
+
+
+# ---------------------------------------------------------------------------------------------------
+# Client side
+
+class _Client:
+    """This process's view of the tracker: the address, our connection, what we own.
+
+    ``lock`` guards every field; the short sends happen under it because the connection is one
+    byte stream shared by all threads.
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.address: str | None = None
+        self.sock: socket.socket | None = None
+        self.owned: set[str] = set()
+        self.spawned_pid: int | None = None  # the tracker this process started, until reaped
+        self.finalizer: util.Finalize | None = None
+        self.in_setup: set[socket.socket] = set()  # sockets a forked child must not keep
+
+    def __repr__(self) -> str:
+        state = "connected" if self.sock is not None else "not connected"
+        return (f"<tracker client pid={os.getpid()} {state} address={self.address!r} "
+                f"owned={len(self.owned)} spawned_tracker={self.spawned_pid}>")
+
+    # -- connection ------------------------------------------------------------------------------
+    def _new_socket(self) -> socket.socket:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.in_setup.add(s)
+        return s
+
+    def _discard(self, s: socket.socket) -> None:
+        self.in_setup.discard(s)
+        s.close()
+
+    def _dial(self, address: str) -> socket.socket:
+        s = self._new_socket()
+        try:
+            s.settimeout(_START_TIMEOUT)
+            s.connect(address)
+            if _recv_exact(s, 1) != WELCOME:
+                raise ConnectionError("unexpected greeting from the shared-memory tracker")
+            s.settimeout(None)
+        except BaseException:
+            self._discard(s)
+            raise
+        self.in_setup.discard(s)
+        return s
+
+    def _start(self, executable: str | None) -> socket.socket:
+        """Spawn a tracker and return our connection to it (we are its first client)."""
+        self._reap(0)  # a tracker we started before and that has since exited
+        address = f"\0gilfree-shm-tracker-{os.getpid()}-{os.urandom(6).hex()}"
+        listener = self._new_socket()
+        conn = self._new_socket()
+        try:
+            listener.bind(address)
+            listener.listen(64)
+            conn.connect(address)  # waits in the backlog until the tracker accepts it
+            pid = _spawn(executable or sys.executable, listener.fileno())
+        except BaseException:
+            self._discard(conn)
+            raise
+        finally:
+            # Once the tracker holds the only copy, its death resets our pending connection.
+            self._discard(listener)
+        self.spawned_pid = pid
+        try:
+            conn.settimeout(_START_TIMEOUT)
+            if _recv_exact(conn, 1) != WELCOME:
+                raise ConnectionError("unexpected greeting")
+            conn.settimeout(None)
+        except BaseException as exc:
+            self._discard(conn)
+            self._reap(_REAP_TIMEOUT)
+            raise OSError(f"the shared-memory tracker (pid {pid}, {executable or sys.executable}) did not "
+                          f"start: {exc}") from exc
+        self.in_setup.discard(conn)
+        self.address = address
+        return conn
+
+    def _connect(self, executable: str | None) -> None:
+        sock = None
+        if self.address is not None:
+            try:
+                sock = self._dial(self.address)
+            except OSError:
+                sock = None  # that tracker is gone: its last client left, or it was killed
+        if sock is None:
+            sock = self._start(executable)
+        self.sock = sock
+        if self.finalizer is None or not self.finalizer.still_active():
+            self.finalizer = util.Finalize(None, goodbye, exitpriority=_BYE_PRIORITY)
+        if self.owned:  # everything we own, on a new connection (after a tracker restart too)
+            sock.sendall(b"".join(_named(OWN, n) for n in sorted(self.owned)), socket.MSG_NOSIGNAL)
+
+    def _drop(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+    # -- requests --------------------------------------------------------------------------------
+    def register(self, name: str, executable: str | None) -> None:
+        with self.lock:
+            self.owned.add(name)
+            try:
+                for attempt in (1, 2):
+                    try:
+                        if self.sock is None:
+                            self._connect(executable)  # sends all of self.owned, name included
+                        else:
+                            self.sock.sendall(_named(OWN, name), socket.MSG_NOSIGNAL)
+                        return
+                    except OSError:
+                        self._drop()
+                        if attempt == 2:
+                            raise
+            except BaseException:
+                self.owned.discard(name)
+                raise
+
+    def unregister(self, name: str) -> None:
+        with self.lock:
+            self.owned.discard(name)
+            if self.sock is None:
+                return  # never connect only to say this; an owner is always connected
+            try:
+                self.sock.sendall(_named(UNLINKED, name), socket.MSG_NOSIGNAL)
+            except OSError:
+                self._drop()
+
+    def goodbye(self) -> None:
+        with self.lock:
+            sock, self.sock = self.sock, None
+            self.owned.clear()  # what is left is the tracker's to remove now
+            if sock is None:
+                return
+            remaining: int | None = None
+            try:
+                sock.settimeout(_BYE_TIMEOUT)
+                sock.sendall(BYE, socket.MSG_NOSIGNAL)
+                _, remaining = _BYE_REPLY.unpack(_recv_exact(sock, _BYE_REPLY.size))
+            except (OSError, struct.error):
+                pass
+            finally:
+                sock.close()
+            if remaining == 0:
+                self._reap(_REAP_TIMEOUT)
+
+    def _reap(self, timeout: float) -> None:
+        """Wait up to ``timeout`` s for the tracker we spawned to exit, and reap it."""
+        pid = self.spawned_pid
+        if pid is None:
+            return
+        if _wait_pid(pid, timeout):
+            self.spawned_pid = None
+
+    def after_fork_in_child(self) -> None:
+        # The parent's connection, and any socket a thread of the parent was setting up, are not
+        # ours: a child holding them open would hide the parent's death from the tracker.
+        self.lock = threading.Lock()
+        for s in [*self.in_setup, *([self.sock] if self.sock is not None else [])]:
+            try:
+                os.close(s.detach())
+            except OSError:
+                pass
+        self.in_setup = set()
+        self.sock = None
+        self.owned = set()
+        self.spawned_pid = None
+        self.finalizer = None
+
+
+def _spawn(executable: str, listener_fd: int) -> int:
+    pkg_dir = os.path.dirname(os.path.abspath(__file__))
+    argv = [executable, "-S", "-c", TRACKER_CODE, pkg_dir, str(listener_fd)]
+    actions = [(os.POSIX_SPAWN_DUP2, listener_fd, listener_fd)]
+    return os.posix_spawn(executable, argv, os.environ, file_actions=actions)
+
+
+def _wait_pid(pid: int, timeout: float) -> bool:
+    """Reap child ``pid`` if it exits within ``timeout`` s; True if it is gone."""
+    try:
+        fd: int | None = os.pidfd_open(pid)
+    except ProcessLookupError:
+        fd = None
+    except (AttributeError, OSError):
+        fd = -1
+    try:
+        if fd is not None and fd >= 0:
+            select.select([fd], [], [], timeout)
+        elif fd == -1:  # no pidfd: poll
+            deadline = time.monotonic() + timeout
+            while True:
+                done, _ = os.waitpid(pid, os.WNOHANG)
+                if done or time.monotonic() >= deadline:
+                    return bool(done)
+                time.sleep(0.01)
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        return bool(done)
+    except ChildProcessError:
+        return True  # reaped by someone else, or not our child
+    finally:
+        if fd is not None and fd >= 0:
+            os.close(fd)
+
+
+_client = _Client()
+os.register_at_fork(after_in_child=lambda: _client.after_fork_in_child())
+
+
+def register(name: str, executable: str | None = None) -> None:
+    """This process owns segment ``name`` (the path given to ``shm_open``) and must unlink it.
+
+    Connects to the tracker on first use, starting it with ``executable`` (default
+    ``sys.executable``) if there is none.  Blocks for one send; raises ``OSError`` if no tracker
+    can be reached or started.
+    """
+    _client.register(name, executable)
+
+
+def unregister(name: str) -> None:
+    """Segment ``name`` has been unlinked (by its owner or anyone else); nobody owns it any more."""
+    _client.unregister(name)
+
+
+def goodbye() -> None:
+    """Leave the tracker now: it unlinks (and reports) what this process still owns.
+
+    Runs at exit; if this process started the tracker and was its last client, waits up to
+    a few seconds for it to exit and reaps it.
+    """
+    _client.goodbye()
+
+
+def address() -> str | None:
+    """The tracker address this process uses and passes to its children (None: no tracker yet)."""
+    return _client.address
+
+
+def set_address(addr: str | None) -> None:
+    """In a spawned or forkserver child: use the parent's tracker (called by ``_start.prepare``)."""
+    with _client.lock:
+        if _client.sock is None:
+            _client.address = addr
+
+
+def tracker_pid() -> int | None:
+    """Pid of the tracker this process started, while it runs (None if it did not start one)."""
+    with _client.lock:
+        pid = _client.spawned_pid
+        if pid is not None and _wait_pid(pid, 0):
+            _client.spawned_pid = pid = None
+        return pid
+
+
+# ---------------------------------------------------------------------------------------------------
+# The tracker process
+
+class _Peer:
+    __slots__ = ("sock", "pid", "owned", "pending")
+
+    def __init__(self, sock: socket.socket, pid: int) -> None:
+        self.sock = sock
+        self.pid = pid
+        self.owned: set[str] = set()
+        self.pending = bytearray()
+
+
+def _report(name: str, pid: int) -> None:
+    shown = name[1:] if name.startswith("/") else name
+    who = f"pid {pid}" if pid > 0 else "pid unknown"
+    line = (f"gilfree: the shared-memory tracker unlinked segment {shown!r}: its owner ({who}) ended "
+            f"without calling unlink()\n")
+    try:
+        os.write(2, line.encode("utf-8", "replace"))
+    except OSError:
+        pass
+
+
+def _unlink_all(names: Iterable[str], pid: int) -> None:
+    for name in sorted(names):
+        try:
+            _posixshmem.shm_unlink(name)
+        except OSError:
+            continue  # already unlinked by someone else: nothing leaked
+        _report(name, pid)
+
+
+def _quiet_stdio() -> None:
+    try:
+        null = os.open(os.devnull, os.O_RDWR)
+    except OSError:
+        return
+    for fd in (0, 1):
+        try:
+            os.dup2(null, fd)
+        except OSError:
+            pass
+    if null > 2:
+        os.close(null)
+    try:
+        os.chdir("/")  # do not keep the program's working directory busy
+    except OSError:
+        pass
+
+
+class _Server:
+    """The tracker's state: the listener and one :class:`_Peer` per connected client."""
+
+    def __init__(self, listener: socket.socket) -> None:
+        self.listener = listener
+        self.peers: dict[int, _Peer] = {}
+        self.poller = select.poll()
+        self.poller.register(listener.fileno(), select.POLLIN)
+        self.uid = os.getuid()
+
+    def accept_all(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except BlockingIOError:
+                return
+            except OSError:
+                return  # out of fds, say: the clients retry
+            try:
+                cred = conn.getsockopt(socket.SOL_SOCKET, getattr(socket, "SO_PEERCRED", 17), 12)
+                pid, uid, _gid = struct.unpack("3i", cred)
+            except OSError:
+                pid, uid = 0, self.uid
+            if uid != self.uid:  # only our own user may make us unlink anything
+                conn.close()
+                continue
+            try:
+                conn.sendall(WELCOME)
+            except OSError:
+                conn.close()
+                continue
+            self.peers[conn.fileno()] = _Peer(conn, pid)
+            self.poller.register(conn.fileno(), select.POLLIN)
+
+    def drop(self, peer: _Peer, reply: bool) -> None:
+        """The client left (``reply``: it said bye and waits for the count of those left)."""
+        fd = peer.sock.fileno()
+        self.poller.unregister(fd)
+        del self.peers[fd]
+        _unlink_all(peer.owned, peer.pid)
+        if reply:
+            try:
+                peer.sock.sendall(_BYE_REPLY.pack(BYE, len(self.peers)))
+            except OSError:
+                pass
+        peer.sock.close()
+
+    def read(self, peer: _Peer) -> None:
+        try:
+            data = peer.sock.recv(65536)
+        except OSError:
+            data = b""
+        if not data:
+            self.drop(peer, reply=False)
+            return
+        buf = peer.pending
+        buf += data
+        pos = 0
+        while pos < len(buf):
+            op = buf[pos : pos + 1]
+            if op == BYE:
+                self.drop(peer, reply=True)
+                return
+            if op not in (OWN, UNLINKED):
+                self.drop(peer, reply=False)  # not our client library: treat as gone
+                return
+            if len(buf) - pos < _NAMED.size:
+                break
+            _, n = _NAMED.unpack_from(buf, pos)
+            end = pos + _NAMED.size + n
+            if len(buf) < end:
+                break
+            name = os.fsdecode(bytes(buf[pos + _NAMED.size : end]))
+            pos = end
+            if op == OWN:
+                peer.owned.add(name)
+            else:
+                for other in self.peers.values():
+                    other.owned.discard(name)
+        del buf[:pos]
+
+    def run(self) -> None:
+        lfd = self.listener.fileno()
+        self.accept_all()
+        while self.peers:
+            for fd, _ in self.poller.poll():
+                if fd == lfd:
+                    self.accept_all()
+                else:
+                    peer = self.peers.get(fd)
+                    if peer is not None:
+                        self.read(peer)
+            if not self.peers:
+                self.accept_all()  # someone who connected just now keeps us alive
+        self.listener.close()  # a client still in the backlog is reset and starts a new tracker
+
+
+def serve() -> None:
+    """Main loop of the tracker: ``python -S -c TRACKER_CODE <package dir> <listener fd>``."""
+    listener_fd = int(sys.argv[-1])
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+    _quiet_stdio()
+    listener = socket.socket(fileno=listener_fd)
+    listener.setblocking(False)
+    _Server(listener).run()

@@ -1,0 +1,362 @@
+"""Locks, semaphores, conditions, events and barriers shared between processes (layer L5).
+
+The stdlib's API and semantics (``multiprocessing.synchronize``), on a different base: each lock is
+a block in an anonymous shared-memory arena (:mod:`gilfree._shm`) driven by the futex code of
+:mod:`gilfree._csync`.  No named semaphore is created, so nothing can leak into ``/dev/shm``, and
+``with lock:`` runs entirely in C (the class *is* the C type, subclassed).
+
+Robust: each acquisition records its holder, and a waiter that has slept for a slice (0.1 s) checks
+whether a recorded holder has died.  If so it raises :class:`~gilfree.OwnerDiedError` naming the pid
+instead of blocking forever -- or, for a lock created with ``on_owner_death="takeover"``, it takes
+the dead holder's place and is told with an :class:`~gilfree.OwnerDiedWarning`.  Holder records
+describe "who holds what" only while the acquirer is also the releaser; the first release by a
+process that holds nothing (a semaphore used as a signal, a lock handed from one process to another)
+switches the check off for that lock, so it never reports a death that did not cost anything.
+
+Like the stdlib's, these objects reach another process only by inheritance: as ``Process``
+arguments (or attributes of such arguments), never through a pipe or queue.
+
+Where this runs: in any process; ``acquire`` and ``wait`` block up to their timeout (releasing the
+GIL), and Ctrl-C interrupts them.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+from . import _shm, process, reduction
+from ._errors import OwnerDiedError, OwnerDiedWarning
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, Callable
+
+try:
+    from . import _csync
+except ImportError:  # pragma: no cover - exercised only on machines without a C compiler
+    _csync = None  # type: ignore[assignment]
+
+__all__ = ["Lock", "RLock", "Semaphore", "BoundedSemaphore", "Condition", "Event", "Barrier", "SEM_VALUE_MAX"]
+
+SEM_VALUE_MAX = 2**31 - 1
+#: How long a blocked waiter sleeps before it checks whether the holder is still alive.
+OWNER_CHECK_INTERVAL = (_csync.SLICE_MS if _csync is not None else 100) / 1000
+
+_MODES = {"raise": 0, "takeover": 1}
+
+if _csync is not None:
+    _csync.set_classes(OwnerDiedError, OwnerDiedWarning)
+    _Base: type = _csync.SemBlock
+else:  # pragma: no cover
+
+    class _Base:  # type: ignore[no-redef]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            raise ImportError(
+                "gilfree's lock extension (gilfree._csync) was not built: this install had no C "
+                "compiler.  Install gcc and reinstall gilfree (pip install --force-reinstall gilfree)."
+            )
+
+
+class SemLock(_Base):  # type: ignore[misc, valid-type]
+    """Common base: a lock block in shared memory.  ``kind``: 0 semaphore, 1 recursive lock."""
+
+    _purpose: str | None = None
+
+    def __init__(self, kind: int, value: int, maxvalue: int, *, ctx: Any = None, on_owner_death: str = "raise") -> None:
+        if on_owner_death not in _MODES:
+            raise ValueError(f"on_owner_death must be 'raise' or 'takeover', not {on_owner_death!r}")
+        self._block = _shm.Block(_csync.BLOCK_SIZE if _csync is not None else 256)
+        super().__init__(self._block.arena.buffer, self._block.offset, True, kind, value, maxvalue, _MODES[on_owner_death])
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        reduction.assert_spawning(self)
+        return _rebuild, (type(self), self._block, self._mode, self.__dict__)
+
+    def __getstate__(self) -> Any:
+        reduction.assert_spawning(self)
+        return self.__dict__
+
+    @property
+    def recovered_from(self) -> int | None:
+        """The pid whose place the last ``acquire`` in this process took (takeover mode), or None."""
+        return self._recovered_from or None
+
+
+def _rebuild(cls: type, block: _shm.Block, mode: int, state: dict[str, Any]) -> SemLock:
+    obj = cls.__new__(cls)
+    _Base.__init__(obj, block.arena.buffer, block.offset, False, 0, 0, 1, mode)
+    obj.__dict__.update(state)
+    obj._block = block
+    return obj
+
+
+def _thread_suffix() -> str:
+    name = threading.current_thread().name
+    return "" if name == "MainThread" else "|" + name
+
+
+class Semaphore(SemLock):
+    """A counter: ``acquire`` takes one (waiting while it is 0), ``release`` gives one back."""
+
+    def __init__(self, value: int = 1, *, ctx: Any = None, on_owner_death: str = "raise") -> None:
+        if value < 0:
+            raise ValueError("semaphore initial value must be >= 0")
+        super().__init__(0, value, SEM_VALUE_MAX, ctx=ctx, on_owner_death=on_owner_death)
+
+    def get_value(self) -> int:
+        return self._get_value()
+
+    def __repr__(self) -> str:
+        try:
+            value = self._get_value()
+        except Exception:
+            value = "unknown"
+        return f"<{type(self).__name__}(value={value})>"
+
+
+class BoundedSemaphore(Semaphore):
+    """A semaphore that refuses to be released above its initial value."""
+
+    def __init__(self, value: int = 1, *, ctx: Any = None, on_owner_death: str = "raise") -> None:
+        if value < 0:
+            raise ValueError("semaphore initial value must be >= 0")
+        SemLock.__init__(self, 0, value, max(value, 1), ctx=ctx, on_owner_death=on_owner_death)
+        self._initial = value
+
+    def __repr__(self) -> str:
+        try:
+            value = self._get_value()
+        except Exception:
+            value = "unknown"
+        return f"<{type(self).__name__}(value={value}, maxvalue={self._maxvalue})>"
+
+
+class Lock(SemLock):
+    """A non-recursive lock; any process (or thread) may release it, as in the stdlib."""
+
+    def __init__(self, *, ctx: Any = None, on_owner_death: str = "raise") -> None:
+        super().__init__(0, 1, 1, ctx=ctx, on_owner_death=on_owner_death)
+
+    def __repr__(self) -> str:
+        try:
+            if self._get_value() == 1:
+                name = "None"
+            elif self._is_mine():
+                name = process.current_process().name + _thread_suffix()
+            else:
+                owner = self._owner()
+                name = "SomeOtherProcess" if owner != os.getpid() else "SomeOtherThread"
+        except Exception:
+            name = "unknown"
+        return f"<{type(self).__name__}(owner={name})>"
+
+
+class RLock(SemLock):
+    """A recursive lock: the owning thread may acquire it again; only the owner may release it."""
+
+    def __init__(self, *, ctx: Any = None, on_owner_death: str = "raise") -> None:
+        super().__init__(1, 1, 1, ctx=ctx, on_owner_death=on_owner_death)
+
+    def __repr__(self) -> str:
+        try:
+            if self._is_mine():
+                name = process.current_process().name + _thread_suffix()
+                count = self._count()
+            elif self._get_value() == 1:
+                name, count = "None", 0
+            else:
+                name = "SomeOtherProcess" if self._owner() != os.getpid() else "SomeOtherThread"
+                count = "nonzero"
+        except Exception:
+            name, count = "unknown", "unknown"
+        return f"<{type(self).__name__}({name}, {count})>"
+
+
+class Condition:
+    """A condition variable shared between processes (``threading.Condition``'s API).
+
+    Built, as in the stdlib, from the lock and three semaphores used as signals: the number of
+    sleepers, the number of woken sleepers, and the one sleepers wait on.
+    """
+
+    def __init__(self, lock: Lock | RLock | None = None, *, ctx: Any = None) -> None:
+        self._lock = lock if lock is not None else RLock()
+        self._sleeping_count = Semaphore(0)
+        self._woken_count = Semaphore(0)
+        self._wait_semaphore = Semaphore(0)
+        self._bind()
+
+    def _bind(self) -> None:
+        self.acquire = self._lock.acquire
+        self.release = self._lock.release
+
+    def __getstate__(self) -> tuple[Any, ...]:
+        reduction.assert_spawning(self)
+        return (self._lock, self._sleeping_count, self._woken_count, self._wait_semaphore)
+
+    def __setstate__(self, state: tuple[Any, ...]) -> None:
+        self._lock, self._sleeping_count, self._woken_count, self._wait_semaphore = state
+        self._bind()
+
+    def __enter__(self) -> bool:
+        return self._lock.__enter__()
+
+    def __exit__(self, *args: Any) -> None:
+        self._lock.__exit__(*args)
+
+    def __repr__(self) -> str:
+        try:
+            waiters = self._sleeping_count._get_value() - self._woken_count._get_value()
+        except Exception:
+            waiters = "unknown"
+        return f"<{type(self).__name__}({self._lock}, {waiters})>"
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Release the lock, wait for a notify (or the timeout), re-acquire; True if notified."""
+        if not self._lock._is_mine():
+            raise AssertionError("must acquire() condition before using wait()")
+        self._sleeping_count.release()
+        depth = self._lock._count()
+        for _ in range(depth):
+            self._lock.release()
+        try:
+            return self._wait_semaphore.acquire(True, timeout)
+        finally:
+            self._woken_count.release()
+            for _ in range(depth):
+                self._lock.acquire()
+
+    def notify(self, n: int = 1) -> None:
+        """Wake up to ``n`` waiters (the lock must be held)."""
+        if not self._lock._is_mine():
+            raise AssertionError("lock is not owned")
+        if self._wait_semaphore.acquire(False):
+            raise AssertionError("notify: the wait semaphore should be zero")
+        # sleepers that timed out since the last notify have woken without being notified:
+        # forget them
+        while self._woken_count.acquire(False):
+            if not self._sleeping_count.acquire(False):
+                raise AssertionError("notify: sleeping count out of step with woken count")
+        woken = 0
+        while woken < n and self._sleeping_count.acquire(False):
+            self._wait_semaphore.release()
+            woken += 1
+        if woken:
+            for _ in range(woken):
+                self._woken_count.acquire()  # each notified sleeper reports that it woke
+            while self._wait_semaphore.acquire(False):  # sleepers that timed out meanwhile
+                pass
+
+    def notify_all(self) -> None:
+        self.notify(SEM_VALUE_MAX)
+
+    notifyAll = notify_all
+
+    def wait_for(self, predicate: Callable[[], Any], timeout: float | None = None) -> Any:
+        """Wait until ``predicate()`` is true (or the timeout passes); return its last value."""
+        import time
+
+        result = predicate()
+        if result:
+            return result
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not result:
+            if deadline is not None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self.wait(remaining)
+            else:
+                self.wait()
+            result = predicate()
+        return result
+
+
+class Event:
+    """A flag processes can set, clear and wait for (``threading.Event``'s API)."""
+
+    def __init__(self, *, ctx: Any = None) -> None:
+        self._cond = Condition(Lock())
+        self._flag = Semaphore(0)
+
+    def is_set(self) -> bool:
+        with self._cond:
+            if self._flag.acquire(False):
+                self._flag.release()
+                return True
+            return False
+
+    def set(self) -> None:
+        with self._cond:
+            self._flag.acquire(False)
+            self._flag.release()
+            self._cond.notify_all()
+
+    def clear(self) -> None:
+        with self._cond:
+            self._flag.acquire(False)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait until the flag is set (or the timeout passes); return the flag."""
+        with self._cond:
+            if self._flag.acquire(False):
+                self._flag.release()
+                return True
+            self._cond.wait(timeout)
+            if self._flag.acquire(False):
+                self._flag.release()
+                return True
+            return False
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} at {id(self):#x} {'set' if self.is_set() else 'unset'}>"
+
+
+class Barrier(threading.Barrier):
+    """A barrier for ``parties`` processes (``threading.Barrier``'s API and algorithm).
+
+    The algorithm is threading's; its two counters (state, waiting count) live in shared memory and
+    its condition is a :class:`Condition`, as the stdlib does.
+    """
+
+    def __init__(self, parties: int, action: Callable[[], Any] | None = None, timeout: float | None = None,
+                 *, ctx: Any = None) -> None:
+        if parties < 1:
+            raise ValueError("parties must be > 0")
+        block = _shm.Block(8)
+        self._setstate((parties, action, timeout, Condition(Lock()), block))
+        self._state = 0
+        self._count = 0
+
+    def _setstate(self, state: tuple[Any, ...]) -> None:
+        self._parties, self._action, self._timeout, self._cond, self._block = state
+        self._array = self._block.memoryview().cast("i")
+
+    def __getstate__(self) -> tuple[Any, ...]:
+        reduction.assert_spawning(self)
+        return (self._parties, self._action, self._timeout, self._cond, self._block)
+
+    def __setstate__(self, state: tuple[Any, ...]) -> None:
+        self._setstate(state)
+
+    @property  # type: ignore[override]
+    def _state(self) -> int:
+        return self._array[0]
+
+    @_state.setter
+    def _state(self, value: int) -> None:
+        self._array[0] = value
+
+    @property  # type: ignore[override]
+    def _count(self) -> int:
+        return self._array[1]
+
+    @_count.setter
+    def _count(self, value: int) -> None:
+        self._array[1] = value
+
+    def __repr__(self) -> str:
+        if self.broken:
+            return f"<{type(self).__name__} broken, parties={self.parties}>"
+        return f"<{type(self).__name__} waiters={self.n_waiting}/{self.parties}>"
