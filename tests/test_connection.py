@@ -657,14 +657,26 @@ def test_partial_writes_interrupted_by_signals(duplex, monkeypatch):
     hits = []
     writes = []
     if duplex:
-        real_sendmsg = socket.socket.sendmsg
+        class CountingSocket:
+            """Stands in for the connection's socket object and counts the bytes of each write."""
 
-        def counting_sendmsg(self, *args):
-            n = real_sendmsg(self, *args)
-            writes.append(n)
-            return n
+            def __init__(self, sock):
+                self._real = sock
 
-        monkeypatch.setattr(socket.socket, "sendmsg", counting_sendmsg)
+            def __getattr__(self, name):
+                return getattr(self._real, name)
+
+            def sendmsg(self, *args):
+                n = self._real.sendmsg(*args)
+                writes.append(n)
+                return n
+
+            def send(self, *args):
+                n = self._real.send(*args)
+                writes.append(n)
+                return n
+
+        w._sock = CountingSocket(w._sock)
     else:
         real_writev = os.writev
 

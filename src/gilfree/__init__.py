@@ -14,8 +14,6 @@ from . import connection as connection
 from . import context as context
 from . import process as process
 from . import reduction as reduction
-from . import sharedctypes as sharedctypes
-from . import synchronize as synchronize
 from . import util as util
 from ._errors import AuthenticationError as AuthenticationError
 from ._errors import BufferTooShort as BufferTooShort
@@ -30,18 +28,56 @@ from .context import Process as Process
 from .process import active_children as active_children
 from .process import current_process as current_process
 from .process import parent_process as parent_process
-from .synchronize import Barrier as Barrier
-from .synchronize import BoundedSemaphore as BoundedSemaphore
-from .synchronize import Condition as Condition
-from .synchronize import Event as Event
-from .synchronize import Lock as Lock
-from .synchronize import RLock as RLock
-from .synchronize import Semaphore as Semaphore
 
-# `typing` costs a spawned child several ms to import; annotations are strings here anyway.
+# `typing` and the modules below cost a spawned child tens of milliseconds of start-up, and a child
+# imports `gilfree` before anything else.  They are loaded on first access instead: the names are
+# written out here (and imported normally for type checkers), and each resolves to the real object
+# -- `gilfree.Lock` is the class itself.  See docs/design.md, "start-up imports".
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
+
+    from . import shared_memory as shared_memory
+    from . import sharedctypes as sharedctypes
+    from . import synchronize as synchronize
+    from .synchronize import Barrier as Barrier
+    from .synchronize import BoundedSemaphore as BoundedSemaphore
+    from .synchronize import Condition as Condition
+    from .synchronize import Event as Event
+    from .synchronize import Lock as Lock
+    from .synchronize import RLock as RLock
+    from .synchronize import Semaphore as Semaphore
+
+_LAZY: dict[str, tuple[str, str | None]] = {
+    "shared_memory": ("shared_memory", None),
+    "sharedctypes": ("sharedctypes", None),
+    "synchronize": ("synchronize", None),
+    "Barrier": ("synchronize", "Barrier"),
+    "BoundedSemaphore": ("synchronize", "BoundedSemaphore"),
+    "Condition": ("synchronize", "Condition"),
+    "Event": ("synchronize", "Event"),
+    "Lock": ("synchronize", "Lock"),
+    "RLock": ("synchronize", "RLock"),
+    "Semaphore": ("synchronize", "Semaphore"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    try:
+        module_name, attr = _LAZY[name]
+    except KeyError:
+        raise AttributeError(f"module 'gilfree' has no attribute {name!r}") from None
+    import importlib
+
+    module = importlib.import_module(f"{__name__}.{module_name}")
+    value = module if attr is None else getattr(module, attr)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __version__ = "0.1.0"
 
@@ -144,6 +180,7 @@ __all__ = [
     "RawValue",
     "Semaphore",
     "Value",
+    "shared_memory",
     "sharedctypes",
     "synchronize",
     "AuthenticationError",

@@ -8,7 +8,7 @@ exception that a caller of ``multiprocessing`` would have caught for the same fa
 
 from __future__ import annotations
 
-import pickle
+import _pickle as pickle  # the C pickler itself: `pickle.py` would also import `re` (start-up imports, design.md)
 
 __all__ = [
     "ProcessError",

@@ -250,16 +250,17 @@ def main(argv: list[str] | None = None) -> int:
     p_tour = sub.add_parser("tour", help="a guided tour of every capability, ending with a quick benchmark")
     p_tour.add_argument("--chapter", action="append", choices=[n for n, _ in CHAPTERS],
                         help="run only this chapter (repeatable)")
-    p_bench = sub.add_parser("bench", help="the side-by-side benchmark against the stdlib")
-    p_bench.add_argument("args", nargs=argparse.REMAINDER, help="arguments for benchmarks/run.py")
-    args = parser.parse_args(argv)
+    sub.add_parser("bench", help="the side-by-side benchmark against the stdlib (options: see benchmarks/run.py --help)")
+    args, rest = parser.parse_known_args(argv)
     if args.command == "tour":
+        if rest:
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
         return tour(args.chapter)
     bench = _load_benchmarks()
     if bench is None:
         print("benchmarks/run.py not found: run this from a source checkout of gilfree", file=sys.stderr)
         return 2
-    return int(bench.main(args.args) or 0)  # type: ignore[attr-defined]
+    return int(bench.main(rest) or 0)  # type: ignore[attr-defined]
 
 
 if __name__ == "__main__":

@@ -36,22 +36,25 @@ thread-safe (as in the stdlib): use one per thread, or a lock.
 
 from __future__ import annotations
 
+import _pickle as pickle  # the C pickler itself: `pickle.py` would also import `re` (start-up imports, design.md)
+import _socket  # the C module: `_socket.py` costs a spawned child ~5 ms (start-up imports, design.md)
 import array
 import fcntl
-import hmac
 import operator
 import os
-import pickle
 import select
-import socket
 import stat
 import struct
-import tempfile
 import time
-from typing import Any, Iterable, NoReturn
 
 from . import reduction, util
 from ._errors import AuthenticationError, BufferTooShort
+
+# Modules a spawned child would import for nothing are imported where they are used: `typing` (only
+# annotations), `hmac` (only Listener/Client authentication), `tempfile` (only default Unix addresses).
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, Iterable, NoReturn
 
 __all__ = ["Client", "Connection", "Listener", "Pipe", "wait", "deliver_challenge", "answer_challenge"]
 
@@ -71,19 +74,21 @@ _SMALL = 1 << 16
 _CHUNK = 64 << 20  # never pre-allocate more than this for a length the peer claims
 _IOV_MAX = 1024
 _F_SETPIPE_SZ = 1031
+_ANC_SPACE = _socket.CMSG_SPACE(MAX_FDS * 4)
+_MSG_CTRUNC = int(_socket.MSG_CTRUNC)  # a plain int: enum arithmetic costs a microsecond per message
 
 default_family = "AF_UNIX"
-families = ["AF_INET", "AF_UNIX"] + (["AF_INET6"] if socket.has_ipv6 else [])
+families = ["AF_INET", "AF_UNIX"] + (["AF_INET6"] if _socket.has_ipv6 else [])
 
 
-def _socket_for(fd: int) -> socket.socket:
+def _socket_for(fd: int) -> _socket.socket:
     """A socket object over ``fd`` in blocking mode, leaving the descriptor's own flags as they were.
 
-    ``socket.socket(fileno=fd)`` applies :func:`socket.setdefaulttimeout`: under a default timeout it
+    ``_socket.socket(fileno=fd)`` applies :func:`socket.setdefaulttimeout`: under a default timeout it
     would make the descriptor non-blocking and every ``recv`` time out in the middle of a message.
     """
     flags = fcntl.fcntl(fd, fcntl.F_GETFL)
-    s = socket.socket(fileno=fd)
+    s = _socket.socket(fileno=fd)
     if s.gettimeout() is not None:
         s.settimeout(None)
         fcntl.fcntl(fd, fcntl.F_SETFL, flags)
@@ -127,14 +132,14 @@ class Connection:
         #: while set (during the authentication handshake), every read waits at most until then
         self._deadline: float | None = None
         # Unix sockets carry fds with the message; others (pipes, TCP) do not.
-        self._sock: socket.socket | None = None
+        self._sock: _socket.socket | None = None
         if self._is_socket:
             try:
                 sock = _socket_for(handle)
             except OSError:
                 sock = None
             if sock is not None:
-                if sock.family == socket.AF_UNIX:
+                if sock.family == _socket.AF_UNIX:
                     self._sock = sock
                 else:
                     sock.detach()
@@ -221,15 +226,24 @@ class Connection:
         anything is written, so the stream stays usable.
         """
         self._check_writable()
+        fds: list[int] = []
         if self._sock is None:
             chunks, oob = reduction.dump_chunks(obj, OOB_MIN)
-            fds: list[int] = []
         else:
-            with reduction.fd_channel(sending=True) as channel:
+            # collect the fds met while pickling (what reduction.fd_channel does, without its cost)
+            chan = reduction._chan
+            saved = chan.sending, chan.sent
+            chan.sending, chan.sent = True, fds
+            try:
                 chunks, oob = reduction.dump_chunks(obj, OOB_MIN)
-            fds = channel.sent
+            finally:
+                chan.sending, chan.sent = saved
             if len(fds) > MAX_FDS:
                 raise ValueError(f"a message can carry at most {MAX_FDS} file descriptors, not {len(fds)}")
+        if not oob and len(chunks) == 1 and type(chunks[0]) is bytes and len(chunks[0]) <= _SMALL:
+            data = chunks[0]  # the common case: one small pickle
+            self._write([_HDR.pack(len(data)) + data], fds)
+            return
         chunks = [_flat(c) for c in chunks]
         size = 0
         for c in chunks:
@@ -277,8 +291,10 @@ class Connection:
         sock = self._sock
         if fds:
             assert sock is not None
-            anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
+            anc = [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, array.array("i", fds))]
             n = sock.sendmsg(bufs[:_IOV_MAX], anc)
+        elif len(bufs) == 1:
+            n = sock.send(bufs[0]) if sock is not None else os.write(fd, bufs[0])
         elif sock is not None:
             n = sock.sendmsg(bufs[:_IOV_MAX])
         else:
@@ -386,13 +402,13 @@ class Connection:
         if self._deadline is not None:
             self._await_data(fd)
         if sock is not None:
-            data, anc, flags, _ = sock.recvmsg(4, socket.CMSG_SPACE(MAX_FDS * 4))
+            data, anc, flags, _ = sock.recvmsg(4, _ANC_SPACE)
             for level, kind, payload in anc:
-                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS:
                     arr = array.array("i")
                     arr.frombytes(payload[: len(payload) - (len(payload) % arr.itemsize)])
                     fds.extend(arr)
-            if flags & socket.MSG_CTRUNC:
+            if flags & _MSG_CTRUNC:
                 util.close_fds(*fds)
                 raise OSError("a message carried more file descriptors than allowed; they were dropped")
         else:
@@ -527,7 +543,7 @@ def Pipe(duplex: bool = True) -> tuple[Connection, Connection]:
     ``os.pipe`` with a 1 MiB kernel buffer where the system allows it.
     """
     if duplex:
-        s1, s2 = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        s1, s2 = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_STREAM)
         s1.setblocking(True)  # under socket.setdefaulttimeout() a new socket is non-blocking
         s2.setblocking(True)
         return Connection(s1.detach()), Connection(s2.detach())
@@ -615,6 +631,8 @@ def deliver_challenge(conn: Connection, authkey: bytes, timeout: float | None = 
     message = _DIGEST + os.urandom(_NONCE_BYTES)
     _auth_send(conn, _CHALLENGE + message, "sending our challenge")
     response = _auth_recv(conn, deadline, timeout, "waiting for the answer to our challenge")
+    import hmac
+
     expected = _DIGEST + hmac.new(key, message, "sha256").digest()
     if not hmac.compare_digest(response, expected):
         try:
@@ -638,6 +656,8 @@ def answer_challenge(conn: Connection, authkey: bytes, timeout: float | None = N
     payload = message[len(_CHALLENGE) :]
     if len(payload) < len(_DIGEST) + 20:
         raise AuthenticationError("the challenge is too short to be safe")
+    import hmac
+
     _auth_send(conn, _DIGEST + hmac.new(key, payload, "sha256").digest(), "answering the challenge")
     reply = _auth_recv(conn, deadline, timeout, "waiting for the verdict")
     if reply != _WELCOME:
@@ -663,6 +683,7 @@ def _get_temp_dir() -> str:
     global _temp_dir
     if _temp_dir is None or not os.path.isdir(_temp_dir):
         import shutil
+        import tempfile
 
         _temp_dir = tempfile.mkdtemp(prefix="gilfree-")
         util.Finalize(None, shutil.rmtree, args=(_temp_dir, True), exitpriority=-100)
@@ -704,6 +725,8 @@ class Listener:
             authkey = _check_key(authkey)
         self._authkey = authkey
         self._family = family
+        import socket  # Listener and Client need the full module; connections do not
+
         sock = socket.socket(getattr(socket, family))
         self._unlink: util.Finalize | None = None
         try:
@@ -715,7 +738,7 @@ class Listener:
         except BaseException:  # OSError, or TypeError for an address of the wrong family
             sock.close()
             raise
-        self._socket: socket.socket | None = sock
+        self._socket: Any = sock
         self._address = sock.getsockname()
         if family == "AF_UNIX" and isinstance(address, (str, bytes)) and address[:1] not in ("\0", b"\0"):
             self._unlink = util.Finalize(self, os.unlink, args=(address,), exitpriority=0)
@@ -738,7 +761,7 @@ class Listener:
                 continue
         s.setblocking(True)
         if self._family != "AF_UNIX":
-            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            s.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY, 1)
         conn = Connection(s.detach())
         if self._authkey is not None:
             try:
@@ -782,6 +805,8 @@ def Client(address: Any, family: str | None = None, authkey: bytes | None = None
     _validate_family(family)
     if family == "AF_INET" and ":" in str(address[0]):
         family = "AF_INET6"
+    import socket  # Listener and Client need the full module; connections do not
+
     s = socket.socket(getattr(socket, family))
     try:
         s.setblocking(True)
@@ -800,15 +825,3 @@ def Client(address: Any, family: str | None = None, authkey: bytes | None = None
             conn.close()
             raise
     return conn
-
-
-# sockets pickle through the same fd channel as connections
-def _rebuild_socket(df: Any, family: int, type_: int, proto: int) -> socket.socket:
-    return socket.socket(family, type_, proto, fileno=df.detach())
-
-
-def _reduce_socket(s: socket.socket) -> tuple[Any, tuple[Any, ...]]:
-    return _rebuild_socket, (reduction.DupFd(s.fileno()), s.family, s.type, s.proto)
-
-
-reduction.register(socket.socket, _reduce_socket)

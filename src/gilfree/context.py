@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import sys
 
-from . import connection, process, reduction, sharedctypes, synchronize, util
+from . import connection, process, reduction, util
 from ._errors import AuthenticationError, BufferTooShort, ProcessError, TimeoutError
 from ._start import LAUNCHERS, forkserver, inherited_start_method
 from ._start import set_executable as _set_executable
@@ -23,6 +23,12 @@ from ._start import set_executable as _set_executable
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
+
+    from . import synchronize
+
+# The methods below import `synchronize`/`sharedctypes` when first called, not at the top: a spawned
+# child imports this module to unpickle its Process object, and ctypes + the lock extension would
+# cost it ~10 ms it rarely needs (docs/design.md, "start-up imports").
 
 __all__ = [
     "BaseContext",
@@ -71,42 +77,64 @@ class BaseContext:
     # -- synchronisation and shared state (gilfree.synchronize, gilfree.sharedctypes) --------------
     def Lock(self, *, on_owner_death: str = "raise") -> synchronize.Lock:
         """A non-recursive lock (robust: a dead holder is reported, not waited for)."""
+        from . import synchronize
+
         return synchronize.Lock(ctx=self, on_owner_death=on_owner_death)
 
     def RLock(self, *, on_owner_death: str = "raise") -> synchronize.RLock:
         """A recursive lock."""
+        from . import synchronize
+
         return synchronize.RLock(ctx=self, on_owner_death=on_owner_death)
 
     def Condition(self, lock: Any = None) -> synchronize.Condition:
         """A condition variable (with a new RLock unless ``lock`` is given)."""
+        from . import synchronize
+
         return synchronize.Condition(lock, ctx=self)
 
     def Semaphore(self, value: int = 1, *, on_owner_death: str = "raise") -> synchronize.Semaphore:
+        from . import synchronize
+
         return synchronize.Semaphore(value, ctx=self, on_owner_death=on_owner_death)
 
     def BoundedSemaphore(self, value: int = 1, *, on_owner_death: str = "raise") -> synchronize.BoundedSemaphore:
+        from . import synchronize
+
         return synchronize.BoundedSemaphore(value, ctx=self, on_owner_death=on_owner_death)
 
     def Event(self) -> synchronize.Event:
+        from . import synchronize
+
         return synchronize.Event(ctx=self)
 
     def Barrier(self, parties: int, action: Any = None, timeout: float | None = None) -> synchronize.Barrier:
+        from . import synchronize
+
         return synchronize.Barrier(parties, action, timeout, ctx=self)
 
     def RawValue(self, typecode_or_type: Any, *args: Any) -> Any:
         """A shared ctypes object without a lock."""
+        from . import sharedctypes
+
         return sharedctypes.RawValue(typecode_or_type, *args)
 
     def RawArray(self, typecode_or_type: Any, size_or_initializer: Any) -> Any:
         """A shared ctypes array without a lock."""
+        from . import sharedctypes
+
         return sharedctypes.RawArray(typecode_or_type, size_or_initializer)
 
     def Value(self, typecode_or_type: Any, *args: Any, lock: Any = True) -> Any:
         """A shared ctypes object guarded by a lock."""
+        from . import sharedctypes
+
         return sharedctypes.Value(typecode_or_type, *args, lock=lock, ctx=self)
 
     def Array(self, typecode_or_type: Any, size_or_initializer: Any, *, lock: Any = True) -> Any:
         """A shared ctypes array guarded by a lock."""
+        from . import sharedctypes
+
         return sharedctypes.Array(typecode_or_type, size_or_initializer, lock=lock, ctx=self)
 
     def get_context(self, method: str | None = None) -> BaseContext:

@@ -25,10 +25,10 @@ Where this runs: in every process, on the thread that sends or receives.  Nothin
 
 from __future__ import annotations
 
+import _pickle as pickle  # the C pickler itself: `pickle.py` would also import `re` (start-up imports, design.md)
 import copyreg
 import io
 import os
-import pickle
 import sys
 import threading
 
@@ -70,11 +70,34 @@ _table_copyreg_len = -1
 
 def _dispatch_table() -> dict[type, Callable[[Any], Any]]:
     global _table, _table_copyreg_len
+    if not _socket_registered and "socket" in sys.modules:
+        _register_socket_reducer()
     if _table_copyreg_len != len(copyreg.dispatch_table):
         table = dict(copyreg.dispatch_table)
         table.update(_extra_reducers)
         _table, _table_copyreg_len = table, len(copyreg.dispatch_table)
     return _table
+
+
+# Sockets pickle through the fd channel.  The reducer is registered once the program has imported
+# `socket` (a spawned child must not import it just for this).
+_socket_registered = False
+
+
+def _rebuild_socket(df: Any, family: int, type_: int, proto: int) -> Any:
+    import socket
+
+    return socket.socket(family, type_, proto, fileno=df.detach())
+
+
+def _reduce_socket(s: Any) -> tuple[Any, tuple[Any, ...]]:
+    return _rebuild_socket, (DupFd(s.fileno()), s.family, s.type, s.proto)
+
+
+def _register_socket_reducer() -> None:
+    global _socket_registered
+    _socket_registered = True
+    register(sys.modules["socket"].socket, _reduce_socket)
 
 
 def register(type_: type, reduce: Callable[[Any], Any]) -> None:
@@ -132,20 +155,31 @@ def _tier2() -> type:
     return _tier2_class
 
 
+_main_checked: tuple[int, bool] = (0, False)
+
+
 def _main_is_reimportable() -> bool:
     """Whether a spawned child can import ``__main__`` again (from its file or module name).
 
-    When it cannot (an interactive session, ``python -c``, a notebook), functions and classes of
-    ``__main__`` must travel by value.
+    When it cannot (an interactive session, ``python -c``, a notebook, the ``__main__`` of a package
+    run with ``-m``), functions and classes of ``__main__`` must travel by value.  Cached per
+    ``__main__`` module object: this is asked for every message sent.
     """
+    global _main_checked
     main = sys.modules.get("__main__")
     if main is None:
         return False
+    if _main_checked[0] == id(main):
+        return _main_checked[1]
     spec = getattr(main, "__spec__", None)
-    if spec is not None and getattr(spec, "name", None):
-        return True
-    path = getattr(main, "__file__", None)
-    return isinstance(path, str) and os.path.exists(path)
+    name = getattr(spec, "name", None) if spec is not None else None
+    if name:
+        answer = name != "__main__" and not name.endswith(".__main__")
+    else:
+        path = getattr(main, "__file__", None)
+        answer = isinstance(path, str) and os.path.exists(path)
+    _main_checked = (id(main), answer)
+    return answer
 
 
 def _dump_with(cls: type, obj: Any, protocol: int, oob_min: int | None) -> tuple[list[Any], list[Any]]:
@@ -164,6 +198,59 @@ def _dump_with(cls: type, obj: Any, protocol: int, oob_min: int | None) -> tuple
     return sink.chunks, oob
 
 
+class _CachedPickler(threading.local):
+    """One reusable tier-1 pickler per thread: building a pickler costs more than pickling a small
+    message.  ``busy`` guards against re-entrant use (a reducer that pickles something itself)."""
+
+    def __init__(self) -> None:
+        self.busy = False
+        self.pickler: _Tier1 | None = None
+        self.table: dict[type, Any] | None = None
+        self.sink = _Sink()
+        self.oob: list[Any] = []
+        self.oob_min: int | None = None
+
+    def build(self, table: dict[type, Any]) -> _Tier1:
+        def callback(buf: pickle.PickleBuffer) -> bool:
+            oob_min = self.oob_min
+            if oob_min is None:
+                return True
+            view = memoryview(buf)
+            if view.nbytes < oob_min or not view.contiguous:
+                return True  # in band
+            self.oob.append(buf)
+            return False
+
+        self.pickler = _Tier1(self.sink, DEFAULT_PROTOCOL, callback)
+        self.table = table
+        return self.pickler
+
+
+_cached = _CachedPickler()
+
+
+def _tier1_dump(obj: Any, protocol: int, oob_min: int | None) -> tuple[list[Any], list[Any]]:
+    c = _cached
+    if c.busy or protocol != DEFAULT_PROTOCOL:
+        return _dump_with(_Tier1, obj, protocol, oob_min)
+    table = _dispatch_table()
+    pickler = c.pickler if c.table is table and c.pickler is not None else c.build(table)
+    c.busy = True
+    c.oob_min = oob_min
+    try:
+        pickler.dump(obj)
+    except BaseException:
+        c.pickler = None  # its state after a failed dump is not worth trusting
+        raise
+    finally:
+        c.busy = False
+        chunks, oob = c.sink.chunks, c.oob
+        c.sink.chunks, c.oob = [], []
+        if c.pickler is not None:
+            pickler.clear_memo()
+    return chunks, oob
+
+
 def dump_chunks(obj: Any, oob_min: int | None = None, protocol: int = DEFAULT_PROTOCOL) -> tuple[list[Any], list[Any]]:
     """Pickle ``obj`` into a list of chunks (no copy of large payloads) and out-of-band buffers.
 
@@ -173,7 +260,7 @@ def dump_chunks(obj: Any, oob_min: int | None = None, protocol: int = DEFAULT_PR
     """
     mark = len(_chan.sent)
     try:
-        chunks, oob = _dump_with(_Tier1, obj, protocol, oob_min)
+        chunks, oob = _tier1_dump(obj, protocol, oob_min)
         if not _main_is_reimportable() and any(b"__main__" in c for c in chunks if type(c) is bytes):
             raise pickle.PicklingError("__main__ cannot be imported by the receiver")
         return chunks, oob

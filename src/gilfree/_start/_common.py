@@ -18,6 +18,7 @@ pickled process object, each length-prefixed.
 from __future__ import annotations
 
 import fcntl
+import marshal
 import os
 import signal
 import struct
@@ -212,12 +213,19 @@ def preparation_data(name: str, start_method: str) -> dict[str, Any]:
     main = sys.modules.get("__main__")
     spec = getattr(main, "__spec__", None)
     name_ = getattr(spec, "name", None)
-    if name_ and not name_.startswith("__"):
-        data["main_name"] = name_[: -len(".__main__")] if name_.endswith(".__main__") else name_
+    if name_:
+        # `python -m pkg` runs pkg/__main__.py: as the stdlib does, the child does not run it again
+        # (its functions travel by value, see reduction._main_is_reimportable)
+        if name_ != "__main__" and not name_.endswith(".__main__"):
+            data["main_name"] = name_
     else:
         path = getattr(main, "__file__", None)
-        if path and os.path.exists(path) and not getattr(main, "__gilfree_no_reimport__", False):
-            data["main_path"] = os.path.normpath(os.path.join(process.ORIGINAL_DIR or os.getcwd(), path))
+        if path and os.path.exists(path):
+            main_path = os.path.normpath(os.path.join(process.ORIGINAL_DIR or os.getcwd(), path))
+            data["main_path"] = main_path
+            code = _compiled_main(main_path)
+            if code is not None:
+                data["main_code"] = code
     return data
 
 
@@ -298,14 +306,40 @@ def prepare(data: dict[str, Any]) -> None:
     if "main_name" in data:
         _import_main_by_name(data["main_name"])
     elif "main_path" in data:
-        _import_main_from_path(data["main_path"])
+        _import_main_from_path(data["main_path"], data.get("main_code"))
 
 
 def _install_main(module: Any) -> None:
     sys.modules["__main__"] = sys.modules["__mp_main__"] = module
 
 
-def _import_main_from_path(path: str) -> None:
+_main_code_cache: dict[str, tuple[tuple[float, int], bytes]] = {}
+
+
+def _compiled_main(path: str) -> bytes | None:
+    """The main script compiled once, marshalled, for every spawned child (None: let it compile).
+
+    The stdlib makes each spawned child read and compile the main script again; for a large
+    script that is most of a child's start-up.  Recompiled when the file changes.
+    """
+    if not path.endswith(".py"):
+        return None
+    try:
+        st = os.stat(path)
+        key = (st.st_mtime, st.st_size)
+        cached = _main_code_cache.get(path)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        with open(path, "rb") as f:
+            source = f.read()
+        code = marshal.dumps(compile(source, path, "exec", dont_inherit=True))
+    except (OSError, SyntaxError, ValueError):
+        return None
+    _main_code_cache[path] = (key, code)
+    return code
+
+
+def _import_main_from_path(path: str, main_code: bytes | None = None) -> None:
     global _importing_main
     current = sys.modules.get("__mp_main__")
     if current is not None and getattr(current, "__file__", None) == path:
@@ -327,9 +361,12 @@ def _import_main_from_path(path: str) -> None:
             _importing_main = False
         module.__dict__.update(result)
         return
-    with open(path, "rb") as f:
-        source = f.read()
-    code = compile(source, path, "exec", dont_inherit=True)
+    if main_code is not None:
+        code = marshal.loads(main_code)
+    else:
+        with open(path, "rb") as f:
+            source = f.read()
+        code = compile(source, path, "exec", dont_inherit=True)
     _importing_main = True
     try:
         exec(code, module.__dict__)

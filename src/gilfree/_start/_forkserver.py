@@ -30,10 +30,11 @@ Where this runs: ``ensure_running``/``connect`` in the parent, on the thread tha
 
 from __future__ import annotations
 
+import _socket  # the C module: `socket.py` costs every child ~5 ms (start-up imports, design.md)
+import array
 import os
 import select
 import signal
-import socket
 import struct
 import sys
 import threading
@@ -58,7 +59,20 @@ def _mac(key: bytes, nonce: bytes) -> bytes:
     return hmac.new(key, nonce, "sha256").digest()
 
 
-def _recv_exact(sock: socket.socket, n: int) -> bytes:
+def _send_fds(sock: Any, data: bytes, fds: list[int]) -> None:
+    sock.sendmsg([data], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, array.array("i", fds))])
+
+
+def _recv_fds(sock: Any, size: int, maxfds: int) -> tuple[bytes, list[int]]:
+    data, anc, _, _ = sock.recvmsg(size, _socket.CMSG_SPACE(maxfds * 4))
+    fds = array.array("i")
+    for level, kind, payload in anc:
+        if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS:
+            fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
+    return data, list(fds)
+
+
+def _recv_exact(sock: Any, n: int) -> bytes:
     data = b""
     while len(data) < n:
         chunk = sock.recv(n - len(data))
@@ -116,7 +130,7 @@ class ForkServer:
             if self._running():
                 return
             address = f"\0gilfree-forkserver-{os.getpid()}-{os.urandom(8).hex()}"
-            listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            listener = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
             try:
                 listener.bind(address)
                 listener.listen(128)
@@ -155,13 +169,13 @@ class ForkServer:
         """Ask the server to fork a child that gets ``fds``; return (status socket fd, child pid)."""
         self.ensure_running()
         assert self._address is not None
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
         try:
             sock.settimeout(_CLIENT_TIMEOUT * 2)
             sock.connect(self._address)
             nonce = _recv_exact(sock, _KEY_BYTES)
             sock.sendall(_mac(self._key, nonce))
-            socket.send_fds(sock, [b"S"], fds)
+            _send_fds(sock, b"S", fds)
             pid = struct.unpack("!q", _recv_exact(sock, 8))[0]
             sock.settimeout(None)
         except BaseException:
@@ -237,8 +251,8 @@ def serve() -> None:
     os.set_blocking(sig_w, False)
     signal.set_wakeup_fd(sig_w)
     signal.signal(signal.SIGCHLD, lambda *args: None)
-    listener = socket.socket(fileno=listener_fd)
-    pending: dict[int, socket.socket] = {}
+    listener = _socket.socket(fileno=listener_fd)
+    pending: dict[int, Any] = {}
     poller = select.poll()
     for fd in (listener_fd, alive_fd, sig_r):
         poller.register(fd, select.POLLIN)
@@ -272,7 +286,7 @@ def serve() -> None:
                 reap()
             if fd == listener_fd:
                 try:
-                    conn, _ = listener.accept()
+                    conn = _socket.socket(fileno=listener._accept()[0])
                 except OSError:
                     continue
                 fds: list[int] = []
@@ -285,7 +299,7 @@ def serve() -> None:
 
                     if not hmac.compare_digest(mac, _mac(key, nonce)):
                         raise PermissionError("wrong key")
-                    msg, fds, _, _ = socket.recv_fds(conn, 1, _MAX_FDS)
+                    msg, fds = _recv_fds(conn, 1, _MAX_FDS)
                     if msg != b"S" or not fds:
                         raise ValueError("bad request")
                 except (OSError, EOFError, ValueError):
