@@ -18,6 +18,7 @@ import time
 import pytest
 
 import gilfree
+from gilfree import _tracker
 from gilfree._start import forkserver
 
 METHODS = ["fork", "spawn", "forkserver"]
@@ -61,6 +62,9 @@ def _infrastructure() -> set[int]:
     pids = set()
     if forkserver.pid:
         pids.add(forkserver.pid)
+    tracker = _tracker.tracker_pid()  # the shared-memory tracker, once a test created a segment
+    if tracker:
+        pids.add(tracker)
     mp = sys.modules.get("multiprocessing.forkserver")
     if mp is not None and getattr(mp._forkserver, "_forkserver_pid", None):
         pids.add(mp._forkserver._forkserver_pid)

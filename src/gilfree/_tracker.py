@@ -5,10 +5,10 @@
     client: any process that creates tracked segments        tracker (spawned on first need)
     --------------------------------------------------        -------
     register(name), first time in this process:               serve(): poll(listener, clients)
-      no tracker address yet: bind the abstract socket,          │
-        connect to it, posix_spawn ────────────────────────────> │ (the listener fd is inherited)
-      else: connect to the inherited address ─────────────────> │ accept; uid check (SO_PEERCRED),
-                                <─────────────── b"W" welcome ── │ the peer's pid is remembered
+      an inherited address answers: connect ──────────────────> │ accept; same uid? (SO_PEERCRED);
+                            <───────────────── b"W" welcome ─── │ remember the client's pid
+      none does: bind an abstract socket, connect to it            │
+        (pending), posix_spawn with the listener fd ────────────> │ starts, accepts the starter
     register(name)   b"O" name   "I own this segment" ────────> │ owned[client].add(name)
     unregister(name) b"U" name   "it has been unlinked" ──────> │ name removed from every client
     at exit          b"B"        "bye" ───────────────────────> │ shm_unlink what the client still
@@ -24,23 +24,27 @@
 and closed by a "bye" at exit (a :class:`~gilfree.util.Finalize` that runs after the children are
 joined).  The connection *is* the owner's lifeline: when it closes without the owner having unlinked
 its segments, the owner is gone and the tracker unlinks them.  A process that only attaches never
-connects, so it can never cause a clean-up or a warning.  If the tracker has gone (its last client
-left, or it was killed), the next create starts a new one and registers again everything this
-process still owns.  The process that spawned the tracker reaps it: at exit the "bye" reply says
-whether it was the last client, and then it waits (bounded) for the tracker to end.
+connects, so it can never cause a clean-up or a warning.  The process that starts the tracker does
+not wait for it: its requests queue up on the pending connection while the interpreter starts.  A
+process that connects to an existing tracker waits for the welcome, so that a tracker that is just
+exiting (its last client left) is noticed and replaced.  If the tracker has gone, the next create
+starts a new one and registers again everything this process still owns.  The process that spawned
+the tracker reaps it: the "bye" reply says whether it was the last client, and then it waits
+(bounded) for the tracker to end, so a program's leaked segments are gone when it has exited.
 
 *Tracker* (:func:`serve`): a ``python -S -c`` started with ``posix_spawn``, like the fork server.  It
-must start fast, so it does not run the package's ``__init__`` (which imports the whole API): the
-command line registers a bare ``gilfree`` package module and imports only this module and ``util``.
-It ignores SIGINT and SIGTERM (Ctrl-C or a group kill must not take it down before the clients it
-cleans up after) and exits once its last client has disconnected.  Unlike the fork server it needs no
-lifeline pipe to its parent: the clients' connections are its lifelines, and it keeps serving the
-descendants after the process that started it has exited.  stdin and stdout go to ``/dev/null``;
-stderr is the starting process's, where leak lines belong.
+does not run the package's ``__init__`` (which imports the whole API): the command line registers a
+bare ``gilfree`` package module and imports only this module and ``util``.  It ignores SIGINT and
+SIGTERM (Ctrl-C or a group kill must not take it down before the clients it cleans up after) and
+exits once its last client has disconnected.  Unlike the fork server it needs no lifeline pipe to
+its parent: the clients' connections are its lifelines, and it keeps serving the descendants after
+the process that started it has exited.  stdin and stdout go to ``/dev/null``; stderr is the
+starting process's, where leak lines belong.
 
-The stdlib's resource tracker keys segments by name only, for the whole process tree: any process
-that merely attached (before 3.13) registered the segment, and the first one to exit destroyed it for
-everybody.  Here a segment belongs to the connection of the process that created it.
+The stdlib's resource tracker keys segments by name for a whole process tree and cleans up only when
+the tree has exited; before 3.13 attaching registered a segment too, so an unrelated process that
+attached and exited destroyed it for everybody and warned of a leak.  Here a segment belongs to the
+connection of the process that created it, and is removed as soon as that process is gone.
 
 Where this runs: the client functions in any process, on the calling thread; they block only for one
 ``send`` (plus, once per process, a connect that waits for the welcome, and at exit the "bye" round
@@ -49,6 +53,7 @@ trip and the bounded reap).  :func:`serve` runs in the tracker, single-threaded,
 
 from __future__ import annotations
 
+import _posixshmem
 import os
 import select
 import signal
@@ -58,8 +63,6 @@ import sys
 import threading
 import time
 
-import _posixshmem
-
 from . import util
 
 # `typing` costs a child several ms to import; annotations are strings here anyway.
@@ -67,7 +70,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Iterable
 
-__all__ = ["register", "unregister", "address", "set_address", "tracker_pid", "serve"]
+__all__ = ["register", "unregister", "goodbye", "address", "set_address", "tracker_pid", "serve"]
 
 #: The tracker's command line (``python -S -c TRACKER_CODE <package dir> <listener fd>``): a bare
 #: package module instead of ``gilfree/__init__.py``, so only this module and ``util`` are imported.
@@ -79,8 +82,8 @@ WELCOME = b"W"
 OWN, UNLINKED, BYE = b"O", b"U", b"B"
 _NAMED = struct.Struct("!cH")  # op, length of the name that follows
 _BYE_REPLY = struct.Struct("!cI")  # b"B", clients still connected after this one
-_START_TIMEOUT = 30.0  # a loaded machine may take long to start an interpreter
-_BYE_TIMEOUT = 5.0
+_WELCOME_TIMEOUT = 30.0  # a loaded machine may take long to start an interpreter
+_BYE_TIMEOUT = 10.0  # may include the start of the tracker
 _REAP_TIMEOUT = 5.0
 _BYE_PRIORITY = -1000  # after the children are joined and every other finalizer has run
 
@@ -137,7 +140,7 @@ class _Client:
     def _dial(self, address: str) -> socket.socket:
         s = self._new_socket()
         try:
-            s.settimeout(_START_TIMEOUT)
+            s.settimeout(_WELCOME_TIMEOUT)
             s.connect(address)
             if _recv_exact(s, 1) != WELCOME:
                 raise ConnectionError("unexpected greeting from the shared-memory tracker")
@@ -150,7 +153,7 @@ class _Client:
 
     def _start(self, executable: str | None) -> socket.socket:
         """Spawn a tracker and return our connection to it (we are its first client)."""
-        self._reap(0)  # a tracker we started before and that has since exited
+        self._reap(1.0)  # one we started before: its address did not answer, so it is exiting or dead
         address = f"\0gilfree-shm-tracker-{os.getpid()}-{os.urandom(6).hex()}"
         listener = self._new_socket()
         conn = self._new_socket()
@@ -166,16 +169,9 @@ class _Client:
             # Once the tracker holds the only copy, its death resets our pending connection.
             self._discard(listener)
         self.spawned_pid = pid
-        try:
-            conn.settimeout(_START_TIMEOUT)
-            if _recv_exact(conn, 1) != WELCOME:
-                raise ConnectionError("unexpected greeting")
-            conn.settimeout(None)
-        except BaseException as exc:
-            self._discard(conn)
-            self._reap(_REAP_TIMEOUT)
-            raise OSError(f"the shared-memory tracker (pid {pid}, {executable or sys.executable}) did not "
-                          f"start: {exc}") from exc
+        # No wait for the welcome: our requests queue up on the pending connection while the
+        # tracker starts (tens of ms).  Had it failed to start, the connection is reset and the
+        # next request starts another one.
         self.in_setup.discard(conn)
         self.address = address
         return conn
@@ -240,7 +236,10 @@ class _Client:
             try:
                 sock.settimeout(_BYE_TIMEOUT)
                 sock.sendall(BYE, socket.MSG_NOSIGNAL)
-                _, remaining = _BYE_REPLY.unpack(_recv_exact(sock, _BYE_REPLY.size))
+                first = _recv_exact(sock, 1)
+                if first == WELCOME:  # the tracker we started: its welcome was never read
+                    first = _recv_exact(sock, 1)
+                _, remaining = _BYE_REPLY.unpack(first + _recv_exact(sock, _BYE_REPLY.size - 1))
             except (OSError, struct.error):
                 pass
             finally:
@@ -435,8 +434,7 @@ class _Server:
             try:
                 conn.sendall(WELCOME)
             except OSError:
-                conn.close()
-                continue
+                pass  # it died already; what it sent is still to be read, then its EOF
             self.peers[conn.fileno()] = _Peer(conn, pid)
             self.poller.register(conn.fileno(), select.POLLIN)
 

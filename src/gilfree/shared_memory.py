@@ -29,13 +29,12 @@ system call.
 
 from __future__ import annotations
 
+import _posixshmem
 import mmap
 import operator
 import os
 import struct
 import types
-
-import _posixshmem
 
 from . import _tracker
 from ._start import get_executable
@@ -249,7 +248,8 @@ class ShareableList:
     the stdlib.  ``shm`` is the underlying :class:`SharedMemory`.
     """
 
-    __class_getitem__ = classmethod(types.GenericAlias)
+    def __class_getitem__(cls, item: Any) -> types.GenericAlias:  # ShareableList[int] in annotations
+        return types.GenericAlias(cls, item)
 
     def __init__(self, sequence: Iterable[Any] | None = None, *, name: str | None = None) -> None:
         if name is None or sequence is not None:

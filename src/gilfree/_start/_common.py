@@ -25,7 +25,7 @@ import struct
 import sys
 import threading
 
-from .. import _tracker, process, reduction, util
+from .. import process, reduction, util
 from .._errors import MainModuleNotGuardedError
 from ..connection import wait
 
@@ -208,7 +208,9 @@ def preparation_data(name: str, start_method: str) -> dict[str, Any]:
         "start_method": start_method,
         "log_level": util._logger.getEffectiveLevel() if util._logger is not None else None,
         "log_to_stderr": util._log_to_stderr,
-        "shm_tracker": _tracker.address(),
+        # the shared-memory tracker's address, if this process has used one (the module is not
+        # imported otherwise: a child that does not use shared memory does not pay for it)
+        "shm_tracker": sys.modules["gilfree._tracker"].address() if "gilfree._tracker" in sys.modules else None,
     }
     main = sys.modules.get("__main__")
     spec = getattr(main, "__spec__", None)
@@ -299,7 +301,9 @@ def prepare(data: dict[str, Any]) -> None:
             pass
     if "orig_dir" in data:
         process.ORIGINAL_DIR = data["orig_dir"]
-    if "shm_tracker" in data:
+    if data.get("shm_tracker"):
+        from .. import _tracker
+
         _tracker.set_address(data["shm_tracker"])
     global inherited_start_method
     inherited_start_method = data.get("start_method")
