@@ -105,3 +105,31 @@ def sink_objects(conn, close=()):
         pass
     finally:
         conn.close()
+
+
+def sum_server(conn, close=()):
+    """Send back ``float(arr.sum())`` for every array received, until ``None`` (or EOF)."""
+    _close(close)
+    try:
+        while True:
+            arr = conn.recv()
+            if arr is None:
+                break
+            conn.send(float(arr.sum()))
+    except EOFError:
+        pass
+    finally:
+        conn.close()
+
+
+def array_sum(arr):
+    """What a stdlib pool worker computes in the shared-array benchmark."""
+    return float(arr.sum())
+
+
+def count_up(value, n):
+    """``n`` times: ``with lock: value.value += 1`` (the lock benchmark)."""
+    lock = value.get_lock()
+    for _ in range(n):
+        with lock:
+            value.value += 1

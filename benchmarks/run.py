@@ -365,6 +365,114 @@ class Throughput:
 
 
 # ---------------------------------------------------------------------------------------------------
+# (d) locks and shared state
+
+
+class LockUncontended:
+    """``with lock:`` in one process, ``ops`` times; ns per operation."""
+
+    def __init__(self, impl: str, params: dict[str, Any]) -> None:
+        self.lock = _mp(impl).Lock()
+        self.ops = params["ops"]
+
+    def measure(self) -> float:
+        lock = self.lock
+        t0 = time.perf_counter()
+        for _ in range(self.ops):
+            with lock:
+                pass
+        return (time.perf_counter() - t0) / self.ops * 1e9
+
+    def close(self) -> None:
+        del self.lock
+
+
+class LockCounter:
+    """``processes`` processes x ``n`` times ``with v.get_lock(): v.value += 1``; seconds, exact total."""
+
+    def __init__(self, impl: str, params: dict[str, Any]) -> None:
+        self.ctx = _ipc_context(impl)
+        self.n, self.processes = params["n"], params["processes"]
+
+    def measure(self) -> float:
+        value = self.ctx.Value("i", 0)
+        procs = [self.ctx.Process(target=_targets.count_up, args=(value, self.n)) for _ in range(self.processes)]
+        t0 = time.perf_counter()
+        for p in procs:
+            p.start()
+        for p in procs:
+            if _finish(p) != 0:
+                raise RuntimeError("a counting child failed")
+        elapsed = time.perf_counter() - t0
+        if value.value != self.n * self.processes:
+            raise RuntimeError(f"final value {value.value}, expected {self.n * self.processes}")
+        return elapsed
+
+    def close(self) -> None:
+        pass
+
+
+class ArraySum:
+    """A ``mb`` MB float64 array to a child that returns its sum; seconds per round trip.
+
+    stdlib: ``Pool(1).apply(sum, (arr,))`` (the array is pickled each time); gilfree: a
+    ``gilfree.shared_array`` sent through a Pipe to a started child (a handle travels); floor: an
+    in-process ``np.copy`` of the array, the cost of touching the memory once.
+    """
+
+    def __init__(self, impl: str, params: dict[str, Any]) -> None:
+        np = require("numpy")
+        n = int(params["mb"] * MB) // 8
+        self.impl = impl
+        self.expected = float(n * (n - 1) / 2)
+        if impl == "floor":
+            self.arr = np.arange(n, dtype=np.float64)
+        elif impl == "stdlib":
+            import multiprocessing
+
+            self.arr = np.arange(n, dtype=np.float64)
+            self.pool = multiprocessing.get_context("fork").Pool(1)
+            self.pool.apply(_targets.noop)
+        else:
+            import gilfree
+
+            self.arr = gilfree.shared_array(n, np.float64)
+            self.arr[:] = np.arange(n, dtype=np.float64)
+            ctx = _ipc_context(impl)
+            self.conn, child = ctx.Pipe()
+            self.proc = _start_peer(ctx, _targets.sum_server, (child, (self.conn,)), [child])
+
+    def measure(self) -> float:
+        t0 = time.perf_counter()
+        if self.impl == "floor":
+            self.arr.copy()
+            return time.perf_counter() - t0
+        if self.impl == "stdlib":
+            got = self.pool.apply(_targets.array_sum, (self.arr,))
+        else:
+            self.conn.send(self.arr)
+            _wait_reply(self.conn, "sum")
+            got = self.conn.recv()
+        elapsed = time.perf_counter() - t0
+        if got != self.expected:
+            raise RuntimeError(f"the child summed {got}, expected {self.expected}")
+        return elapsed
+
+    def close(self) -> None:
+        if self.impl == "stdlib":
+            self.pool.close()
+            self.pool.join()
+        elif self.impl == "gilfree":
+            try:
+                self.conn.send(None)
+            except OSError:
+                pass
+            self.conn.close()
+            _finish(self.proc)
+        del self.arr
+
+
+# ---------------------------------------------------------------------------------------------------
 # The cases of this suite
 
 
@@ -438,6 +546,45 @@ def _register_builtin_cases() -> None:
                 quick={"total_mb": 20},
             )
         )
+
+
+    register(
+        Case(
+            name="lock_uncontended",
+            description="`with lock:` on an uncontended Lock in one process, {ops} times per sample; ns per operation.",
+            unit="ns",
+            higher_is_better=False,
+            impls=_per_impl(LockUncontended),
+            full={"ops": 1_000_000},
+            quick={"ops": 200_000},
+        )
+    )
+    register(
+        Case(
+            name="lock_counter",
+            description="{processes} processes (fork) each {n} times `with v.get_lock(): v.value += 1` on one "
+            "Value('i'); seconds for all, the final value checked to be exact.",
+            unit="s",
+            higher_is_better=False,
+            impls=_per_impl(LockCounter),
+            full={"processes": 2, "n": 100_000},
+            quick={"n": 20_000},
+        )
+    )
+    register(
+        Case(
+            name="array_sum_in_child",
+            description="A {mb} MB float64 array sent to a child that returns its sum. stdlib: Pool(1).apply "
+            "(the array is pickled every time); gilfree: the array is a gilfree.shared_array, sent through a "
+            "Pipe to a started child (a handle of a few dozen bytes travels). floor: np.copy of the array "
+            "in-process, the cost of reading the memory once. Both arrays are created once, before timing.",
+            unit="s",
+            higher_is_better=False,
+            impls={**_per_impl(ArraySum), "floor": lambda params: ArraySum("floor", params)},
+            full={"mb": 100},
+            quick={"mb": 20},
+        )
+    )
 
 
 _register_builtin_cases()

@@ -37,7 +37,11 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 
+    from . import arrays as arrays
     from . import shared_memory as shared_memory
+    from .arrays import SharedArray as SharedArray
+    from .arrays import as_shared as as_shared
+    from .arrays import shared_array as shared_array
     from . import sharedctypes as sharedctypes
     from . import synchronize as synchronize
     from .synchronize import Barrier as Barrier
@@ -49,6 +53,10 @@ if TYPE_CHECKING:
     from .synchronize import Semaphore as Semaphore
 
 _LAZY: dict[str, tuple[str, str | None]] = {
+    "arrays": ("arrays", None),
+    "SharedArray": ("arrays", "SharedArray"),
+    "as_shared": ("arrays", "as_shared"),
+    "shared_array": ("arrays", "shared_array"),
     "shared_memory": ("shared_memory", None),
     "sharedctypes": ("sharedctypes", None),
     "synchronize": ("synchronize", None),
@@ -180,6 +188,10 @@ __all__ = [
     "RawValue",
     "Semaphore",
     "Value",
+    "SharedArray",
+    "arrays",
+    "as_shared",
+    "shared_array",
     "shared_memory",
     "sharedctypes",
     "synchronize",
