@@ -39,11 +39,11 @@ if TYPE_CHECKING:
 
     from . import arrays as arrays
     from . import shared_memory as shared_memory
+    from . import sharedctypes as sharedctypes
+    from . import synchronize as synchronize
     from .arrays import SharedArray as SharedArray
     from .arrays import as_shared as as_shared
     from .arrays import shared_array as shared_array
-    from . import sharedctypes as sharedctypes
-    from . import synchronize as synchronize
     from .synchronize import Barrier as Barrier
     from .synchronize import BoundedSemaphore as BoundedSemaphore
     from .synchronize import Condition as Condition

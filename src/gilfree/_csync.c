@@ -21,6 +21,10 @@
  * holds no slot sets HANDOFF and turns the dead-holder check off for that lock (a semaphore used as a
  * signal must never report a false death).
  *
+ * A Lock (a semaphore whose maxvalue is 1) also records its owner pid + thread id in owner_pid /
+ * owner_tid, set by whoever acquires it and cleared by whoever releases it: _is_mine() and _count()
+ * (what Condition and the reprs ask) stay exact across hand-offs, unlike the holder slots.
+ *
  * Where this runs: any thread of any process that maps the block.  acquire() releases the GIL while
  * it sleeps in FUTEX_WAIT and handles signals (Ctrl-C raises KeyboardInterrupt).
  */
@@ -154,6 +158,22 @@ pid_alive(int pid)
     return 1;
 }
 
+/* A non-recursive lock: a semaphore with one slot.  Its owner fields say which thread holds it. */
+static inline int
+is_lock(gf_block *b)
+{
+    return b->kind == GF_SEMAPHORE && b->maxvalue == 1;
+}
+
+static void
+set_lock_owner(gf_block *b, int pid, uint64_t tid)
+{
+    if (is_lock(b)) {
+        __atomic_store_n(&b->owner_tid, tid, __ATOMIC_SEQ_CST);
+        __atomic_store_n(&b->owner_pid, pid, __ATOMIC_SEQ_CST);
+    }
+}
+
 static int
 try_take(gf_block *b)
 {
@@ -215,7 +235,8 @@ dead_holder(gf_block *b)
     return 0;
 }
 
-/* Take the place of dead holder `pid`: 1 on success, 0 if someone else was faster. */
+/* Take the place of dead holder `pid`: 1 + the slot taken (0 for a recursive lock) on success, 0
+   if someone else was faster. */
 static int
 take_over(gf_block *b, int pid, int me, uint64_t tid)
 {
@@ -230,10 +251,27 @@ take_over(gf_block *b, int pid, int me, uint64_t tid)
     }
     for (i = 0; i < GF_NHOLD; i++) {
         int32_t expected = pid;
-        if (__atomic_compare_exchange_n(&b->holders[i], &expected, me, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST))
-            return 1;
+        if (__atomic_compare_exchange_n(&b->holders[i], &expected, me, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST)) {
+            set_lock_owner(b, me, tid);
+            return 1 + i;
+        }
     }
     return 0;
+}
+
+/* Undo take_over() (its caller is not going to return the lock to Python code): the dead process is
+   the recorded holder again, so the next waiter finds it as this one did. */
+static void
+undo_take_over(gf_block *b, int taken, int pid, int me)
+{
+    if (b->kind == GF_RECURSIVE) {
+        b->owner_tid = 0;
+        b->rcount = 1;
+        __atomic_store_n(&b->owner_pid, pid, __ATOMIC_SEQ_CST);
+        return;
+    }
+    set_lock_owner(b, pid, 0);
+    __atomic_compare_exchange_n(&b->holders[taken - 1], &me, pid, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);
 }
 
 static int
@@ -255,7 +293,8 @@ SemBlock_init(SemBlock *self, PyObject *args, PyObject *kwds)
         PyErr_Format(PyExc_ValueError, "unknown kind %d", kind);
         return -1;
     }
-    if (value < 0 || maxvalue < 1 || value > maxvalue || maxvalue > INT_MAX) {
+    if (value < 0 || maxvalue < 0 || value > maxvalue || maxvalue > INT_MAX ||
+        (kind == GF_RECURSIVE && maxvalue != 1)) {
         PyErr_Format(PyExc_ValueError, "invalid value %lld / maxvalue %lld", value, maxvalue);
         return -1;
     }
@@ -317,7 +356,7 @@ raise_owner_died(SemBlock *self, int pid)
 /* Sleep until a slot is free, the deadline passes (-1: never) or a holder is found dead.
    Returns 1 (took a slot), 0 (timed out), -1 (exception set). */
 static int
-wait_for_slot(SemBlock *self, long long deadline, int me, uint64_t tid)
+wait_for_slot(SemBlock *self, long long deadline, int me, uint64_t tid, int *taken)
 {
     gf_block *b = self->b;
     int result = 0;
@@ -341,7 +380,10 @@ wait_for_slot(SemBlock *self, long long deadline, int me, uint64_t tid)
         Py_BEGIN_ALLOW_THREADS
         err = futex_wait(&b->value, 0, slice);
         Py_END_ALLOW_THREADS
-        if (err == EINTR && PyErr_CheckSignals() < 0) {
+        /* Not only after EINTR: a signal that arrived while this thread was not inside the futex
+           call (taking the GIL back, checking holders) has set Python's flag all the same, and would
+           otherwise wait until the whole acquire ends -- forever without a timeout. */
+        if (PyErr_CheckSignals() < 0) {
             result = -1;
             break;
         }
@@ -350,7 +392,7 @@ wait_for_slot(SemBlock *self, long long deadline, int me, uint64_t tid)
             break;
         }
         if (err == ETIMEDOUT && (dead = dead_holder(b)) != 0) {
-            if (self->mode == 1 && take_over(b, dead, me, tid)) {
+            if (self->mode == 1 && (*taken = take_over(b, dead, me, tid)) != 0) {
                 self->recovered_pid = dead;
                 result = 2;
                 break;
@@ -370,7 +412,7 @@ static PyObject *
 do_acquire(SemBlock *self, int blocking, PyObject *timeout_obj)
 {
     gf_block *b;
-    int me, r;
+    int me, r, taken = 0;
     uint64_t tid;
     long long deadline = -1;
     if (check_ready(self) < 0)
@@ -415,7 +457,7 @@ do_acquire(SemBlock *self, int blocking, PyObject *timeout_obj)
                     t = 0;
                 deadline = now_ns() + (long long)(t * 1e9);
             }
-            r = wait_for_slot(self, deadline, me, tid);
+            r = wait_for_slot(self, deadline, me, tid, &taken);
             if (r < 0)
                 return NULL;
             if (r == 2) { /* took a dead holder's place: its records are ours now; tell the caller */
@@ -423,14 +465,20 @@ do_acquire(SemBlock *self, int blocking, PyObject *timeout_obj)
                     PyErr_WarnFormat(owner_died_warning, 1,
                                      "took over a %s whose holder, pid %d, died while holding it; the data it "
                                      "protected may be half-updated", Py_TYPE(self)->tp_name,
-                                     self->recovered_pid) < 0)
+                                     self->recovered_pid) < 0) {
+                    /* the warning is an error here (a warnings filter): acquire() raises, so the
+                       caller does not hold the lock -- give it back to the dead holder */
+                    undo_take_over(b, taken, self->recovered_pid, me);
+                    self->recovered_pid = 0;
                     return NULL;
+                }
                 Py_RETURN_TRUE;
             }
         }
     }
     if (!r)
         Py_RETURN_FALSE;
+    self->recovered_pid = 0; /* this acquire took no dead holder's place */
     if (b->kind == GF_RECURSIVE) {
         b->owner_tid = tid;
         b->rcount = 1;
@@ -438,6 +486,7 @@ do_acquire(SemBlock *self, int blocking, PyObject *timeout_obj)
     }
     else {
         record_holder(b, me);
+        set_lock_owner(b, me, tid);
     }
     Py_RETURN_TRUE;
 }
@@ -477,12 +526,15 @@ SemBlock_release(SemBlock *self, PyObject *Py_UNUSED(ignored))
     }
     else {
         v = __atomic_load_n(&b->value, __ATOMIC_SEQ_CST);
+        if (v >= b->maxvalue) {
+            PyErr_SetString(PyExc_ValueError, "semaphore or lock released too many times");
+            return NULL;
+        }
+        /* the owner fields go before the slot is given back: the next owner's must survive */
+        set_lock_owner(b, 0, 0);
         do {
             if (v >= b->maxvalue) {
-                if (b->maxvalue == 1)
-                    PyErr_SetString(PyExc_ValueError, "semaphore or lock released too many times");
-                else
-                    PyErr_SetString(PyExc_ValueError, "semaphore or lock released too many times");
+                PyErr_SetString(PyExc_ValueError, "semaphore or lock released too many times");
                 return NULL;
             }
         } while (!__atomic_compare_exchange_n(&b->value, &v, v + 1, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST));
@@ -536,6 +588,8 @@ SemBlock_count(SemBlock *self, PyObject *Py_UNUSED(ignored))
             return PyLong_FromUnsignedLong(b->rcount);
         return PyLong_FromLong(0);
     }
+    if (is_lock(b)) /* as the stdlib's: 1 while a thread of this process holds it */
+        return PyLong_FromLong(__atomic_load_n(&b->owner_pid, __ATOMIC_SEQ_CST) == me);
     for (i = 0; i < GF_NHOLD; i++)
         if (__atomic_load_n(&b->holders[i], __ATOMIC_SEQ_CST) == me)
             n++;
@@ -545,7 +599,14 @@ SemBlock_count(SemBlock *self, PyObject *Py_UNUSED(ignored))
 static PyObject *
 SemBlock_is_mine(SemBlock *self, PyObject *Py_UNUSED(ignored))
 {
-    PyObject *n = SemBlock_count(self, NULL);
+    PyObject *n;
+    if (check_ready(self) < 0)
+        return NULL;
+    if (is_lock(self->b)) /* held by this thread */
+        return PyBool_FromLong(__atomic_load_n(&self->b->owner_pid, __ATOMIC_SEQ_CST) == my_pid() &&
+                               __atomic_load_n(&self->b->owner_tid, __ATOMIC_SEQ_CST) ==
+                                   (uint64_t)PyThread_get_thread_ident());
+    n = SemBlock_count(self, NULL);
     int r;
     if (n == NULL)
         return NULL;
@@ -554,7 +615,7 @@ SemBlock_is_mine(SemBlock *self, PyObject *Py_UNUSED(ignored))
     return PyBool_FromLong(r > 0);
 }
 
-/* Owner pid of a recursive lock, or the first recorded holder of a semaphore (0: none known). */
+/* Owner pid of a (recursive) lock, or the first recorded holder of a semaphore (0: none known). */
 static PyObject *
 SemBlock_owner(SemBlock *self, PyObject *Py_UNUSED(ignored))
 {
@@ -563,7 +624,7 @@ SemBlock_owner(SemBlock *self, PyObject *Py_UNUSED(ignored))
     if (check_ready(self) < 0)
         return NULL;
     b = self->b;
-    if (b->kind == GF_RECURSIVE)
+    if (b->kind == GF_RECURSIVE || is_lock(b))
         return PyLong_FromLong(__atomic_load_n(&b->owner_pid, __ATOMIC_SEQ_CST));
     for (i = 0; i < GF_NHOLD; i++) {
         int pid = __atomic_load_n(&b->holders[i], __ATOMIC_SEQ_CST);
@@ -627,8 +688,9 @@ static PyMethodDef SemBlock_methods[] = {
     {"__exit__", (PyCFunction)SemBlock_exit, METH_VARARGS, "release()"},
     {"_get_value", (PyCFunction)SemBlock_get_value, METH_NOARGS, "free slots"},
     {"_is_zero", (PyCFunction)SemBlock_is_zero, METH_NOARGS, "no free slot"},
-    {"_count", (PyCFunction)SemBlock_count, METH_NOARGS, "depth held by this thread / slots by this process"},
-    {"_is_mine", (PyCFunction)SemBlock_is_mine, METH_NOARGS, "held by this thread (recursive) or process"},
+    {"_count", (PyCFunction)SemBlock_count, METH_NOARGS,
+     "depth held by this thread (recursive lock), 1 if this process holds it (lock), slots held by this process"},
+    {"_is_mine", (PyCFunction)SemBlock_is_mine, METH_NOARGS, "held by this thread (locks) or process (semaphores)"},
     {"_owner", (PyCFunction)SemBlock_owner, METH_NOARGS, "pid of the owner or of a recorded holder, 0 if none"},
     {"_dead_holder", (PyCFunction)SemBlock_dead_holder, METH_NOARGS, "pid of a dead recorded holder, or 0"},
     {"_tracking", (PyCFunction)SemBlock_tracking, METH_NOARGS, "whether holder records are meaningful"},
@@ -670,8 +732,20 @@ set_classes(PyObject *module, PyObject *args)
     Py_RETURN_NONE;
 }
 
+static PyObject *
+module_pid_alive(PyObject *module, PyObject *arg)
+{
+    long pid = PyLong_AsLong(arg);
+    if (pid == -1 && PyErr_Occurred())
+        return NULL;
+    if (pid <= 0 || pid > INT_MAX)
+        Py_RETURN_FALSE;
+    return PyBool_FromLong(pid_alive((int)pid));
+}
+
 static PyMethodDef module_methods[] = {
     {"set_classes", set_classes, METH_VARARGS, "set_classes(error, warning): raised / warned for a dead holder"},
+    {"pid_alive", module_pid_alive, METH_O, "pid_alive(pid): the process runs (is neither gone nor a zombie)"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -11,15 +11,31 @@ blocks aligned to 64 bytes so two locks never share a cache line).  A block is f
 :class:`Block` that owns it is collected in the process that allocated it; a forked child starts
 with an empty heap of its own, so parent and child never allocate from one free list.
 
+A block a child may still be using is not reused while that child runs: ``Process(target=f,
+args=(Lock(),)).start()`` drops the parent's last reference to the lock at once (``start`` forgets its
+arguments), and reusing its memory for the parent's next lock would re-initialise a lock the child
+holds.  (The stdlib's named semaphores are kept alive by the kernel instead.)  A block is *exposed*
+if it was pickled for a child or existed when this process last forked.  An exposed block that is
+freed waits in ``_deferred`` until the children that may have it -- the started, unjoined children of
+:mod:`gilfree.process` seen when it was freed, and those first seen at the next look (one whose
+``start`` is still running is not in that set yet) -- have all been joined.
+
+A block can be freed by a garbage collection that runs while this thread is inside ``malloc`` (the
+heap lock held): such frees wait in ``_pending`` instead of deadlocking, and are done by the next
+``malloc`` or ``free``.
+
 Where this runs: in any process; allocation takes a thread lock, nothing blocks for long.
 """
 
 from __future__ import annotations
 
 import bisect
+import collections
 import mmap
 import os
+import sys
 import threading
+import weakref
 
 from . import reduction, util
 
@@ -90,18 +106,32 @@ class Heap:
         self._pid = os.getpid()
         self._arenas: list[Arena] = []
         self._free: dict[bytes, list[tuple[int, int]]] = {}  # arena ident -> sorted (start, size)
+        self._seq = 0  # blocks allocated so far: each block's number
+        self._fork_mark = 0  # blocks numbered below this existed when this process last forked
+        self._pending: list[tuple[Arena, int, int, list[Any] | None]] = []  # frees that found the lock taken
+        self._deferred: collections.deque[tuple[int, Arena, int, int]] = collections.deque()  # (limit, block)
+        self._epoch = 0  # how many looks at the children found new ones
+        self._child_epochs: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
 
     def _reset_if_forked(self) -> None:
         if self._pid != os.getpid():
             self.__init__()  # type: ignore[misc]
 
-    def malloc(self, size: int) -> tuple[Arena, int, int]:
-        """A block of at least ``size`` bytes: (arena, offset, rounded size)."""
+    def _before_fork(self) -> None:
+        self._fork_mark = self._seq
+
+    def malloc(self, size: int) -> tuple[Arena, int, int, int]:
+        """A block of at least ``size`` bytes: (arena, offset, rounded size, block number)."""
         if size < 0:
             raise ValueError(f"size {size} is negative")
         self._reset_if_forked()
         size = max(ALIGN, (size + ALIGN - 1) // ALIGN * ALIGN)
         with self._lock:
+            self._do_pending()
+            if self._deferred:
+                self._release_deferred()
+            number = self._seq
+            self._seq += 1
             for arena in self._arenas:
                 free = self._free[arena.ident]
                 for i, (start, length) in enumerate(free):
@@ -110,49 +140,106 @@ class Heap:
                             del free[i]
                         else:
                             free[i] = (start + size, length - size)
-                        return arena, start, size
+                        return arena, start, size, number
             arena_size = max(ARENA_SIZE, (size + _PAGE - 1) // _PAGE * _PAGE)
             arena = Arena(arena_size)
             self._arenas.append(arena)
             self._free[arena.ident] = [(size, arena_size - size)] if arena_size > size else []
-            return arena, 0, size
+            return arena, 0, size, number
 
-    def free(self, arena: Arena, start: int, size: int) -> None:
-        """Give a block back (only in the process that allocated it)."""
+    def free(self, arena: Arena, start: int, size: int, ticket: list[Any] | None = None) -> None:
+        """Give a block back (only in the process that allocated it).
+
+        ``ticket`` is the block's ``[number, pickled]``; without one the block is reused at once.
+        """
         if self._pid != os.getpid():
             return
-        with self._lock:
-            free = self._free.get(arena.ident)
-            if free is None:
-                return
-            i = bisect.bisect(free, (start, size))
-            # merge with the next and the previous free blocks
-            if i < len(free) and start + size == free[i][0]:
-                size += free[i][1]
-                del free[i]
-            if i > 0 and free[i - 1][0] + free[i - 1][1] == start:
-                start, size = free[i - 1][0], free[i - 1][1] + size
-                del free[i - 1]
-                i -= 1
-            free.insert(i, (start, size))
+        # A collection inside malloc (this thread holds the lock) may get here: do not wait for it.
+        if not self._lock.acquire(False):
+            self._pending.append((arena, start, size, ticket))
+            return
+        try:
+            self._do_pending()
+            self._free_block(arena, start, size, ticket)
+        finally:
+            self._lock.release()
+
+    def _do_pending(self) -> None:
+        while self._pending:
+            self._free_block(*self._pending.pop())
+
+    def _free_block(self, arena: Arena, start: int, size: int, ticket: list[Any] | None) -> None:
+        if ticket is not None and (ticket[1] or ticket[0] < self._fork_mark):
+            # exposed: wait for the children seen now, and for those seen at the next look (a
+            # child whose start() is still running -- which may be what dropped this block -- is
+            # not among the started children yet)
+            self._look_at_children()
+            self._deferred.append((self._epoch + 1, arena, start, size))
+            return
+        self._insert_free(arena, start, size)
+
+    def _look_at_children(self) -> None:
+        """Forget the children that were joined; number the ones not seen before."""
+        proc = sys.modules.get(__package__ + ".process")
+        children = set(getattr(proc, "_children", ()))
+        epochs = self._child_epochs
+        for p in list(epochs):
+            if p not in children:  # joined (or found finished): it uses nothing any more
+                del epochs[p]
+        new = [p for p in children if p not in epochs]
+        if new:
+            self._epoch += 1
+            for p in new:
+                epochs[p] = self._epoch
+
+    def _release_deferred(self) -> None:
+        self._look_at_children()
+        oldest = min(self._child_epochs.values(), default=self._epoch + 2)
+        deferred = self._deferred
+        while deferred and deferred[0][0] < oldest:  # limits never decrease along the queue
+            self._insert_free(*deferred.popleft()[1:])
+
+    def _insert_free(self, arena: Arena, start: int, size: int) -> None:
+        free = self._free.get(arena.ident)
+        if free is None:
+            return
+        i = bisect.bisect(free, (start, size))
+        # merge with the next and the previous free blocks
+        if i < len(free) and start + size == free[i][0]:
+            size += free[i][1]
+            del free[i]
+        if i > 0 and free[i - 1][0] + free[i - 1][1] == start:
+            start, size = free[i - 1][0], free[i - 1][1] + size
+            del free[i - 1]
+            i -= 1
+        free.insert(i, (start, size))
 
 
 heap = Heap()
+os.register_at_fork(before=lambda: heap._before_fork())
 
 
 class Block:
-    """A block of shared memory, freed when collected in the process that allocated it."""
+    """A block of shared memory, freed when collected in the process that allocated it.
+
+    Its bytes are not cleared: a reused block holds what its previous owner wrote.
+    """
+
+    _ticket: list[Any] | None = None  # [number, pickled] in the allocating process
 
     def __init__(self, size: int) -> None:
-        self.arena, self.offset, self.size = heap.malloc(size)
+        self.arena, self.offset, self.size, number = heap.malloc(size)
         self.requested = size
-        util.Finalize(self, heap.free, (self.arena, self.offset, self.size))
+        self._ticket = [number, False]
+        util.Finalize(self, heap.free, (self.arena, self.offset, self.size, self._ticket))
 
     def memoryview(self) -> memoryview:
         """A writable view of exactly the requested bytes."""
         return memoryview(self.arena.buffer)[self.offset : self.offset + self.requested]
 
     def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        if self._ticket is not None:
+            self._ticket[1] = True  # a child may use it from now on
         return _rebuild_block, (self.arena, self.offset, self.size, self.requested)
 
     def __repr__(self) -> str:

@@ -143,10 +143,14 @@ def copy(obj: Any) -> Any:
     return new_obj
 
 
+class AlreadySynchronizedError(TypeError, AssertionError):
+    """``synchronized()`` was given a wrapper: a TypeError, and the stdlib's AssertionError."""
+
+
 def synchronized(obj: Any, lock: Any = None, ctx: Any = None) -> Any:
     """Wrap a shared ctypes object with a lock (a new RLock if none is given)."""
     if isinstance(obj, SynchronizedBase):
-        raise TypeError("object already synchronized")
+        raise AlreadySynchronizedError("object already synchronized")
     lock = _lock_for(lock, f"lock of a shared {type(obj).__name__}")
     if isinstance(obj, ctypes._SimpleCData):
         return Synchronized(obj, lock)

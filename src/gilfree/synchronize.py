@@ -22,6 +22,7 @@ GIL), and Ctrl-C interrupts them.
 
 from __future__ import annotations
 
+import array
 import os
 import threading
 
@@ -40,6 +41,8 @@ except ImportError:  # pragma: no cover - exercised only on machines without a C
 __all__ = ["Lock", "RLock", "Semaphore", "BoundedSemaphore", "Condition", "Event", "Barrier", "SEM_VALUE_MAX"]
 
 SEM_VALUE_MAX = 2**31 - 1
+#: How many sleepers of one Condition are recorded (and so found if they die while waiting).
+SLEEPER_SLOTS = 64
 #: How long a blocked waiter sleeps before it checks whether the holder is still alive.
 OWNER_CHECK_INTERVAL = (_csync.SLICE_MS if _csync is not None else 100) / 1000
 
@@ -121,7 +124,7 @@ class BoundedSemaphore(Semaphore):
     def __init__(self, value: int = 1, *, ctx: Any = None, on_owner_death: str = "raise") -> None:
         if value < 0:
             raise ValueError("semaphore initial value must be >= 0")
-        SemLock.__init__(self, 0, value, max(value, 1), ctx=ctx, on_owner_death=on_owner_death)
+        SemLock.__init__(self, 0, value, value, ctx=ctx, on_owner_death=on_owner_death)
         self._initial = value
 
     def __repr__(self) -> str:
@@ -140,13 +143,14 @@ class Lock(SemLock):
 
     def __repr__(self) -> str:
         try:
-            if self._get_value() == 1:
-                name = "None"
-            elif self._is_mine():
+            if self._is_mine():
                 name = process.current_process().name + _thread_suffix()
+            elif not self._is_zero():
+                name = "None"
+            elif self._count() > 0:  # held by another thread of this process
+                name = "SomeOtherThread"
             else:
-                owner = self._owner()
-                name = "SomeOtherProcess" if owner != os.getpid() else "SomeOtherThread"
+                name = "SomeOtherProcess"
         except Exception:
             name = "unknown"
         return f"<{type(self).__name__}(owner={name})>"
@@ -177,7 +181,12 @@ class Condition:
     """A condition variable shared between processes (``threading.Condition``'s API).
 
     Built, as in the stdlib, from the lock and three semaphores used as signals: the number of
-    sleepers, the number of woken sleepers, and the one sleepers wait on.
+    sleepers, the number of woken sleepers, and the one sleepers wait on.  Robust as the locks are:
+    each sleeper also writes its pid in a table, and a ``notify`` that waits for a woken sleeper
+    to report checks every slice whether a sleeper has died; a dead one is counted as a sleeper
+    whose wait timed out.  (The stdlib's ``notify`` -- and so ``Event.set`` -- waits forever for a
+    sleeper that was killed.)  Sleepers beyond the table's :data:`SLEEPER_SLOTS` are not
+    recorded: all works as before for them, but their deaths are not noticed.
     """
 
     def __init__(self, lock: Lock | RLock | None = None, *, ctx: Any = None) -> None:
@@ -185,18 +194,22 @@ class Condition:
         self._sleeping_count = Semaphore(0)
         self._woken_count = Semaphore(0)
         self._wait_semaphore = Semaphore(0)
+        self._sleepers_block = _shm.Block(4 * SLEEPER_SLOTS)
         self._bind()
+        self._sleepers[:] = array.array("i", bytes(4 * SLEEPER_SLOTS))  # a reused block holds old data
 
     def _bind(self) -> None:
         self.acquire = self._lock.acquire
         self.release = self._lock.release
+        self._sleepers = self._sleepers_block.memoryview().cast("i")  # pid per sleeper, 0: free
 
     def __getstate__(self) -> tuple[Any, ...]:
         reduction.assert_spawning(self)
-        return (self._lock, self._sleeping_count, self._woken_count, self._wait_semaphore)
+        return (self._lock, self._sleeping_count, self._woken_count, self._wait_semaphore, self._sleepers_block)
 
     def __setstate__(self, state: tuple[Any, ...]) -> None:
-        self._lock, self._sleeping_count, self._woken_count, self._wait_semaphore = state
+        (self._lock, self._sleeping_count, self._woken_count, self._wait_semaphore,
+         self._sleepers_block) = state
         self._bind()
 
     def __enter__(self) -> bool:
@@ -217,12 +230,21 @@ class Condition:
         if not self._lock._is_mine():
             raise AssertionError("must acquire() condition before using wait()")
         self._sleeping_count.release()
+        sleepers = self._sleepers
+        try:  # the lock is held: no other sleeper takes a slot meanwhile
+            slot = sleepers.tolist().index(0)
+        except ValueError:
+            slot = -1
+        else:  # (after counting ourselves: a sleeper written off has always been counted)
+            sleepers[slot] = os.getpid()
         depth = self._lock._count()
         for _ in range(depth):
             self._lock.release()
         try:
             return self._wait_semaphore.acquire(True, timeout)
         finally:
+            if slot >= 0:
+                sleepers[slot] = 0
             self._woken_count.release()
             for _ in range(depth):
                 self._lock.acquire()
@@ -243,10 +265,20 @@ class Condition:
             self._wait_semaphore.release()
             woken += 1
         if woken:
-            for _ in range(woken):
-                self._woken_count.acquire()  # each notified sleeper reports that it woke
+            for _ in range(woken):  # each notified sleeper reports that it woke
+                while not self._woken_count.acquire(True, OWNER_CHECK_INTERVAL):
+                    self._write_off_dead_sleepers()
             while self._wait_semaphore.acquire(False):  # sleepers that timed out meanwhile
                 pass
+
+    def _write_off_dead_sleepers(self) -> None:
+        """Report for each sleeper that died waiting, as if its wait had timed out."""
+        sleepers = self._sleepers
+        me = os.getpid()
+        for slot, pid in enumerate(sleepers.tolist()):
+            if pid and pid != me and not _csync.pid_alive(pid):
+                sleepers[slot] = 0
+                self._woken_count.release()
 
     def notify_all(self) -> None:
         self.notify(SEM_VALUE_MAX)
@@ -356,7 +388,3 @@ class Barrier(threading.Barrier):
     def _count(self, value: int) -> None:
         self._array[1] = value
 
-    def __repr__(self) -> str:
-        if self.broken:
-            return f"<{type(self).__name__} broken, parties={self.parties}>"
-        return f"<{type(self).__name__} waiters={self.n_waiting}/{self.parties}>"
