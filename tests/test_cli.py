@@ -9,7 +9,7 @@ from _helpers import run_program
 
 def test_tour_chapters_run():
     res = run_program(["-m", "gilfree", "tour", "--chapter", "processes", "--chapter", "lambdas",
-                       "--chapter", "pipes", "--chapter", "listener"], timeout=120)
+                       "--chapter", "pipes", "--chapter", "listener", "--chapter", "shared"], timeout=120)
     assert res.returncode == 0, res.stderr
     out = res.stdout
     for method in ("fork", "spawn", "forkserver"):
@@ -20,6 +20,10 @@ def test_tour_chapters_run():
     assert "PicklingError at obj['jobs'][2]: _thread.lock" in out
     assert "wrong key, listener:" in out and "refused: AuthenticationError" in out
     assert "right key again, client:" in out and "received 'hello, right key again'" in out
+    assert "Final balance =                    100" in out
+    assert "row sums written by two children: [1000000.0, 2000000.0]" in out
+    assert "on_owner_death='raise': OwnerDiedError: holder pid" in out
+    assert "on_owner_death='takeover': took it over from pid" in out
     assert "Children still running: 0." in out
     assert "Traceback" not in res.stderr
 

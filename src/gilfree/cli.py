@@ -47,6 +47,22 @@ def _serve_one(listener_address: object, authkey: bytes, conn: gilfree.Connectio
         conn.send(f"AuthenticationError({exc})")
 
 
+def _bank(balance: object, lock: object, amount: int) -> None:
+    for _ in range(10000):
+        with lock:  # type: ignore[attr-defined]
+            balance.value += amount  # type: ignore[attr-defined]
+
+
+def _fill_rows(arr: object, rows: slice, value: float) -> None:
+    arr[rows] = value  # type: ignore[index]
+
+
+def _hold_and_die(lock: object, ready: object) -> None:
+    lock.acquire()  # type: ignore[attr-defined]
+    ready.set()  # type: ignore[attr-defined]
+    time.sleep(60)  # killed long before
+
+
 # ---------------------------------------------------------------------------------------------------
 # Presentation helpers
 
@@ -189,6 +205,57 @@ def chapter_listener() -> None:
             _show(f"{label}, client:", client_saw)
 
 
+def chapter_shared_state() -> None:
+    _title(5, "Shared state: Value, shared numpy arrays, robust locks")
+    _say("""The seed's bank: two processes deposit and withdraw 10,000 times each under a Lock, on a
+    shared Value.  The balance must end where it started.""")
+    ctx = gilfree.get_context("spawn")
+    balance = ctx.Value("i", 100)
+    lock = ctx.Lock()
+    procs = [ctx.Process(target=_bank, args=(balance, lock, amount)) for amount in (-1, 1)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+    _show("Final balance =", balance.value)
+    try:
+        import numpy as np
+
+        arr = gilfree.shared_array((2, 1_000_000), np.float64)
+        procs = [ctx.Process(target=_fill_rows, args=(arr, slice(i, i + 1), float(i + 1))) for i in range(2)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join()
+        _show("a 16 MB shared numpy array:", f"row sums written by two children: {arr.sum(axis=1).tolist()}")
+        _show("what travelled to each child:", f"a handle of {len(gilfree.reduction.dumps(arr))} bytes, no copy")
+    except ImportError:
+        _show("numpy:", "not installed (pip install gilfree[numpy]); skipped")
+    _say("""A lock whose holder dies: the stdlib's waiter would block forever.  gilfree's waiter finds
+    the dead holder within a tenth of a second and says so -- or takes the lock over, if the lock
+    was made for that.""")
+    for mode in ("raise", "takeover"):
+        lock = ctx.Lock(on_owner_death=mode)
+        ready = ctx.Event()
+        p = ctx.Process(target=_hold_and_die, args=(lock, ready))
+        p.start()
+        ready.wait(30)
+        p.kill()
+        p.join()
+        t0 = time.perf_counter()
+        try:
+            import warnings
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", gilfree.OwnerDiedWarning)
+                lock.acquire(timeout=10)
+            outcome = f"took it over from pid {lock.recovered_from}"
+            lock.release()
+        except gilfree.OwnerDiedError as exc:
+            outcome = f"OwnerDiedError: holder pid {exc.pid} is dead"
+        _show(f"holder SIGKILLed, on_owner_death={mode!r}:", f"{outcome}, after {time.perf_counter() - t0:.2f} s")
+
+
 def _find_benchmarks() -> Path | None:
     here = Path(__file__).resolve()
     for parent in here.parents:
@@ -211,7 +278,7 @@ def _load_benchmarks() -> object | None:
 
 
 def chapter_benchmark() -> None:
-    _title(5, "Measured here, now: gilfree beside the stdlib")
+    _title(6, "Measured here, now: gilfree beside the stdlib")
     bench = _load_benchmarks()
     if bench is None:
         _say("The benchmark runner lives in benchmarks/run.py of a source checkout; not found here.")
@@ -227,6 +294,7 @@ CHAPTERS: list[tuple[str, Callable[[], None]]] = [
     ("lambdas", chapter_lambdas),
     ("pipes", chapter_pipes),
     ("listener", chapter_listener),
+    ("shared", chapter_shared_state),
     ("benchmark", chapter_benchmark),
 ]
 
