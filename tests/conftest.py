@@ -3,8 +3,9 @@
 The pytest process makes itself a *child subreaper*, so a grandchild orphaned by a test (a child
 program's children, a fork server's children) is re-parented to pytest and shows up in the check.
 After each test, every process that is still a child of pytest (or of gilfree's fork server) and
-every new entry in ``/dev/shm`` is a leak: the test fails, and the leftovers are removed so the
-next test starts clean.
+every new entry in ``/dev/shm`` is a leak: the test fails.  Leftover processes are killed at once;
+leaked ``/dev/shm`` entries are removed when the session ends (an entry that appeared during a test
+may belong to another program on the machine, which must not lose it mid-run).
 """
 
 from __future__ import annotations
@@ -125,11 +126,9 @@ def no_leaks(request):
     new_shm = _shm_entries() - before_shm
     if new_shm:
         problems.append(f"left in {SHM}: {sorted(new_shm)}")
-        for name in new_shm:
-            try:
-                os.unlink(os.path.join(SHM, name))
-            except OSError:
-                pass
+        # removed at the end of the session, not now: an entry may belong to another program
+        # running on this machine (a concurrent test session), which must not lose it mid-test
+        _leaked_shm.update(new_shm)
     if problems:
         pytest.fail("leak check: " + " | ".join(problems), pytrace=False)
 
@@ -145,5 +144,13 @@ def ctx(method):
     return gilfree.get_context(method)
 
 
+_leaked_shm: set[str] = set()
+
+
 def pytest_sessionfinish(session, exitstatus):
     forkserver.stop()
+    for name in _leaked_shm:
+        try:
+            os.unlink(os.path.join(SHM, name))
+        except OSError:
+            pass

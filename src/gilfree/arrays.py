@@ -144,7 +144,7 @@ def _rebuild(name: str, dtype: Any, shape: tuple[int, ...], strides: tuple[int, 
     return arr
 
 
-def shared_array(shape: int | tuple[int, ...], dtype: Any = float, *, fill: Any = None, order: str = "C") -> SharedArray:
+def shared_array(shape: int | tuple[int, ...], dtype: Any = float, *, fill: Any = None, order: Any = "C") -> SharedArray:
     """A new numpy array in shared memory (zeros, or ``fill``), owned by this process.
 
     Send it anywhere -- a child, a pipe, a queue, a pool task -- and the receiver sees the same

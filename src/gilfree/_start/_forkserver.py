@@ -286,7 +286,7 @@ def serve() -> None:
                 reap()
             if fd == listener_fd:
                 try:
-                    conn = _socket.socket(fileno=listener._accept()[0])
+                    conn = _socket.socket(fileno=listener._accept()[0])  # type: ignore[attr-defined]
                 except OSError:
                     continue
                 fds: list[int] = []
