@@ -16,9 +16,11 @@ args=(Lock(),)).start()`` drops the parent's last reference to the lock at once 
 arguments), and reusing its memory for the parent's next lock would re-initialise a lock the child
 holds.  (The stdlib's named semaphores are kept alive by the kernel instead.)  A block is *exposed*
 if it was pickled for a child or existed when this process last forked.  An exposed block that is
-freed waits in ``_deferred`` until the children that may have it -- the started, unjoined children of
-:mod:`gilfree.process` seen when it was freed, and those first seen at the next look (one whose
-``start`` is still running is not in that set yet) -- have all been joined.
+freed waits in ``_deferred`` until the children that may have it have all been joined: the started,
+unjoined children of :mod:`gilfree.process` first seen after the block was allocated, up to the
+first look after it was freed (a child whose ``start`` is still running -- which may be what
+dropped the block -- is not among the started children yet).  A child seen before the block was
+allocated cannot have it, so a long-lived worker does not hold back blocks made after it started.
 
 A block can be freed by a garbage collection that runs while this thread is inside ``malloc`` (the
 heap lock held): such frees wait in ``_pending`` instead of deadlocking, and are done by the next
@@ -30,7 +32,6 @@ Where this runs: in any process; allocation takes a thread lock, nothing blocks 
 from __future__ import annotations
 
 import bisect
-import collections
 import mmap
 import os
 import sys
@@ -109,7 +110,9 @@ class Heap:
         self._seq = 0  # blocks allocated so far: each block's number
         self._fork_mark = 0  # blocks numbered below this existed when this process last forked
         self._pending: list[tuple[Arena, int, int, list[Any] | None]] = []  # frees that found the lock taken
-        self._deferred: collections.deque[tuple[int, Arena, int, int]] = collections.deque()  # (limit, block)
+        # (lo, hi, arena, start, size): waits while a child first seen at a look numbered lo < n <= hi runs
+        self._deferred: list[tuple[int, int, Arena, int, int]] = []
+        self._deferred_seen: tuple[Any, ...] | None = None  # the children's numbers at the last search
         self._epoch = 0  # how many looks at the children found new ones
         self._child_epochs: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
 
@@ -120,8 +123,11 @@ class Heap:
     def _before_fork(self) -> None:
         self._fork_mark = self._seq
 
-    def malloc(self, size: int) -> tuple[Arena, int, int, int]:
-        """A block of at least ``size`` bytes: (arena, offset, rounded size, block number)."""
+    def malloc(self, size: int) -> tuple[Arena, int, int, list[Any]]:
+        """A block of at least ``size`` bytes: (arena, offset, rounded size, ticket).
+
+        The ticket, ``[number, pickled, epoch]``, goes to :meth:`free` with the block.
+        """
         if size < 0:
             raise ValueError(f"size {size} is negative")
         self._reset_if_forked()
@@ -130,7 +136,7 @@ class Heap:
             self._do_pending()
             if self._deferred:
                 self._release_deferred()
-            number = self._seq
+            ticket = [self._seq, False, self._epoch]
             self._seq += 1
             for arena in self._arenas:
                 free = self._free[arena.ident]
@@ -140,17 +146,17 @@ class Heap:
                             del free[i]
                         else:
                             free[i] = (start + size, length - size)
-                        return arena, start, size, number
+                        return arena, start, size, ticket
             arena_size = max(ARENA_SIZE, (size + _PAGE - 1) // _PAGE * _PAGE)
             arena = Arena(arena_size)
             self._arenas.append(arena)
             self._free[arena.ident] = [(size, arena_size - size)] if arena_size > size else []
-            return arena, 0, size, number
+            return arena, 0, size, ticket
 
     def free(self, arena: Arena, start: int, size: int, ticket: list[Any] | None = None) -> None:
         """Give a block back (only in the process that allocated it).
 
-        ``ticket`` is the block's ``[number, pickled]``; without one the block is reused at once.
+        ``ticket`` is the one :meth:`malloc` gave; without one the block is reused at once.
         """
         if self._pid != os.getpid():
             return
@@ -174,7 +180,8 @@ class Heap:
             # child whose start() is still running -- which may be what dropped this block -- is
             # not among the started children yet)
             self._look_at_children()
-            self._deferred.append((self._epoch + 1, arena, start, size))
+            self._deferred.append((ticket[2], self._epoch + 1, arena, start, size))
+            self._deferred_seen = None  # search again at the next malloc
             return
         self._insert_free(arena, start, size)
 
@@ -194,10 +201,18 @@ class Heap:
 
     def _release_deferred(self) -> None:
         self._look_at_children()
-        oldest = min(self._child_epochs.values(), default=self._epoch + 2)
-        deferred = self._deferred
-        while deferred and deferred[0][0] < oldest:  # limits never decrease along the queue
-            self._insert_free(*deferred.popleft()[1:])
+        seen = tuple(sorted(self._child_epochs.values()))
+        if seen == self._deferred_seen:
+            return  # no child finished and nothing new waits: nothing can be freed
+        self._deferred_seen = seen
+        keep = []
+        for entry in self._deferred:
+            lo, hi = entry[0], entry[1]
+            if any(lo < n <= hi for n in seen):
+                keep.append(entry)
+            else:
+                self._insert_free(*entry[2:])
+        self._deferred = keep
 
     def _insert_free(self, arena: Arena, start: int, size: int) -> None:
         free = self._free.get(arena.ident)
@@ -225,12 +240,11 @@ class Block:
     Its bytes are not cleared: a reused block holds what its previous owner wrote.
     """
 
-    _ticket: list[Any] | None = None  # [number, pickled] in the allocating process
+    _ticket: list[Any] | None = None  # [number, pickled, epoch] in the allocating process
 
     def __init__(self, size: int) -> None:
-        self.arena, self.offset, self.size, number = heap.malloc(size)
+        self.arena, self.offset, self.size, self._ticket = heap.malloc(size)
         self.requested = size
-        self._ticket = [number, False]
         util.Finalize(self, heap.free, (self.arena, self.offset, self.size, self._ticket))
 
     def memoryview(self) -> memoryview:

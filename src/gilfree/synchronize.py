@@ -22,7 +22,6 @@ GIL), and Ctrl-C interrupts them.
 
 from __future__ import annotations
 
-import array
 import os
 import threading
 
@@ -50,7 +49,8 @@ _MODES = {"raise": 0, "takeover": 1}
 
 if _csync is not None:
     _csync.set_classes(OwnerDiedError, OwnerDiedWarning)
-    _Base: type = _csync.SemBlock
+    _Base: Any = _csync.SemBlock
+    _pid_alive: Callable[[int], bool] = _csync.pid_alive
 else:  # pragma: no cover
 
     class _Base:  # type: ignore[no-redef]
@@ -86,7 +86,7 @@ class SemLock(_Base):  # type: ignore[misc, valid-type]
         return self._recovered_from or None
 
 
-def _rebuild(cls: type, block: _shm.Block, mode: int, state: dict[str, Any]) -> SemLock:
+def _rebuild(cls: Any, block: _shm.Block, mode: int, state: dict[str, Any]) -> SemLock:
     obj = cls.__new__(cls)
     _Base.__init__(obj, block.arena.buffer, block.offset, False, 0, 0, 1, mode)
     obj.__dict__.update(state)
@@ -196,7 +196,7 @@ class Condition:
         self._wait_semaphore = Semaphore(0)
         self._sleepers_block = _shm.Block(4 * SLEEPER_SLOTS)
         self._bind()
-        self._sleepers[:] = array.array("i", bytes(4 * SLEEPER_SLOTS))  # a reused block holds old data
+        self._sleepers_block.memoryview()[:] = bytes(4 * SLEEPER_SLOTS)  # a reused block holds old data
 
     def _bind(self) -> None:
         self.acquire = self._lock.acquire
@@ -276,7 +276,7 @@ class Condition:
         sleepers = self._sleepers
         me = os.getpid()
         for slot, pid in enumerate(sleepers.tolist()):
-            if pid and pid != me and not _csync.pid_alive(pid):
+            if pid and pid != me and not _pid_alive(pid):
                 sleepers[slot] = 0
                 self._woken_count.release()
 
