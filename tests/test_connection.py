@@ -1593,7 +1593,7 @@ def test_huge_claimed_length_with_maxlength(name, frame, total):
 def test_garbage_header_is_refused():
     r, w_fd = _raw_stream("socketpair")
     with r:
-        _feed(w_fd, struct.pack("!i", -3) + b"junk")
+        _feed(w_fd, struct.pack("!i", -4) + b"junk")
         with pytest.raises(OSError, match="does not speak this protocol"):
             r.recv()
     r, w_fd = _raw_stream("socketpair")

@@ -18,6 +18,8 @@ Framing.  Every message starts with a signed 4-byte big-endian length ``n``:
 * ``n >= 0``: ``n`` payload bytes follow (the stdlib's framing, so ``send_bytes``/``recv_bytes``
   interoperate with ``multiprocessing.connection``);
 * ``n == -1``: an 8-byte length follows, then the payload (the stdlib's framing for > 2 GiB);
+* ``n == -3``: (gilfree's) the next message carries file descriptors; it comes on its own, so
+  that only the next header needs ``recvmsg`` and every other read is a plain one;
 * ``n == -2``: a gilfree message with out-of-band buffers: ``!IQ`` (buffer count ``k``, pickle
   length), ``k`` 8-byte buffer lengths, then the pickle, then the ``k`` buffers.  Used only by
   :meth:`Connection.send` for buffers of at least :data:`OOB_MIN` bytes.
@@ -75,7 +77,12 @@ _CHUNK = 64 << 20  # never pre-allocate more than this for a length the peer cla
 _IOV_MAX = 1024
 _F_SETPIPE_SZ = 1031
 _ANC_SPACE = _socket.CMSG_SPACE(MAX_FDS * 4)
-_MSG_CTRUNC = int(_socket.MSG_CTRUNC)  # a plain int: enum arithmetic costs a microsecond per message
+_MSG_CTRUNC = int(_socket.MSG_CTRUNC)
+_MSG_WAITALL = int(_socket.MSG_WAITALL)
+#: A header that says "the next message carries file descriptors" (gilfree's extension).
+_FDS_NEXT = -3
+#: Bytes asked of the kernel for each direction of a duplex Pipe (as PIPE_BUFFER for one-way pipes).
+SOCKET_BUFFER = 1 << 20  # a plain int: enum arithmetic costs a microsecond per message
 
 default_family = "AF_UNIX"
 families = ["AF_INET", "AF_UNIX"] + (["AF_INET6"] if _socket.has_ipv6 else [])
@@ -291,6 +298,9 @@ class Connection:
         sock = self._sock
         if fds:
             assert sock is not None
+            # announced on its own, so the receiver reads the next header with recvmsg (a header
+            # sent together with the descriptors would hand them to a plain read, which drops them)
+            sock.sendall(_HDR.pack(_FDS_NEXT))
             anc = [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, array.array("i", fds))]
             n = sock.sendmsg(bufs[:_IOV_MAX], anc)
         elif len(bufs) == 1:
@@ -340,7 +350,9 @@ class Connection:
             if self._deadline is not None:
                 self._await_data(fd)
             if sock is not None:
-                n = sock.recv_into(view[got:])
+                # MSG_WAITALL: the kernel fills the whole view before returning (one system call
+                # instead of one per socket-buffer's worth); a signal or EOF may still cut it short
+                n = sock.recv_into(view[got:], 0, _MSG_WAITALL if self._deadline is None else 0)
             else:
                 n = os.readv(fd, [view[got:]])
             if n == 0:
@@ -394,25 +406,30 @@ class Connection:
         return rest
 
     def _read_header(self) -> tuple[int, list[int]]:
-        """Read a message's 4-byte length; return it and any descriptors that came with it."""
-        fd = self._handle
-        assert fd is not None
+        """Read a message's 4-byte length; return it and any descriptors that came with it.
+
+        A message that carries descriptors is announced by a :data:`_FDS_NEXT` header sent on its
+        own; only then is the next header read with ``recvmsg`` (the descriptors ride on its first
+        byte).  Every other header is a plain read, which is cheaper.
+        """
+        n = _HDR.unpack(self._read_raw_header())[0]
+        if n != _FDS_NEXT:
+            return n, []
         fds: list[int] = []
         sock = self._sock
+        if sock is None:
+            self._bad_message("the peer announced file descriptors on a connection that cannot carry them")
         if self._deadline is not None:
-            self._await_data(fd)
-        if sock is not None:
-            data, anc, flags, _ = sock.recvmsg(4, _ANC_SPACE)
-            for level, kind, payload in anc:
-                if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS:
-                    arr = array.array("i")
-                    arr.frombytes(payload[: len(payload) - (len(payload) % arr.itemsize)])
-                    fds.extend(arr)
-            if flags & _MSG_CTRUNC:
-                util.close_fds(*fds)
-                raise OSError("a message carried more file descriptors than allowed; they were dropped")
-        else:
-            data = os.read(fd, 4)
+            self._await_data(self._handle)  # type: ignore[arg-type]
+        data, anc, flags, _ = sock.recvmsg(4, _ANC_SPACE)
+        for level, kind, payload in anc:
+            if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS:
+                arr = array.array("i")
+                arr.frombytes(payload[: len(payload) - (len(payload) % arr.itemsize)])
+                fds.extend(arr)
+        if flags & _MSG_CTRUNC:
+            util.close_fds(*fds)
+            raise OSError("a message carried more file descriptors than allowed; they were dropped")
         if len(data) < 4:
             try:
                 if not data:
@@ -422,6 +439,18 @@ class Connection:
                 util.close_fds(*fds)
                 raise
         return _HDR.unpack(data)[0], fds
+
+    def _read_raw_header(self) -> bytes:
+        fd = self._handle
+        assert fd is not None
+        if self._deadline is not None:
+            self._await_data(fd)
+        data = self._sock.recv(4) if self._sock is not None else os.read(fd, 4)
+        if len(data) < 4:
+            if not data:
+                raise EOFError("connection closed by the peer")
+            data += self._read_exact(4 - len(data), len(data), 4, "message header")
+        return data
 
     def _bad_message(self, message: str) -> NoReturn:
         """The stream cannot be read past this point: stop reading, as the stdlib does, and raise.
@@ -544,8 +573,13 @@ def Pipe(duplex: bool = True) -> tuple[Connection, Connection]:
     """
     if duplex:
         s1, s2 = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_STREAM)
-        s1.setblocking(True)  # under socket.setdefaulttimeout() a new socket is non-blocking
-        s2.setblocking(True)
+        for s in (s1, s2):
+            s.setblocking(True)  # under socket.setdefaulttimeout() a new socket is non-blocking
+            for option in (_socket.SO_SNDBUF, _socket.SO_RCVBUF):
+                try:
+                    s.setsockopt(_socket.SOL_SOCKET, option, SOCKET_BUFFER)  # capped by net.core.[wr]mem_max
+                except OSError:
+                    pass
         return Connection(s1.detach()), Connection(s2.detach())
     r, w = os.pipe()
     _set_pipe_buffer(w)
