@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import subprocess
@@ -40,3 +41,22 @@ def run_program(path: Path | list[str], timeout: float = 60, env: dict | None = 
 
 def mask_pids(text: str) -> str:
     return re.sub(r"\b\d{3,}\b", "<N>", text)
+
+
+#: seconds a test waits for a child to end
+WAIT = 30
+
+
+@contextlib.contextmanager
+def running(ctx, target, *args):
+    """Start a process; on the way out kill it if it still runs, and join it."""
+    p = ctx.Process(target=target, args=args)
+    del args  # as after a plain start(), the child's arguments are referenced only by the caller
+    p.start()
+    try:
+        yield p
+    finally:
+        if p.exitcode is None:
+            p.kill()
+        p.join(WAIT)
+        assert p.exitcode is not None, "child did not end"

@@ -8,7 +8,6 @@ never while a child may still use it, and nothing in ``/dev/shm``.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import gc
 import multiprocessing as std_mp
@@ -17,6 +16,7 @@ import re
 import threading
 
 import pytest
+from _helpers import running
 
 import gilfree
 from gilfree import _shm, sharedctypes
@@ -33,18 +33,6 @@ class Point(ctypes.Structure):
     _fields_ = [("x", ctypes.c_int), ("y", ctypes.c_double)]
 
 
-@contextlib.contextmanager
-def running(ctx, target, *args):
-    p = ctx.Process(target=target, args=args)
-    del args  # as after a plain start(), the child's arguments are referenced only by the caller
-    p.start()
-    try:
-        yield p
-    finally:
-        if p.exitcode is None:
-            p.kill()
-        p.join(WAIT)
-        assert p.exitcode is not None, "child did not end"
 
 
 def run_child(ctx, target, *args):

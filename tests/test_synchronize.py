@@ -26,6 +26,7 @@ import traceback
 import warnings
 
 import pytest
+from _helpers import running
 
 import gilfree
 from gilfree import OwnerDiedError, OwnerDiedWarning, _shm
@@ -45,19 +46,6 @@ def semlock(obj):
     return getattr(obj, "_semlock", obj)
 
 
-@contextlib.contextmanager
-def running(ctx, target, *args):
-    """Start a process; on the way out kill it if it still runs, and join it."""
-    p = ctx.Process(target=target, args=args)
-    del args  # as after a plain start(), the child's arguments are referenced only by the caller
-    p.start()
-    try:
-        yield p
-    finally:
-        if p.exitcode is None:
-            p.kill()
-        p.join(WAIT)
-        assert p.exitcode is not None, "child did not end"
 
 
 def recv(conn, timeout=WAIT):

@@ -94,13 +94,7 @@ def _named(op: bytes, name: str) -> bytes:
 
 
 def _recv_exact(sock: socket.socket, n: int) -> bytes:
-    data = b""
-    while len(data) < n:
-        chunk = sock.recv(n - len(data))
-        if not chunk:
-            raise ConnectionError("the shared-memory tracker closed the connection")
-        data += chunk
-    return data
+    return util.recv_exact(sock, n, "the shared-memory tracker")
 
 
 # ---------------------------------------------------------------------------------------------------

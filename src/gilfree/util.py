@@ -29,6 +29,7 @@ __all__ = [
     "DEFAULT_LOGGING_FORMAT",
     "Finalize",
     "close_fds",
+    "recv_exact",
     "debug",
     "get_logger",
     "info",
@@ -238,6 +239,17 @@ def close_fds(*fds: int) -> None:
             os.close(fd)
         except OSError:
             pass
+
+
+def recv_exact(sock: Any, n: int, peer: str) -> bytes:
+    """Read exactly ``n`` bytes from a socket; ``ConnectionError`` naming ``peer`` if it closes first."""
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            raise ConnectionError(f"{peer} closed the connection after {len(data)} of {n} bytes")
+        data += chunk
+    return data
 
 
 def _flush_std_streams() -> None:

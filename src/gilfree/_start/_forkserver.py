@@ -73,13 +73,7 @@ def _recv_fds(sock: Any, size: int, maxfds: int) -> tuple[bytes, list[int]]:
 
 
 def _recv_exact(sock: Any, n: int) -> bytes:
-    data = b""
-    while len(data) < n:
-        chunk = sock.recv(n - len(data))
-        if not chunk:
-            raise EOFError("fork server connection closed")
-        data += chunk
-    return data
+    return util.recv_exact(sock, n, "the fork server (or its client)")
 
 
 class ForkServer:
