@@ -109,7 +109,8 @@ class _Client:
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
-        self.address: str | None = None
+        # in a spawned or forkserver child: the parent's tracker (see _start.prepare)
+        self.address: str | None = util.inherited.get("shm_tracker")
         self.sock: socket.socket | None = None
         self.owned: set[str] = set()
         self.spawned_pid: int | None = None  # the tracker this process started, until reaped

@@ -241,6 +241,11 @@ def close_fds(*fds: int) -> None:
             pass
 
 
+#: What a spawned or forkserver child inherits from its parent's start-up data, for modules that may
+#: never be imported in the child (reading it costs them nothing; importing them would cost the child).
+inherited: dict[str, Any] = {}
+
+
 def recv_exact(sock: Any, n: int, peer: str) -> bytes:
     """Read exactly ``n`` bytes from a socket; ``ConnectionError`` naming ``peer`` if it closes first."""
     data = b""

@@ -210,7 +210,11 @@ def preparation_data(name: str, start_method: str) -> dict[str, Any]:
         "log_to_stderr": util._log_to_stderr,
         # the shared-memory tracker's address, if this process has used one (the module is not
         # imported otherwise: a child that does not use shared memory does not pay for it)
-        "shm_tracker": sys.modules["gilfree._tracker"].address() if "gilfree._tracker" in sys.modules else None,
+        "shm_tracker": (
+            sys.modules["gilfree._tracker"].address()
+            if "gilfree._tracker" in sys.modules
+            else util.inherited.get("shm_tracker")
+        ),
     }
     main = sys.modules.get("__main__")
     spec = getattr(main, "__spec__", None)
@@ -302,9 +306,12 @@ def prepare(data: dict[str, Any]) -> None:
     if "orig_dir" in data:
         process.ORIGINAL_DIR = data["orig_dir"]
     if data.get("shm_tracker"):
-        from .. import _tracker
-
-        _tracker.set_address(data["shm_tracker"])
+        # read by gilfree._tracker when (if) it is first imported: a child that does not use shared
+        # memory must not pay for importing it
+        util.inherited["shm_tracker"] = data["shm_tracker"]
+        tracker = sys.modules.get("gilfree._tracker")
+        if tracker is not None:
+            tracker.set_address(data["shm_tracker"])
     global inherited_start_method
     inherited_start_method = data.get("start_method")
     if "main_name" in data:
