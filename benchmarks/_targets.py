@@ -133,3 +133,15 @@ def count_up(value, n):
     for _ in range(n):
         with lock:
             value.value += 1
+
+
+def queue_produce(q, n, item, batch=0):
+    """Put ``n`` copies of ``item`` into ``q`` (``put_many`` in batches of ``batch`` if > 0)."""
+    if batch:
+        chunk = [item] * batch
+        for start in range(0, n, batch):
+            q.put_many(chunk[: min(batch, n - start)])
+    else:
+        put = q.put
+        for _ in range(n):
+            put(item)

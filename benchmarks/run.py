@@ -591,6 +591,101 @@ _register_builtin_cases()
 
 
 # ---------------------------------------------------------------------------------------------------
+# (e) queues
+
+
+class QueueFlow:
+    """``producers`` children put ``messages`` items in total into one queue; the parent gets them all.
+
+    Implementations: the stdlib's ``Queue`` ("stdlib") and ``SimpleQueue`` ("stdlib_simple"),
+    ``gilfree.Queue`` and ``faster_fifo.Queue``.  ``batch`` > 0: producers use ``put_many`` and the
+    parent ``get_many`` where the library has them (the stdlib does not: one item at a time).  The
+    time runs from the first child's start to the last item received; the unit is items/s, or MB/s
+    when ``item_bytes`` is large.
+    """
+
+    def __init__(self, impl: str, params: dict[str, Any]) -> None:
+        import multiprocessing
+
+        self.impl = impl
+        self.producers = params["producers"]
+        self.n = params["messages"] // self.producers * self.producers
+        self.batch = params.get("batch", 0)
+        size = params.get("item_bytes", 0)
+        self.item: Any = os.urandom(size) if size else (1, "small", 2.5)
+        self.mb = size >= 100_000
+        self.ctx = multiprocessing.get_context("fork")
+        if impl == "gilfree":
+            import gilfree
+
+            self.ctx = gilfree.get_context("fork")
+            self.make: Any = self.ctx.Queue
+        elif impl == "stdlib":
+            self.make = self.ctx.Queue
+        elif impl == "stdlib_simple":
+            self.make = self.ctx.SimpleQueue
+        else:
+            ff = require("faster_fifo")
+            self.make = lambda: ff.Queue(max_size_bytes=max(10_000_000, 4 * size))
+
+    def measure(self) -> float:
+        q = self.make()
+        per = self.n // self.producers
+        batch = self.batch if self.impl in ("gilfree", "faster_fifo") else 0
+        procs = [self.ctx.Process(target=_targets.queue_produce, args=(q, per, self.item, batch), daemon=True)
+                 for _ in range(self.producers)]
+        t0 = time.perf_counter()
+        for p in procs:
+            p.start()
+        got = 0
+        if batch and self.impl == "gilfree":
+            while got < self.n:
+                got += len(q.get_many(100_000, timeout=TIMEOUT))
+        elif batch:
+            while got < self.n:
+                got += len(q.get_many(timeout=TIMEOUT, max_messages_to_get=100_000))
+        else:
+            get = q.get
+            for _ in range(self.n):
+                get()
+            got = self.n
+        elapsed = time.perf_counter() - t0
+        for p in procs:
+            if _finish(p) != 0:
+                raise RuntimeError("a producer failed")
+        if self.mb:
+            return self.n * len(self.item) / elapsed / MB
+        return self.n / elapsed
+
+    def close(self) -> None:
+        pass
+
+
+def _register_queue_cases() -> None:
+    def bind(impl: str) -> Callable[[dict[str, Any]], Any]:
+        return lambda params: QueueFlow(impl, params)
+
+    impls = {impl: bind(impl) for impl in ("stdlib", "stdlib_simple", "gilfree", "faster_fifo")}
+    common = "Producers are forked children, the consumer is the parent; a new queue per sample. "
+    register(Case("queue_1to1", common + "1 producer puts {messages} small tuples, the parent gets them "
+                  "one by one; items/s.", "items/s", True, impls,
+                  full={"producers": 1, "messages": 200_000}, quick={"messages": 50_000}))
+    register(Case("queue_4to1", common + "4 producers put {messages} small tuples in total, the parent gets "
+                  "them one by one; items/s.", "items/s", True, impls,
+                  full={"producers": 4, "messages": 200_000}, quick={"messages": 50_000}))
+    register(Case("queue_get_many", common + "1 producer, {messages} small tuples: put_many in batches of "
+                  "{batch} and get_many where the library has them (the stdlib: put/get one by one); items/s.",
+                  "items/s", True, impls,
+                  full={"producers": 1, "messages": 200_000, "batch": 1000}, quick={"messages": 50_000}))
+    register(Case("queue_1mib", common + "1 producer puts {messages} bytes objects of {item_bytes} bytes, "
+                  "the parent gets them; MB/s.", "MB/s", True, impls,
+                  full={"producers": 1, "messages": 200, "item_bytes": 1 << 20}, quick={"messages": 50}))
+
+
+_register_queue_cases()
+
+
+# ---------------------------------------------------------------------------------------------------
 # Statistics
 
 
@@ -784,6 +879,9 @@ def _helper_pids() -> dict[str, int | None]:
     pids["stdlib.forkserver"] = getattr(getattr(mod, "_forkserver", None), "_forkserver_pid", None)
     mod = sys.modules.get("multiprocessing.resource_tracker")
     pids["stdlib.resource_tracker"] = getattr(getattr(mod, "_resource_tracker", None), "_pid", None)
+    # gilfree's shared-memory tracker exits by itself when its last client (this process) exits
+    mod = sys.modules.get("gilfree._tracker")
+    pids["gilfree.shm_tracker"] = mod.tracker_pid() if mod is not None else None
     return pids
 
 
@@ -894,7 +992,10 @@ def run(
             for mod in ("multiprocessing", "gilfree"):
                 if mod in sys.modules:
                     sys.modules[mod].active_children()
-            leftovers = {p: v for p, v in _children_of(os.getpid()).items() if p not in children_before}
+            known = set(_helper_pids().values())  # helpers that outlive the run on purpose
+            leftovers = {
+                p: v for p, v in _children_of(os.getpid()).items() if p not in children_before and p not in known
+            }
             if not leftovers or time.monotonic() > deadline:
                 break
             time.sleep(0.05)

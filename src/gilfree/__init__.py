@@ -38,12 +38,16 @@ if TYPE_CHECKING:
     from typing import Any
 
     from . import arrays as arrays
+    from . import queues as queues
     from . import shared_memory as shared_memory
     from . import sharedctypes as sharedctypes
     from . import synchronize as synchronize
     from .arrays import SharedArray as SharedArray
     from .arrays import as_shared as as_shared
     from .arrays import shared_array as shared_array
+    from .queues import JoinableQueue as JoinableQueue
+    from .queues import Queue as Queue
+    from .queues import SimpleQueue as SimpleQueue
     from .synchronize import Barrier as Barrier
     from .synchronize import BoundedSemaphore as BoundedSemaphore
     from .synchronize import Condition as Condition
@@ -57,6 +61,10 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     "SharedArray": ("arrays", "SharedArray"),
     "as_shared": ("arrays", "as_shared"),
     "shared_array": ("arrays", "shared_array"),
+    "queues": ("queues", None),
+    "Queue": ("queues", "Queue"),
+    "JoinableQueue": ("queues", "JoinableQueue"),
+    "SimpleQueue": ("queues", "SimpleQueue"),
     "shared_memory": ("shared_memory", None),
     "sharedctypes": ("sharedctypes", None),
     "synchronize": ("synchronize", None),
@@ -183,6 +191,10 @@ __all__ = [
     "Lock",
     "OwnerDiedError",
     "OwnerDiedWarning",
+    "JoinableQueue",
+    "Queue",
+    "SimpleQueue",
+    "queues",
     "RLock",
     "RawArray",
     "RawValue",

@@ -24,7 +24,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 
-    from . import synchronize
+    from . import queues, synchronize
 
 # The methods below import `synchronize`/`sharedctypes` when first called, not at the top: a spawned
 # child imports this module to unpickle its Process object, and ctypes + the lock extension would
@@ -112,6 +112,25 @@ class BaseContext:
         from . import synchronize
 
         return synchronize.Barrier(parties, action, timeout, ctx=self)
+
+    # -- queues (gilfree.queues) -----------------------------------------------------------------
+    def Queue(self, maxsize: int = 0, *, ring_size: int | None = None) -> queues.Queue:
+        """A FIFO queue in shared memory (``multiprocessing.Queue``; see :mod:`gilfree.queues`)."""
+        from . import queues
+
+        return queues.Queue(maxsize, ctx=self, ring_size=ring_size or queues.RING_SIZE)
+
+    def JoinableQueue(self, maxsize: int = 0, *, ring_size: int | None = None) -> queues.JoinableQueue:
+        """A queue with ``task_done``/``join``."""
+        from . import queues
+
+        return queues.JoinableQueue(maxsize, ctx=self, ring_size=ring_size or queues.RING_SIZE)
+
+    def SimpleQueue(self, *, ring_size: int | None = None) -> queues.SimpleQueue:
+        """An unbounded queue with put, get, empty and close."""
+        from . import queues
+
+        return queues.SimpleQueue(ctx=self, ring_size=ring_size or queues.RING_SIZE)
 
     def RawValue(self, typecode_or_type: Any, *args: Any) -> Any:
         """A shared ctypes object without a lock."""

@@ -21,7 +21,6 @@ from __future__ import annotations
 import atexit
 import itertools
 import os
-import signal
 import sys
 import threading
 
@@ -50,7 +49,16 @@ try:
 except OSError:
     ORIGINAL_DIR = None
 
-_signal_names = {-int(sig): f"-{sig.name}" for sig in signal.Signals}
+def _exitcode_name(code: int) -> str:
+    """``-15`` -> ``"-SIGTERM"`` (as the stdlib's repr shows it); other codes as they are."""
+    if code >= 0:
+        return str(code)
+    import signal  # only for a repr: `signal.py` builds enums a spawned child need not pay for
+
+    try:
+        return f"-{signal.Signals(-code).name}"
+    except ValueError:
+        return str(code)
 
 
 class AuthenticationString(bytes):
@@ -253,7 +261,7 @@ class BaseProcess:
         info.append("parent=%s" % self._parent_pid)
         info.append(status)
         if exitcode is not None:
-            info.append("exitcode=%s" % _signal_names.get(exitcode, exitcode))
+            info.append("exitcode=%s" % _exitcode_name(exitcode))
         if self.daemon:
             info.append("daemon")
         return "<%s>" % " ".join(info)

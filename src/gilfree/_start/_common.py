@@ -17,10 +17,10 @@ pickled process object, each length-prefixed.
 
 from __future__ import annotations
 
+import _signal as signal  # the C module: `signal.py` builds enums (start-up imports, design.md)
 import fcntl
 import marshal
 import os
-import signal
 import struct
 import sys
 import threading

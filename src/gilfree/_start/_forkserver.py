@@ -30,11 +30,11 @@ Where this runs: ``ensure_running``/``connect`` in the parent, on the thread tha
 
 from __future__ import annotations
 
+import _signal as signal  # the C module: `signal.py` builds enums (start-up imports, design.md)
 import _socket  # the C module: `socket.py` costs every child ~5 ms (start-up imports, design.md)
 import array
 import os
 import select
-import signal
 import struct
 import sys
 import threading

@@ -1,0 +1,308 @@
+/*
+ * gilfree._cqueue: the hot path of gilfree.queues (layer L5, C), and futex waits on its words.
+ *
+ * The queue's layout, its protocol and its crash-safety argument are in the docstring of
+ * src/gilfree/queues.py; this file implements the common case of that protocol and nothing else:
+ *
+ *   put_small(buf, base, data)     the caller holds the queue lock.  If producers append to the ring
+ *                                  (no spill chain open), the record fits, and a bounded queue has
+ *                                  room: write [len|MSG|data], publish it with one store of tail,
+ *                                  count it, wake the "not empty" sleepers if one announced itself.
+ *                                  Returns False (nothing changed) when the Python path must do it.
+ *   take_small(buf, base, max)     the caller holds the lock.  Consume up to `max` MSG records at
+ *                                  the ring's head (one store of head each); stop at anything else
+ *                                  (a LINK, a big message, a spill chain being read).  Returns a
+ *                                  list of payloads (bytes).
+ *   wait(buf, off, seen, timeout)  set the sleeper flag next to the sequence word at `off`, sleep in
+ *                                  FUTEX_WAIT while it still reads `seen` (GIL released).
+ *   wake(buf, off)                 bump the sequence; FUTEX_WAKE all only if the flag was set.
+ *
+ * Where this runs: any thread of any process that maps the queue.  Only wait() blocks.
+ */
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <errno.h>
+#include <limits.h>
+#include <linux/futex.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+
+/* header words: keep in step with queues.py */
+enum { H_MAGIC, H_CAP, H_HEAD, H_TAIL, H_COUNT, H_WSEG, H_RCUR, H_RBASE, H_NEXT_SEQ, H_MAXSIZE,
+       H_UNFINISHED, H_QID, H_FLAGS };
+#define HDR 128
+#define F_JOINABLE 1u
+#define NE_WORD 26 /* u32 index of the "not empty" sequence; its flag follows */
+#define NF_WORD 28
+#define K_MSG 1u
+#define LINK_LEN 16
+#define MAGIC 0x6766517565756531ULL
+
+static inline uint64_t
+pad8(uint64_t n)
+{
+    return (n + 7) & ~(uint64_t)7;
+}
+
+static void
+do_wake(uint32_t *seq)
+{
+    __atomic_add_fetch(seq, 1, __ATOMIC_SEQ_CST);
+    if (__atomic_exchange_n(seq + 1, 0, __ATOMIC_SEQ_CST))
+        syscall(SYS_futex, seq, FUTEX_WAKE, INT_MAX, NULL, NULL, 0);
+}
+
+/* The queue header inside `obj` (a writable buffer) at `base`; NULL with an exception set. */
+static uint64_t *
+header(PyObject *obj, Py_ssize_t base, Py_buffer *view)
+{
+    uint64_t *h;
+    if (PyObject_GetBuffer(obj, view, PyBUF_WRITABLE) < 0)
+        return NULL;
+    if (base < 0 || base % 8 || base + HDR > view->len) {
+        PyBuffer_Release(view);
+        PyErr_SetString(PyExc_ValueError, "queue header out of the buffer");
+        return NULL;
+    }
+    h = (uint64_t *)((char *)view->buf + base);
+    if (h[H_MAGIC] != MAGIC || base + HDR + (Py_ssize_t)h[H_CAP] > view->len) {
+        PyBuffer_Release(view);
+        PyErr_SetString(PyExc_ValueError, "no queue header at this offset");
+        return NULL;
+    }
+    return h;
+}
+
+static PyObject *
+put_small(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_buffer view, data;
+    uint64_t *h, cap, mask, head, tail, size, maxsize;
+    Py_ssize_t base;
+    unsigned char *ring;
+    uint32_t rec[2];
+    uint64_t off, start, first, n;
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "put_small(buffer, base, data)");
+        return NULL;
+    }
+    base = PyLong_AsSsize_t(args[1]);
+    if (base == -1 && PyErr_Occurred())
+        return NULL;
+    if ((h = header(args[0], base, &view)) == NULL)
+        return NULL;
+    if (PyObject_GetBuffer(args[2], &data, PyBUF_SIMPLE) < 0) {
+        PyBuffer_Release(&view);
+        return NULL;
+    }
+    cap = h[H_CAP];
+    mask = cap - 1;
+    ring = (unsigned char *)h + HDR;
+    n = (uint64_t)data.len;
+    size = 8 + pad8(n);
+    head = __atomic_load_n(&h[H_HEAD], __ATOMIC_ACQUIRE);
+    tail = h[H_TAIL];
+    maxsize = h[H_MAXSIZE];
+    if (h[H_WSEG] != 0 || n > UINT32_MAX || tail - head + size + LINK_LEN > cap ||
+        (maxsize && h[H_COUNT] >= maxsize)) {
+        PyBuffer_Release(&data);
+        PyBuffer_Release(&view);
+        Py_RETURN_FALSE;
+    }
+    off = tail & mask;
+    rec[0] = (uint32_t)n;
+    rec[1] = K_MSG;
+    memcpy(ring + off, rec, 8);
+    start = (off + 8) & mask;
+    first = cap - start;
+    if (n <= first) {
+        memcpy(ring + start, data.buf, n);
+    }
+    else {
+        memcpy(ring + start, data.buf, first);
+        memcpy(ring, (char *)data.buf + first, n - first);
+    }
+    __atomic_store_n(&h[H_TAIL], tail + size, __ATOMIC_RELEASE); /* commit */
+    h[H_COUNT] += 1;
+    if (h[H_FLAGS] & F_JOINABLE)
+        h[H_UNFINISHED] += 1;
+    do_wake((uint32_t *)h + NE_WORD);
+    PyBuffer_Release(&data);
+    PyBuffer_Release(&view);
+    Py_RETURN_TRUE;
+}
+
+static PyObject *
+take_small(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_buffer view;
+    uint64_t *h, cap, mask, head, tail;
+    Py_ssize_t base, max, got = 0;
+    unsigned char *ring;
+    PyObject *out;
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "take_small(buffer, base, max_items)");
+        return NULL;
+    }
+    base = PyLong_AsSsize_t(args[1]);
+    if (base == -1 && PyErr_Occurred())
+        return NULL;
+    max = PyLong_AsSsize_t(args[2]);
+    if (max == -1 && PyErr_Occurred())
+        return NULL;
+    if ((h = header(args[0], base, &view)) == NULL)
+        return NULL;
+    out = PyList_New(0);
+    if (out == NULL)
+        goto done;
+    if (h[H_RCUR] != 0)
+        goto done;
+    cap = h[H_CAP];
+    mask = cap - 1;
+    ring = (unsigned char *)h + HDR;
+    head = h[H_HEAD];
+    tail = __atomic_load_n(&h[H_TAIL], __ATOMIC_ACQUIRE);
+    while (got < max && head != tail) {
+        uint32_t rec[2];
+        uint64_t n, start, first;
+        PyObject *item;
+        char *dst;
+        memcpy(rec, ring + (head & mask), 8);
+        if (rec[1] != K_MSG)
+            break;
+        n = rec[0];
+        item = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)n);
+        if (item == NULL)
+            break;
+        dst = PyBytes_AS_STRING(item);
+        start = ((head & mask) + 8) & mask;
+        first = cap - start;
+        if (n <= first) {
+            memcpy(dst, ring + start, n);
+        }
+        else {
+            memcpy(dst, ring + start, first);
+            memcpy(dst + first, ring, n - first);
+        }
+        if (PyList_Append(out, item) < 0) {
+            Py_DECREF(item);
+            break;
+        }
+        Py_DECREF(item);
+        head += 8 + pad8(n);
+        __atomic_store_n(&h[H_HEAD], head, __ATOMIC_RELEASE); /* commit */
+        h[H_COUNT] -= 1;
+        got++;
+    }
+    if (got && h[H_MAXSIZE])
+        do_wake((uint32_t *)h + NF_WORD);
+done:
+    PyBuffer_Release(&view);
+    if (PyErr_Occurred()) {
+        /* records already consumed are in `out`: hand them over, the error is lost with them
+           otherwise; only a MemoryError can get here */
+        if (out != NULL && PyList_GET_SIZE(out) > 0)
+            PyErr_Clear();
+        else {
+            Py_XDECREF(out);
+            return NULL;
+        }
+    }
+    return out;
+}
+
+static uint32_t *
+word(PyObject *obj, PyObject *off_obj, Py_buffer *view)
+{
+    Py_ssize_t off = PyLong_AsSsize_t(off_obj);
+    if (off == -1 && PyErr_Occurred())
+        return NULL;
+    if (PyObject_GetBuffer(obj, view, PyBUF_WRITABLE) < 0)
+        return NULL;
+    if (off < 0 || off % 4 || off + 8 > view->len) {
+        PyBuffer_Release(view);
+        PyErr_SetString(PyExc_ValueError, "futex word out of the buffer");
+        return NULL;
+    }
+    return (uint32_t *)((char *)view->buf + off);
+}
+
+static PyObject *
+wake(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_buffer view;
+    uint32_t *seq;
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "wake(buffer, offset)");
+        return NULL;
+    }
+    if ((seq = word(args[0], args[1], &view)) == NULL)
+        return NULL;
+    do_wake(seq);
+    PyBuffer_Release(&view);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+wait(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_buffer view;
+    uint32_t *seq, seen;
+    double timeout;
+    struct timespec ts, *pts = NULL;
+    int err = 0;
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "wait(buffer, offset, seen, timeout)");
+        return NULL;
+    }
+    seen = (uint32_t)PyLong_AsUnsignedLongMask(args[2]);
+    if (PyErr_Occurred())
+        return NULL;
+    timeout = PyFloat_AsDouble(args[3]);
+    if (timeout == -1.0 && PyErr_Occurred())
+        return NULL;
+    if (timeout >= 0) {
+        ts.tv_sec = (time_t)timeout;
+        ts.tv_nsec = (long)((timeout - (double)ts.tv_sec) * 1e9);
+        pts = &ts;
+    }
+    if ((seq = word(args[0], args[1], &view)) == NULL)
+        return NULL;
+    __atomic_store_n(seq + 1, 1, __ATOMIC_SEQ_CST); /* a sleeper: wakers must make the system call */
+    Py_BEGIN_ALLOW_THREADS
+    if (syscall(SYS_futex, seq, FUTEX_WAIT, seen, pts, NULL, 0) == -1)
+        err = errno;
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&view);
+    if (err == EINTR && PyErr_CheckSignals() < 0)
+        return NULL;
+    return PyBool_FromLong(err != ETIMEDOUT);
+}
+
+static PyMethodDef module_methods[] = {
+    {"put_small", (PyCFunction)(void (*)(void))put_small, METH_FASTCALL,
+     "put_small(buffer, base, data) -> bool: append a small pickled message (queue lock held)"},
+    {"take_small", (PyCFunction)(void (*)(void))take_small, METH_FASTCALL,
+     "take_small(buffer, base, max_items) -> list[bytes]: consume small messages at the head (lock held)"},
+    {"wait", (PyCFunction)(void (*)(void))wait, METH_FASTCALL,
+     "wait(buffer, offset, seen, timeout) -> bool: sleep while the sequence word reads `seen`; "
+     "timeout < 0: no limit; False on timeout"},
+    {"wake", (PyCFunction)(void (*)(void))wake, METH_FASTCALL,
+     "wake(buffer, offset): bump the sequence word, wake its sleepers if any announced itself"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef cqueue_module = {
+    PyModuleDef_HEAD_INIT, "gilfree._cqueue", "The hot path of gilfree.queues (see queues.py).", -1,
+    module_methods,
+};
+
+PyMODINIT_FUNC
+PyInit__cqueue(void)
+{
+    return PyModule_Create(&cqueue_module);
+}

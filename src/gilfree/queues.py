@@ -1,0 +1,838 @@
+"""Queues between processes: a ring buffer in shared memory, no feeder thread (layer L5).
+
+::
+
+    producers (any process/thread)            shared memory                          consumers
+    ------------------------------            -------------                          ---------
+    put(obj): pickle here (raises here)  +-----------------------------------+
+      small: lock, write record at tail, | header (Block, inherited)         |   get(): lock; record at
+        tail += len  (the commit), wake  |  head tail count wseg rcur rbase  |    head: copy out,
+      ring full (unbounded queue):       |  next_seq maxsize unfinished ...  |    head += len (commit),
+        records go to a spill segment    |  futex words: not-empty/not-full/ |    wake; unpickle after
+        "gfq<id>_<n>", reached through a |  all-done (sequence + sleeper flag)|    the lock is released
+        LINK record in the ring          | ring (cap bytes, circular):       |
+      big (> cap/8, or an out-of-band    |  [len|kind|payload...][len|kind.. |   LINK: follow the chain
+        buffer >= 1 MiB): written to its +-----------------------------------+    of spill segments, then
+        own segment "gfq<id>_b<rand>"        |LINK(n)            |BIG(name)       back to the ring
+        outside the lock; the ring           v                   v
+        carries its name              spill segment n:       big segment: pickle + buffers
+                                      [used|sealed|records.. LINK(n+1)?]   (mapped, used, unlinked
+                                                                            by the consumer)
+
+Every record is ``[u32 payload length][u32 kind][payload, padded to 8]``; kinds are a pickled message
+(MSG), the name of a big message's segment (BIG) and the number of the next spill segment (LINK).
+
+*Producer* (any process or thread that calls ``put``): pickles the object in the caller, so an
+unpicklable object raises there and nothing is published; takes the queue lock; appends the record;
+publishes it with one 8-byte store (``tail``, or ``used`` of the spill segment being written);
+updates the message count; wakes sleepers only if one announced itself.  Nothing stays behind in the
+process: a child that put data and returns can be joined at once, and the data is in shared memory.
+
+*Consumer* (any caller of ``get``): takes the lock, copies the record out, consumes it with one
+8-byte store (``head``, or the read cursor ``rcur`` in a spill segment), releases the lock and
+unpickles.  It unlinks spill and big segments it has finished.
+
+*Crash safety.*  The lock is a robust :class:`~gilfree.synchronize.Lock` in takeover mode: if its
+holder dies, the next process that waits for it takes it over and, before anything else, runs
+:meth:`_QueueBase._repair`.  Each operation changes the queue with exactly one store that makes a
+record visible (producer) or consumed (consumer); what is written before that store is invisible,
+what follows it (the count, which spill segment is open, sealing a spill segment) is derived data
+that the repair recomputes by walking the records.  The one non-idempotent step, leaving a spill chain
+for the ring, is written as an assignment (``head = rbase + LINK``) so that doing it twice is harmless.
+So a process killed at any instruction loses at most the message it was handling (unpublished, or
+consumed but not yet returned), and never leaves a torn or duplicated message.  Segments orphaned by
+a death (created, not yet published; consumed, not yet unlinked) are removed by the queue's creator
+when it lets go of the queue, or at its exit: every segment name starts with the queue's prefix.
+
+*Waiting.*  Each condition (not empty, not full, all tasks done) is a 32-bit sequence number bumped
+under the lock by whoever may have changed it, plus a flag a sleeper sets before it sleeps on the
+sequence (``FUTEX_WAIT`` in :mod:`gilfree._cqueue`): a waker makes the wake-up system call only if the
+flag was set.  A sleeper reads the sequence under the lock, so no wake-up is lost.  Without the C
+extension (or with ``GILFREE_PURE_QUEUE=1``) sleepers poll the sequence with a growing sleep
+(50 µs to 5 ms); that path is kept for tests and machines without a compiler.
+
+The design follows the classic single-lock bounded buffer with sequence-number futexes (as in
+faster-fifo's and Boost.Interprocess's message queues); what differs: no fixed capacity in bytes
+(spill segments), records published by a single store so that death at any point is recoverable,
+large messages out of the ring, and a robust lock instead of a pthread mutex.
+
+Like the stdlib's, queues reach other processes only by inheritance (``Process`` arguments).
+
+Where this runs: in any process and thread.  ``put`` blocks only on a full bounded queue, ``get`` on
+an empty one, both up to their timeout; the lock is held only for copying bytes.
+"""
+
+from __future__ import annotations
+
+import _posixshmem
+import mmap
+import os
+import struct
+import sys
+import threading
+import time
+import warnings
+from queue import Empty, Full
+
+from . import _shm, process, reduction, synchronize, util
+from ._errors import OwnerDiedWarning
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, Iterable
+
+def _load_cqueue() -> Any:
+    if os.environ.get("GILFREE_PURE_QUEUE"):
+        return None
+    try:
+        from . import _cqueue as module
+    except ImportError:  # pragma: no cover - built without a C compiler
+        return None
+    return module
+
+
+#: The C hot path, or None: the pure-Python path (no compiler, or GILFREE_PURE_QUEUE=1).
+_cqueue: Any = _load_cqueue()
+
+__all__ = ["Queue", "SimpleQueue", "JoinableQueue", "Empty", "Full"]
+
+# Takeover is expected and handled (the ring is repaired), so the lock's warning is noise here.
+warnings.filterwarnings("ignore", category=OwnerDiedWarning, module=r"gilfree\.queues\Z")
+
+#: Default ring size in bytes (a power of two); ``Queue(ring_size=...)`` changes it.
+RING_SIZE = 1 << 20
+#: Out-of-band buffers (numpy arrays, PickleBuffer) at least this large always travel in their own segment.
+OOB_MIN = 1 << 20
+#: How long a non-blocking put/get waits for the queue lock (seconds).
+NOWAIT_LOCK_TIMEOUT = 0.005
+#: Longest single sleep of a waiter before it looks at the queue again (seconds).
+WAIT_SLICE = 0.5
+#: Size of a spill segment (records that do not fit in a full ring of an unbounded queue).
+SPILL_SIZE = 4 << 20
+
+# header words (u64)
+_MAGIC, _CAP, _HEAD, _TAIL, _COUNT, _WSEG, _RCUR, _RBASE, _NEXT_SEQ, _MAXSIZE, _UNFINISHED, _QID, _FLAGS = range(13)
+_F_JOINABLE = 1
+# futex words (u32 index into the same header): sequence, sleeper flag
+_NE, _NF, _DONE = 26, 28, 30  # bytes 104-127: after the u64 words 0-12
+_HDR = 128
+_MAGIC_VALUE = 0x6766517565756531  # "gfQueue1"
+# record kinds
+_MSG, _BIG, _LINK = 1, 2, 3
+_LINK_LEN = 16
+_REC = struct.Struct("<II")
+# spill segment header (u64 words): bytes used (records end here), sealed (1: nothing more comes)
+_S_USED, _S_SEALED = 0, 1
+_S_HDR = 64
+
+_SHM_DIR = "/dev/shm"
+
+
+def _pad(n: int) -> int:
+    return (n + 7) & ~7
+
+
+def _shm_create(name: str, size: int) -> mmap.mmap:
+    fd = _posixshmem.shm_open("/" + name, os.O_CREAT | os.O_EXCL | os.O_RDWR, mode=0o600)
+    try:
+        os.ftruncate(fd, size)
+        return mmap.mmap(fd, size)
+    except BaseException:
+        _shm_unlink(name)
+        raise
+    finally:
+        os.close(fd)
+
+
+def _shm_attach(name: str) -> mmap.mmap:
+    fd = _posixshmem.shm_open("/" + name, os.O_RDWR, mode=0o600)
+    try:
+        return mmap.mmap(fd, os.fstat(fd).st_size)
+    finally:
+        os.close(fd)
+
+
+def _shm_unlink(name: str) -> None:
+    try:
+        _posixshmem.shm_unlink("/" + name)
+    except FileNotFoundError:
+        pass
+
+
+_pickle_dumps = reduction.pickle.dumps
+_pickle_loads = reduction.pickle.loads
+_PLAIN = frozenset({int, float, str, tuple, bool, type(None), complex})
+_fast_table_len = -1
+_fast_ok = False
+_main_seen: tuple[Any, bool] = (None, False)
+
+
+def _fast_dumps(obj: Any, limit: int) -> bytes | None:
+    """``obj`` pickled by the C pickler alone, or None where :func:`reduction.dump_chunks` must do it.
+
+    That is: when it fails (tier 2 and the error explanation are there), when a reducer registered with
+    :func:`reduction.register` could change the result, when ``__main__`` is mentioned and cannot be
+    imported by a receiver, and for large buffers (which travel out of band).  The C pickler uses
+    copyreg's table as the package's pickler does; several times cheaper than a Pickler per message.
+    """
+    global _fast_table_len, _fast_ok, _main_seen
+    extra = reduction._extra_reducers
+    if len(extra) != _fast_table_len:  # only types that plain pickling refuses anyway
+        _fast_table_len = len(extra)
+        _fast_ok = all(t is memoryview or t.__name__ == "socket" for t in extra)
+    if not _fast_ok:
+        return None
+    t = type(obj)
+    if t not in _PLAIN:
+        if t is bytes or t is bytearray:
+            if len(obj) > limit:
+                return None
+        elif getattr(obj, "nbytes", 0) >= min(limit, OOB_MIN):  # numpy arrays, memoryviews
+            return None
+    try:
+        data = _pickle_dumps(obj, 5)
+    except Exception:
+        return None
+    main = sys.modules.get("__main__")
+    if main is not _main_seen[0]:
+        _main_seen = (main, reduction._main_is_reimportable())
+    if not _main_seen[1] and b"__main__" in data:
+        return None
+    return data
+
+
+def _sweep(prefix: str) -> None:
+    """Unlink every segment left with this queue's prefix (orphans of killed processes, unread data)."""
+    try:
+        names = os.listdir(_SHM_DIR)
+    except OSError:
+        return
+    for name in names:
+        if name.startswith(prefix):
+            _shm_unlink(name)
+
+
+def _sweep_when_safe(prefix: str) -> None:
+    # Children may still use the queue when the creator drops it: then wait for the creator's exit
+    # (after its children are joined: priority below 0, see process._exit_function).
+    if process.active_children():
+        util.Finalize(None, _sweep, (prefix,), exitpriority=-10)
+    else:
+        _sweep(prefix)
+
+
+class _QueueBase:
+    """The shared machinery of :class:`Queue`, :class:`JoinableQueue` and :class:`SimpleQueue`."""
+
+    _joinable = False
+
+    def __init__(self, maxsize: int = 0, *, ctx: Any = None, ring_size: int = RING_SIZE) -> None:
+        if maxsize <= 0:
+            maxsize = 0
+        cap = 1 << max(12, (int(ring_size) - 1).bit_length())
+        if cap > 1 << 31:
+            raise ValueError(f"ring_size {ring_size} is larger than 2 GiB")
+        block = _shm.Block(_HDR + cap)
+        lock = synchronize.Lock(on_owner_death="takeover")
+        qid = int.from_bytes(os.urandom(4), "little")
+        header = block.memoryview()[:_HDR]
+        header[:] = bytes(_HDR)
+        words = header.cast("Q")
+        words[_CAP] = cap
+        words[_NEXT_SEQ] = 1
+        words[_MAXSIZE] = maxsize
+        words[_QID] = qid
+        words[_FLAGS] = _F_JOINABLE if self._joinable else 0
+        words[_MAGIC] = _MAGIC_VALUE
+        self._setup(block, lock)
+        util.Finalize(self, _sweep_when_safe, (self._prefix,), exitpriority=-10)
+
+    def _setup(self, block: _shm.Block, lock: Any) -> None:
+        self._block = block
+        self._lock = lock
+        view = block.memoryview()
+        self._h = view[:_HDR].cast("Q")
+        self._w = view[:_HDR].cast("I")
+        if self._h[_MAGIC] != _MAGIC_VALUE:
+            raise ValueError("no queue header in this block (overwritten?)")
+        self._cap = self._h[_CAP]
+        self._mask = self._cap - 1
+        self._ring = view[_HDR : _HDR + self._cap]
+        self._maxsize = self._h[_MAXSIZE]
+        self._big_limit = self._cap // 8
+        self._prefix = f"gfq{self._h[_QID]:08x}_"
+        self._segs: dict[int, mmap.mmap] = {}  # spill segments mapped by this process
+        self._closed = False
+        self._tlock = threading.Lock()  # the pure-Python wait path sleeps; nothing else needs it
+        self._buf = block.arena.buffer
+        self._base = block.offset
+        self._fast = _cqueue is not None
+
+    def __getstate__(self) -> Any:
+        reduction.assert_spawning(self)
+        return (self._block, self._lock)
+
+    def __setstate__(self, state: Any) -> None:
+        self._setup(*state)
+
+    def __class_getitem__(cls, item: Any) -> Any:
+        import types
+
+        return types.GenericAlias(cls, item)
+
+    def __repr__(self) -> str:
+        try:
+            size: Any = self._h[_COUNT]
+        except Exception:
+            size = "unknown"
+        maxsize = f"maxsize={self._maxsize}, " if self._maxsize else ""
+        closed = ", closed" if self._closed else ""
+        return f"<{type(self).__name__}({maxsize}qsize={size}, ring={self._cap}){closed}>"
+
+    # -- locking and waiting ---------------------------------------------------------------------
+    def _acquire(self, block: bool, deadline: float | None) -> bool:
+        lock = self._lock
+        if lock.acquire(False):
+            return True
+        if not block:
+            # the lock is held for microseconds (copying bytes): a non-blocking call waits that long,
+            # so that get_nowait() on a non-empty queue does not fail because another process is
+            # in the middle of its own get (the stdlib's does: its lock is held across a read)
+            timeout: float | None = NOWAIT_LOCK_TIMEOUT
+        else:
+            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+        if not lock.acquire(True, timeout):
+            return False
+        if lock._recovered_from:  # the holder died inside an operation, maybe half-way: repair
+            try:
+                self._repair()
+            except BaseException:
+                lock.release()
+                raise
+        return True
+
+    def _wake(self, idx: int) -> None:
+        """Bump condition ``idx``'s sequence (lock held) and wake its sleepers, if any sleep."""
+        if _cqueue is not None:
+            _cqueue.wake(self._buf, self._base + 4 * idx)
+        else:
+            w = self._w
+            w[idx] = (w[idx] + 1) & 0xFFFFFFFF
+
+    def _sleep(self, idx: int, seen: int, deadline: float | None) -> bool:
+        """Wait (lock not held) until condition ``idx``'s sequence differs from ``seen``; False on timeout."""
+        if deadline is None:
+            timeout = -1.0
+        else:
+            timeout = deadline - time.monotonic()
+            if timeout <= 0:
+                return False
+        if _cqueue is not None:
+            # in slices: a waker killed between bumping the sequence and the wake-up call must not
+            # leave us asleep for good (the caller re-checks the queue after every return)
+            _cqueue.wait(self._buf, self._base + 4 * idx, seen, WAIT_SLICE if timeout < 0 else min(timeout, WAIT_SLICE))
+            return True
+        delay = 50e-6
+        w = self._w
+        while w[idx] == seen:
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                delay = min(delay, left)
+            time.sleep(delay)
+            delay = min(delay * 2, 0.005)
+        return True
+
+    # -- segments -------------------------------------------------------------------------------
+    def _seg(self, seq: int) -> mmap.mmap:
+        seg = self._segs.get(seq)
+        if seg is None:
+            seg = self._segs[seq] = _shm_attach(f"{self._prefix}{seq}")
+        return seg
+
+    def _forget_segs(self, below: int) -> None:
+        for seq in [s for s in self._segs if s < below]:
+            del self._segs[seq]
+
+    # -- records --------------------------------------------------------------------------------
+    def _ring_write(self, pos: int, kind: int, data: Any) -> None:
+        ring, mask = self._ring, self._mask
+        off = pos & mask
+        n = len(data)
+        _REC.pack_into(ring, off, n, kind)
+        start = (off + 8) & mask
+        first = self._cap - start
+        if n <= first:
+            ring[start : start + n] = data
+        else:
+            view = memoryview(data)
+            ring[start:] = view[:first]
+            ring[: n - first] = view[first:]
+
+    def _ring_read(self, pos: int) -> tuple[int, int]:
+        """(payload length, kind) of the record at ring position ``pos``."""
+        return _REC.unpack_from(self._ring, pos & self._mask)
+
+    def _ring_payload(self, pos: int, n: int) -> bytes:
+        ring, mask = self._ring, self._mask
+        start = (pos + 8) & mask
+        first = self._cap - start
+        if n <= first:
+            return ring[start : start + n].tobytes()
+        return ring[start:].tobytes() + ring[: n - first].tobytes()
+
+    def _append(self, kind: int, data: Any) -> None:
+        """Append one record and publish it (lock held); count it."""
+        h = self._h
+        size = 8 + _pad(len(data))
+        wseg = h[_WSEG]
+        if wseg and self._segs_sealed(wseg):
+            h[_WSEG] = wseg = 0
+        if wseg and h[_TAIL] - h[_HEAD] + size + _LINK_LEN <= self._cap // 2:
+            # the ring has drained: close the spill chain, later records go to the ring after it
+            seg = self._seg(wseg)
+            struct.pack_into("<Q", seg, 8 * _S_SEALED, 1)
+            h[_WSEG] = wseg = 0
+        if not wseg:
+            tail = h[_TAIL]
+            if tail - h[_HEAD] + size + _LINK_LEN <= self._cap:
+                self._ring_write(tail, kind, data)
+                h[_TAIL] = tail + size  # commit
+            else:  # ring full: start a spill chain, reached through a LINK in the ring
+                seq = self._new_spill(kind, data, size)
+                self._ring_write(tail, _LINK, struct.pack("<Q", seq))
+                h[_TAIL] = tail + _LINK_LEN  # commit
+                h[_WSEG] = seq
+        else:
+            seg = self._seg(wseg)
+            used = struct.unpack_from("<Q", seg, 0)[0]
+            if used + size + _LINK_LEN <= len(seg):
+                _REC.pack_into(seg, used, len(data), kind)
+                seg[used + 8 : used + 8 + len(data)] = data
+                struct.pack_into("<Q", seg, 0, used + size)  # commit
+            else:  # this segment is full: continue in a new one
+                seq = self._new_spill(kind, data, size)
+                _REC.pack_into(seg, used, 8, _LINK)
+                struct.pack_into("<Q", seg, used + 8, seq)
+                struct.pack_into("<Q", seg, 0, used + _LINK_LEN)  # commit
+                struct.pack_into("<Q", seg, 8 * _S_SEALED, 1)
+                h[_WSEG] = seq
+        h[_COUNT] += 1
+
+    def _segs_sealed(self, seq: int) -> bool:
+        return struct.unpack_from("<Q", self._seg(seq), 8 * _S_SEALED)[0] != 0
+
+    def _new_spill(self, kind: int, data: Any, size: int) -> int:
+        h = self._h
+        seq = h[_NEXT_SEQ]
+        h[_NEXT_SEQ] = seq + 1
+        length = max(SPILL_SIZE, _S_HDR + size + _LINK_LEN)
+        seg = _shm_create(f"{self._prefix}{seq}", length)
+        _REC.pack_into(seg, _S_HDR, len(data), kind)
+        seg[_S_HDR + 8 : _S_HDR + 8 + len(data)] = data
+        struct.pack_into("<QQ", seg, 0, _S_HDR + size, 0)
+        self._forget_segs(h[_WSEG])
+        self._segs[seq] = seg
+        return seq
+
+    def _take(self) -> tuple[int, bytes] | None:
+        """Consume the first record (lock held): (kind, payload), or None if the queue is empty."""
+        h = self._h
+        while True:
+            rcur = h[_RCUR]
+            if rcur:
+                seq, rpos = rcur >> 32, rcur & 0xFFFFFFFF
+                seg = self._seg(seq)
+                used, sealed = struct.unpack_from("<QQ", seg, 0)
+                if rpos < used:
+                    n, kind = _REC.unpack_from(seg, rpos)
+                    if kind == _LINK:
+                        nxt = struct.unpack_from("<Q", seg, rpos + 8)[0]
+                        h[_RCUR] = (nxt << 32) | _S_HDR  # commit
+                        self._drop_seg(seq)
+                        continue
+                    payload = seg[rpos + 8 : rpos + 8 + n]
+                    h[_RCUR] = rcur + 8 + _pad(n)  # commit
+                    h[_COUNT] -= 1
+                    return kind, payload
+                if not sealed:
+                    return None
+                # end of the chain: back to the ring, after the LINK that led here (idempotent)
+                h[_HEAD] = h[_RBASE] + _LINK_LEN
+                h[_RCUR] = 0
+                self._drop_seg(seq)
+                continue
+            head = h[_HEAD]
+            if head == h[_TAIL]:
+                return None
+            n, kind = self._ring_read(head)
+            if kind == _LINK:
+                seq = struct.unpack_from("<Q", self._ring_payload(head, 8))[0]
+                h[_RBASE] = head
+                h[_RCUR] = (seq << 32) | _S_HDR
+                continue
+            payload = self._ring_payload(head, n)
+            h[_HEAD] = head + 8 + _pad(n)  # commit
+            h[_COUNT] -= 1
+            return kind, payload
+
+    def _drop_seg(self, seq: int) -> None:
+        self._segs.pop(seq, None)
+        _shm_unlink(f"{self._prefix}{seq}")
+
+    def _repair(self) -> None:
+        """Make the derived state agree with the records after a holder died (lock held).
+
+        Recounts the messages, finds the spill segment producers should append to, and seals a spill
+        chain that records in the ring follow.  Idempotent; costs a walk over the queued records.
+        """
+        h = self._h
+        count = 0
+
+        def walk_chain(seq: int, pos: int) -> tuple[int, int]:
+            """Count the chain's records from (seq, pos): (count, last segment's seq)."""
+            n_msgs = 0
+            while True:
+                seg = self._seg(seq)
+                used = struct.unpack_from("<Q", seg, 0)[0]
+                nxt = 0
+                while pos < used:
+                    n, kind = _REC.unpack_from(seg, pos)
+                    if kind == _LINK:
+                        nxt = struct.unpack_from("<Q", seg, pos + 8)[0]
+                        break
+                    n_msgs += 1
+                    pos += 8 + _pad(n)
+                if not nxt:
+                    return n_msgs, seq
+                struct.pack_into("<Q", seg, 8 * _S_SEALED, 1)  # a LINK ends its segment
+                seq, pos = nxt, _S_HDR
+
+        open_chain = 0  # the chain whose LINK is the ring's last record
+        rcur = h[_RCUR]
+        if rcur:
+            c, open_chain = walk_chain(rcur >> 32, rcur & 0xFFFFFFFF)
+            count += c
+            pos = h[_RBASE] + _LINK_LEN
+        else:
+            pos = h[_HEAD]
+        tail = h[_TAIL]
+        while pos < tail:
+            if open_chain:  # a record follows the chain: it is closed
+                struct.pack_into("<Q", self._seg(open_chain), 8 * _S_SEALED, 1)
+                open_chain = 0
+            n, kind = self._ring_read(pos)
+            if kind == _LINK:
+                seq = struct.unpack_from("<Q", self._ring_payload(pos, 8))[0]
+                c, open_chain = walk_chain(seq, _S_HDR)
+                count += c
+            else:
+                count += 1
+            pos += 8 + _pad(n)
+        h[_WSEG] = open_chain if open_chain and not self._segs_sealed(open_chain) else 0
+        h[_COUNT] = count
+        util.debug(f"queue {self._prefix[3:-1]}: repaired after a holder died ({count} messages)")
+
+    # -- pickling -------------------------------------------------------------------------------
+    def _encode(self, obj: Any) -> tuple[int, Any]:
+        """(kind, record payload) for ``obj``; a big message is written to its own segment here."""
+        data = _fast_dumps(obj, self._big_limit)
+        if data is not None and len(data) <= self._big_limit:
+            return _MSG, data
+        chunks, oob = reduction.dump_chunks(obj, OOB_MIN)
+        if not oob:
+            if len(chunks) == 1:
+                data = chunks[0]
+                if len(data) <= self._big_limit:
+                    return _MSG, data
+            else:
+                total = sum(memoryview(c).nbytes for c in chunks)
+                if total <= self._big_limit:
+                    return _MSG, b"".join(chunks)
+        return _BIG, self._write_big(chunks, oob)
+
+    def _write_big(self, chunks: list[Any], oob: list[Any]) -> bytes:
+        views = [memoryview(c).cast("B") for c in chunks]
+        bufs = [memoryview(b).cast("B") for b in oob]
+        pickled = sum(v.nbytes for v in views)
+        head = struct.pack(f"<{2 + len(bufs)}Q", len(bufs), pickled, *(b.nbytes for b in bufs))
+        pos = (len(head) + 63) & ~63
+        size = pos + pickled
+        offsets = []
+        for b in bufs:
+            size = (size + 63) & ~63
+            offsets.append(size)
+            size += b.nbytes
+        name = f"{self._prefix}b{os.urandom(8).hex()}"
+        seg = _shm_create(name, max(size, 1))
+        try:
+            seg[: len(head)] = head
+            for v in views:
+                seg[pos : pos + v.nbytes] = v
+                pos += v.nbytes
+            for off, b in zip(offsets, bufs):
+                seg[off : off + b.nbytes] = b
+        except BaseException:
+            seg.close()
+            _shm_unlink(name)
+            raise
+        seg.close()
+        return name.encode("ascii")
+
+    @staticmethod
+    def _decode(kind: int, payload: Any) -> Any:
+        if kind == _MSG:
+            return _pickle_loads(payload)
+        name = bytes(payload).decode("ascii")
+        seg = _shm_attach(name)
+        _shm_unlink(name)  # the mapping stays valid; nobody else will look for this name
+        view = memoryview(seg)
+        n_bufs, pickled = struct.unpack_from("<QQ", seg, 0)
+        lengths = struct.unpack_from(f"<{n_bufs}Q", seg, 16)
+        pos = (16 + 8 * n_bufs + 63) & ~63
+        data = view[pos : pos + pickled]
+        pos += pickled
+        buffers = []
+        for n in lengths:
+            pos = (pos + 63) & ~63
+            buffers.append(view[pos : pos + n])
+            pos += n
+        obj = reduction.loads(data, buffers=buffers)
+        del data, buffers, view
+        try:
+            seg.close()  # nothing of it is used (no out-of-band buffer kept): unmap now
+        except BufferError:
+            pass  # arrays use it: it is unmapped when they are collected
+        return obj
+
+    # -- the API --------------------------------------------------------------------------------
+    def _check_closed(self) -> None:
+        if self._closed:
+            raise ValueError(f"Queue {self!r} is closed")
+
+    def put(self, obj: Any, block: bool = True, timeout: float | None = None) -> None:
+        """Put ``obj`` in the queue, waiting (if ``block``, up to ``timeout``) while a bounded queue is full.
+
+        ``obj`` is pickled here: an object that cannot be pickled raises ``gilfree.PicklingError`` in the
+        caller and nothing is queued.  Raises ``queue.Full`` if no room was found in time.
+        """
+        if self._closed:
+            self._check_closed()
+        kind, data = self._encode(obj)
+        if kind == _MSG and self._fast and self._lock.acquire(False):
+            try:
+                done = _cqueue.put_small(self._buf, self._base, data)
+            finally:
+                self._lock.release()
+            if done:
+                return
+        try:
+            self._put_records([(kind, data)], block, timeout)
+        except BaseException:
+            if kind == _BIG:
+                _shm_unlink(bytes(data).decode("ascii"))
+            raise
+
+    def put_many(self, items: Iterable[Any], block: bool = True, timeout: float | None = None) -> None:
+        """Put every item of ``items``, in order, with one round of locking (all or nothing).
+
+        All items are pickled before any is queued.  A bounded queue must have room for all of them
+        (``ValueError`` if there are more items than ``maxsize``).
+        """
+        self._check_closed()
+        records = []
+        try:
+            for obj in items:
+                records.append(self._encode(obj))
+            if self._maxsize and len(records) > self._maxsize:
+                raise ValueError(f"put_many of {len(records)} items into a queue of maxsize {self._maxsize}")
+            if records:
+                self._put_records(records, block, timeout)
+        except BaseException:
+            for kind, data in records:
+                if kind == _BIG:
+                    _shm_unlink(bytes(data).decode("ascii"))
+            raise
+
+    def _put_records(self, records: list[tuple[int, Any]], block: bool, timeout: float | None) -> None:
+        deadline = None
+        if block and timeout is not None:
+            if timeout < 0:
+                raise ValueError("'timeout' must be a non-negative number")
+            deadline = time.monotonic() + timeout
+        h = self._h
+        n = len(records)
+        while True:
+            if not self._acquire(block, deadline):
+                raise Full
+            try:
+                if not self._maxsize or h[_COUNT] + n <= self._maxsize:
+                    fast, slow = self._fast, 0
+                    for kind, data in records:  # put_small counts and wakes for its own records
+                        if not (fast and kind == _MSG and _cqueue.put_small(self._buf, self._base, data)):
+                            self._append(kind, data)
+                            slow += 1
+                    if slow:
+                        if self._joinable:
+                            h[_UNFINISHED] += slow
+                        self._wake(_NE)
+                    return
+                seen = self._w[_NF]
+            finally:
+                self._lock.release()
+            if not block or not self._sleep(_NF, seen, deadline):
+                raise Full
+
+    def get(self, block: bool = True, timeout: float | None = None) -> Any:
+        """Remove and return the oldest item, waiting (if ``block``, up to ``timeout``) while the queue is empty.
+
+        Raises ``queue.Empty`` if nothing came in time.
+        """
+        if self._closed:
+            self._check_closed()
+        if self._fast and self._lock.acquire(False):
+            try:
+                got = _cqueue.take_small(self._buf, self._base, 1)
+            finally:
+                self._lock.release()
+            if got:
+                return _pickle_loads(got[0])
+        return self._decode(*self._get_records(1, block, timeout)[0])
+
+    def get_many(self, max_items: int = 1000, timeout: float | None = None, *, block: bool = True) -> list[Any]:
+        """Remove and return up to ``max_items`` items (at least one) with one round of locking.
+
+        Waits like :meth:`get` for the first item; raises ``queue.Empty`` if none came in time.
+        """
+        self._check_closed()
+        if max_items < 1:
+            raise ValueError("max_items must be at least 1")
+        decode = self._decode
+        return [decode(k, p) for k, p in self._get_records(max_items, block, timeout)]
+
+    def _get_records(self, max_items: int, block: bool, timeout: float | None) -> list[tuple[int, Any]]:
+        deadline = None
+        if block and timeout is not None:
+            if timeout < 0:
+                raise ValueError("'timeout' must be a non-negative number")
+            deadline = time.monotonic() + timeout
+        while True:
+            if not self._acquire(block, deadline):
+                raise Empty
+            try:
+                out: list[tuple[int, Any]] = []
+                if self._fast:
+                    out = [(_MSG, d) for d in _cqueue.take_small(self._buf, self._base, max_items)]
+                take = self._take
+                while len(out) < max_items:
+                    rec = take()
+                    if rec is None:
+                        break
+                    out.append(rec)
+                if out:
+                    if self._maxsize:
+                        self._wake(_NF)
+                    return out
+                seen = self._w[_NE]
+            finally:
+                self._lock.release()
+            if not block or not self._sleep(_NE, seen, deadline):
+                raise Empty
+
+    def put_nowait(self, obj: Any) -> None:
+        """``put(obj, False)``."""
+        return self.put(obj, False)
+
+    def get_nowait(self) -> Any:
+        """``get(False)``."""
+        return self.get(False)
+
+    def qsize(self) -> int:
+        """The number of items in the queue (exact: put and get update it under the lock)."""
+        return self._h[_COUNT]
+
+    def empty(self) -> bool:
+        """Whether the queue holds no item (at this instant)."""
+        return self._h[_COUNT] == 0
+
+    def full(self) -> bool:
+        """Whether a bounded queue holds ``maxsize`` items (at this instant)."""
+        return bool(self._maxsize) and self._h[_COUNT] >= self._maxsize
+
+    def close(self) -> None:
+        """This process will not use the queue any more (put and get raise ValueError afterwards).
+
+        Queued data stays for the other processes; there is no feeder thread to flush.
+        """
+        self._closed = True
+
+    def join_thread(self) -> None:
+        """Kept for compatibility (no feeder thread: nothing to wait for).  Call after :meth:`close`."""
+        assert self._closed, f"Queue {self!r} not closed"
+
+    def cancel_join_thread(self) -> None:
+        """Kept for compatibility: a process never waits at exit for its queued data, which is in shared memory."""
+
+
+class Queue(_QueueBase):
+    """A FIFO queue between processes and threads (``multiprocessing.Queue``'s API and semantics).
+
+    ``maxsize`` > 0 bounds the number of items; 0 means unbounded (items that do not fit in the ring
+    spill into shared-memory segments).  Differences from the stdlib, all on purpose: ``put`` pickles in
+    the caller (errors raise there); there is no feeder thread, so ``qsize``/``empty`` are exact right
+    after a ``put`` and a process that put items can be joined before anybody reads them; ``put_many``
+    and ``get_many`` move batches with one round of locking.
+    """
+
+    def __init__(self, maxsize: int = 0, *, ctx: Any = None, ring_size: int = RING_SIZE) -> None:
+        super().__init__(maxsize, ctx=ctx, ring_size=ring_size)
+
+
+class JoinableQueue(_QueueBase):
+    """A :class:`Queue` whose items are counted until :meth:`task_done` (``multiprocessing.JoinableQueue``)."""
+
+    _joinable = True
+
+    def __init__(self, maxsize: int = 0, *, ctx: Any = None, ring_size: int = RING_SIZE) -> None:
+        super().__init__(maxsize, ctx=ctx, ring_size=ring_size)
+
+    def task_done(self) -> None:
+        """One item obtained with ``get`` has been processed.  Raises ValueError if there is none left."""
+        self._acquire(True, None)
+        try:
+            h = self._h
+            if h[_UNFINISHED] == 0:
+                raise ValueError("task_done() called too many times")
+            h[_UNFINISHED] -= 1
+            if h[_UNFINISHED] == 0:
+                self._wake(_DONE)
+        finally:
+            self._lock.release()
+
+    def join(self) -> None:
+        """Wait until every item put has been processed (``task_done`` called for it)."""
+        while True:
+            self._acquire(True, None)
+            try:
+                if self._h[_UNFINISHED] == 0:
+                    return
+                seen = self._w[_DONE]
+            finally:
+                self._lock.release()
+            self._sleep(_DONE, seen, None)
+
+
+class SimpleQueue(_QueueBase):
+    """An unbounded queue with put, get, empty and close (``multiprocessing.SimpleQueue``)."""
+
+    def __init__(self, *, ctx: Any = None, ring_size: int = RING_SIZE) -> None:
+        super().__init__(0, ctx=ctx, ring_size=ring_size)
+
+    def get(self) -> Any:  # type: ignore[override]
+        """Remove and return the oldest item, waiting while the queue is empty."""
+        return super().get()
+
+    def put(self, obj: Any) -> None:  # type: ignore[override]
+        """Put ``obj`` in the queue (pickled here: errors raise in the caller)."""
+        super().put(obj)

@@ -1,0 +1,494 @@
+"""Queues: stdlib semantics (compared with multiprocessing's), FIFO, no feeder-thread deadlock, big
+messages through shared segments, crash safety under SIGKILL, and the pure-Python fallback."""
+
+from __future__ import annotations
+
+import gc
+import multiprocessing as std_mp
+import os
+import queue
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+import zlib
+
+import pytest
+
+import gilfree
+from gilfree import queues
+
+pytestmark = pytest.mark.timeout(60)
+
+SHM = "/dev/shm"
+
+
+def _segments(q) -> list[str]:
+    return [n for n in os.listdir(SHM) if n.startswith(q._prefix)]
+
+
+def _join_all(procs, timeout=20):
+    for p in procs:
+        p.join(timeout)
+    for p in procs:
+        if p.exitcode is None:
+            p.kill()
+            p.join(5)
+
+
+# -- the public surface ---------------------------------------------------------------------------
+
+def test_exports():
+    for name in ("Queue", "SimpleQueue", "JoinableQueue", "queues"):
+        assert name in gilfree.__all__
+    assert gilfree.Queue is queues.Queue and isinstance(gilfree.Queue, type)
+    assert gilfree.JoinableQueue is queues.JoinableQueue
+    assert gilfree.SimpleQueue is queues.SimpleQueue
+    for method in ("fork", "spawn", "forkserver"):
+        ctx = gilfree.get_context(method)
+        assert isinstance(ctx.Queue(), queues.Queue)
+        assert isinstance(ctx.JoinableQueue(3), queues.JoinableQueue)
+        assert isinstance(ctx.SimpleQueue(), queues.SimpleQueue)
+    assert queues.Empty is queue.Empty and queues.Full is queue.Full
+
+
+def test_repr():
+    q = gilfree.Queue(5)
+    q.put(1)
+    assert repr(q) == f"<Queue(maxsize=5, qsize=1, ring={queues.RING_SIZE})>"
+    q.close()
+    assert repr(q).endswith("closed>")
+
+
+# -- stdlib semantics, side by side ---------------------------------------------------------------
+
+@pytest.fixture(params=["stdlib", "gilfree"])
+def mp(request):
+    return std_mp.get_context("fork") if request.param == "stdlib" else gilfree.get_context("fork")
+
+
+def _settle(q):
+    # the stdlib's feeder thread needs a moment before the data is in the pipe
+    time.sleep(0.05) if isinstance(q, std_mp.queues.Queue) else None
+
+
+def test_put_get_order_and_sizes(mp):
+    q = mp.Queue()
+    assert q.empty() and q.qsize() == 0 and not q.full()
+    items = [1, "two", (3, 4.0), None, {"five": [5]}, b"six" * 100]
+    for x in items:
+        q.put(x)
+    _settle(q)
+    assert q.qsize() == len(items) and not q.empty()
+    assert [q.get(timeout=5) for _ in items] == items
+    assert q.empty() and q.qsize() == 0
+    q.close()
+    q.join_thread()
+
+
+def test_empty_raises_empty(mp):
+    q = mp.Queue()
+    with pytest.raises(queue.Empty):
+        q.get_nowait()
+    with pytest.raises(queue.Empty):
+        q.get(False)
+    t0 = time.monotonic()
+    with pytest.raises(queue.Empty):
+        q.get(timeout=0.2)
+    assert 0.15 <= time.monotonic() - t0 < 2
+
+
+def test_bounded_queue_full(mp):
+    q = mp.Queue(2)
+    q.put(1)
+    q.put_nowait(2)
+    _settle(q)
+    assert q.full() and q.qsize() == 2
+    with pytest.raises(queue.Full):
+        q.put_nowait(3)
+    t0 = time.monotonic()
+    with pytest.raises(queue.Full):
+        q.put(3, timeout=0.2)
+    assert 0.15 <= time.monotonic() - t0 < 2
+    assert q.get() == 1
+    q.put(3, timeout=1)
+    assert [q.get(), q.get()] == [2, 3]
+
+
+def test_blocked_put_wakes_when_an_item_is_taken(mp):
+    q = mp.Queue(1)
+    q.put("a")
+    threading.Timer(0.2, q.get).start()
+    t0 = time.monotonic()
+    q.put("b", timeout=5)
+    assert 0.1 < time.monotonic() - t0 < 4
+    assert q.get(timeout=5) == "b"
+
+
+def test_blocked_get_wakes_on_put(mp):
+    q = mp.Queue()
+    threading.Timer(0.2, q.put, ("late",)).start()
+    assert q.get(timeout=5) == "late"
+
+
+def test_negative_timeout(mp):
+    q = mp.Queue()
+    q.put(1)
+    _settle(q)
+    # the stdlib lets a negative timeout through to get (no wait); put raises ValueError
+    with pytest.raises(ValueError):
+        gilfree.Queue().get(timeout=-1)
+
+
+def test_closed_queue(mp):
+    q = mp.Queue()
+    with pytest.raises(AssertionError):
+        q.join_thread()
+    q.close()
+    with pytest.raises(ValueError):
+        q.put(1)
+    with pytest.raises(ValueError):
+        q.get()
+    q.join_thread()
+    q.cancel_join_thread()
+
+
+def test_joinable_queue(mp):
+    q = mp.JoinableQueue()
+    with pytest.raises(ValueError, match="too many times"):
+        q.task_done()
+    for i in range(3):
+        q.put(i)
+    done = []
+
+    def worker():
+        for _ in range(3):
+            done.append(q.get(timeout=5))
+            time.sleep(0.02)
+            q.task_done()
+
+    t = threading.Thread(target=worker)
+    t.start()
+    q.join()
+    assert done == [0, 1, 2]
+    t.join()
+    with pytest.raises(ValueError):
+        q.task_done()
+
+
+def test_simple_queue(mp):
+    q = mp.SimpleQueue()
+    assert q.empty()
+    q.put([1, 2])
+    assert not q.empty()
+    assert q.get() == [1, 2]
+    q.close()
+
+
+def _joinable_worker(q):
+    while True:
+        item = q.get()
+        q.task_done()
+        if item is None:
+            break
+
+
+def test_joinable_queue_across_processes(ctx):
+    q = ctx.JoinableQueue()
+    p = ctx.Process(target=_joinable_worker, args=(q,))
+    p.start()
+    q.put_many(range(100))
+    q.put(None)
+    q.join()
+    p.join(20)
+    assert p.exitcode == 0
+
+
+# -- gilfree's additions --------------------------------------------------------------------------
+
+def test_put_many_get_many():
+    q = gilfree.Queue()
+    q.put_many(range(1000))
+    assert q.qsize() == 1000
+    assert q.get_many(10) == list(range(10))
+    assert q.get_many(10_000) == list(range(10, 1000))
+    with pytest.raises(queue.Empty):
+        q.get_many(5, timeout=0.05)
+    with pytest.raises(queue.Empty):
+        q.get_many(5, block=False)
+    b = gilfree.Queue(3)
+    with pytest.raises(ValueError):
+        b.put_many(range(4))
+    b.put_many([1, 2])
+    with pytest.raises(queue.Full):
+        b.put_many([3, 4], timeout=0.05)
+    assert b.qsize() == 2  # all or nothing
+
+
+def test_unpicklable_put_raises_in_caller():
+    q = gilfree.Queue()
+    lock = threading.Lock()
+    with pytest.raises(gilfree.PicklingError):
+        q.put({"ok": 1, "bad": lock})
+    with pytest.raises(gilfree.PicklingError):
+        q.put_many([1, lock])
+    assert q.empty()
+    q.put(lambda x: x + 1)  # tier 2
+    assert q.get(timeout=5)(1) == 2
+    q.put("still usable")
+    assert q.get(timeout=5) == "still usable"
+
+
+def test_qsize_exact_right_after_put():
+    q = gilfree.Queue()
+    for i in range(100):
+        q.put(i)
+        assert q.qsize() == i + 1
+
+
+def _fifo_producer(q, pid, n):
+    for i in range(n):
+        q.put((pid, i))
+
+
+def _check_fifo(got, producers, n):
+    seen = {p: [] for p in range(producers)}
+    for pid, i in got:
+        seen[pid].append(i)
+    for pid in seen:
+        assert seen[pid] == list(range(n)), pid
+
+
+def test_fifo_per_producer_threads():
+    q = gilfree.Queue()
+    threads = [threading.Thread(target=_fifo_producer, args=(q, p, 3000)) for p in range(4)]
+    for t in threads:
+        t.start()
+    got = [q.get(timeout=10) for _ in range(4 * 3000)]
+    for t in threads:
+        t.join()
+    _check_fifo(got, 4, 3000)
+
+
+def test_fifo_per_producer_processes(ctx):
+    q = ctx.Queue(ring_size=1 << 14)  # small: records spill into segments too
+    procs = [ctx.Process(target=_fifo_producer, args=(q, p, 3000)) for p in range(3)]
+    for p in procs:
+        p.start()
+    got = []
+    while len(got) < 3 * 3000:
+        got += q.get_many(500, timeout=20)
+    _join_all(procs)
+    assert all(p.exitcode == 0 for p in procs)
+    _check_fifo(got, 3, 3000)
+    assert q.empty()
+
+
+def test_spill_chain_interleaved():
+    q = gilfree.Queue(ring_size=4096)
+    expected, got = [], []
+    n = 0
+    for round_ in range(20):
+        k = random.randrange(1, 800)
+        q.put_many(range(n, n + k)) if round_ % 2 else [q.put(i) for i in range(n, n + k)]
+        expected += range(n, n + k)
+        n += k
+        assert q.qsize() == len(expected) - len(got)
+        for _ in range(random.randrange(0, q.qsize() + 1)):
+            got.append(q.get_nowait())
+    got += q.get_many(10**6, block=False) if not q.empty() else []
+    assert got == expected and q.empty()
+    del q
+    gc.collect()
+
+
+def _put_and_return(q, n):
+    q.put(b"y" * 10_000_000)
+    for i in range(n):
+        q.put(i)
+
+
+def test_child_that_put_can_be_joined_before_reading(ctx):
+    q = ctx.Queue()
+    p = ctx.Process(target=_put_and_return, args=(q, 100_000))
+    p.start()
+    p.join(30)  # the stdlib deadlocks here (the feeder thread waits for a reader)
+    assert p.exitcode == 0
+    assert q.qsize() == 100_001
+    assert q.get(timeout=5) == b"y" * 10_000_000
+    got = []
+    while len(got) < 100_000:
+        got += q.get_many(100_000, timeout=5)
+    assert got == list(range(100_000))
+
+
+def _sum_arrays(q, out):
+    while True:
+        a = q.get()
+        if a is None:
+            break
+        out.put(float(a.sum()))
+
+
+def test_large_numpy_arrays_and_bytes(ctx):
+    np = pytest.importorskip("numpy")
+    q, out = ctx.Queue(), ctx.Queue()
+    p = ctx.Process(target=_sum_arrays, args=(q, out))
+    p.start()
+    arrays = [np.arange(n, dtype=np.float64) for n in (10, 200_000, 3_000_000)]
+    for a in arrays:
+        q.put(a)
+    q.put(None)
+    sums = [out.get(timeout=20) for _ in arrays]
+    p.join(20)
+    assert sums == [float(a.sum()) for a in arrays]
+    big = os.urandom(5_000_000)
+    q.put(big)
+    q.put(bytearray(big))
+    a = np.ones((1000, 1000))
+    q.put(a)
+    assert q.get(timeout=5) == big
+    assert q.get(timeout=5) == bytearray(big)
+    b = q.get(timeout=5)
+    assert (a == b).all() and b.flags.writeable
+    assert _segments(q) == [] and _segments(out) == []
+
+
+def test_unread_segments_are_removed_with_the_queue():
+    q = gilfree.Queue(ring_size=4096)
+    q.put(os.urandom(100_000))
+    for i in range(2000):
+        q.put(i)
+    prefix = q._prefix
+    assert [n for n in os.listdir(SHM) if n.startswith(prefix)]
+    del q
+    gc.collect()
+    assert [n for n in os.listdir(SHM) if n.startswith(prefix)] == []
+
+
+# -- crash safety ---------------------------------------------------------------------------------
+
+def _message(pid, i, rng):
+    size = rng.choice((8, 100, 3000, 20_000))  # ring, spill, and (ring 64 KiB / 8) big segments
+    body = rng.randbytes(size)
+    return (pid, i, zlib.crc32(body), body)
+
+
+def _stress_producer(q, pid, n, pause):
+    rng = random.Random(pid)
+    for i in range(n):
+        q.put(_message(pid, i, rng))
+        if pause and i % 50 == 0:
+            time.sleep(pause)
+
+
+def _stress_consumer(q, results):
+    while True:
+        m = q.get()
+        if m is None:
+            break
+        pid, i, crc, body = m
+        results.put((pid, i, zlib.crc32(body) == crc))
+
+
+def test_sigkilled_consumers_lose_at_most_one_message_each(ctx):
+    q = ctx.Queue(ring_size=1 << 16)
+    results = ctx.Queue()
+    producers = [ctx.Process(target=_stress_producer, args=(q, pid, 600, 0.002)) for pid in range(3)]
+    consumers = [ctx.Process(target=_stress_consumer, args=(q, results)) for _ in range(3)]
+    for p in producers + consumers:
+        p.start()
+    rng = random.Random(7)
+    kills = 0
+    collected = []
+    deadline = time.monotonic() + 8
+    # kill until the producers are done, and at least 8 times (consumers then drain what is left)
+    while (kills < 8 or any(p.is_alive() for p in producers)) and time.monotonic() < deadline:
+        time.sleep(rng.uniform(0.0, 0.05))
+        victim = rng.randrange(len(consumers))
+        consumers[victim].kill()
+        consumers[victim].join(5)
+        kills += 1
+        consumers[victim] = ctx.Process(target=_stress_consumer, args=(q, results))
+        consumers[victim].start()
+        try:
+            collected += results.get_many(10_000, block=False)
+        except queue.Empty:
+            pass
+    _join_all(producers)
+    for _ in consumers:
+        q.put(None)
+    _join_all(consumers)
+    assert [p.exitcode for p in producers + consumers] == [0] * 6
+    while not results.empty():
+        collected += results.get_many(10_000, timeout=5)
+    keys = [(pid, i) for pid, i, _ in collected]
+    assert len(keys) == len(set(keys)), "a message was delivered twice"
+    assert all(ok for _, _, ok in collected), "a torn message"
+    missing = 3 * 600 - len(keys)
+    assert 0 <= missing <= kills, (missing, kills)
+    assert q.empty(), q
+    assert kills >= 8
+    del q, results
+    gc.collect()
+
+
+def test_sigkilled_producer_leaves_a_prefix_of_its_messages(ctx):
+    q = ctx.Queue(ring_size=1 << 16)
+    p = ctx.Process(target=_stress_producer, args=(q, 0, 10**9, 0))
+    p.start()
+    while q.qsize() < 2000:
+        time.sleep(0.01)
+    os.kill(p.pid, signal.SIGKILL)
+    p.join(5)
+    got = []
+    while not q.empty():
+        got += q.get_many(10_000, timeout=5)
+    assert [i for _, i, _, _ in got] == list(range(len(got)))
+    assert all(zlib.crc32(body) == crc for _, _, crc, body in got)
+    q.put("after")
+    assert q.get(timeout=5) == "after"
+    del q
+    gc.collect()
+
+
+def _hold_lock_and_die(q):
+    q._lock.acquire()
+    q._h[queues._COUNT] += 5  # derived state left wrong, as by a death half-way through a put
+    os._exit(0)  # dies holding the queue lock
+
+
+def test_lock_holder_death_is_taken_over_and_repaired(ctx):
+    q = ctx.Queue()
+    q.put_many(["a", "b"])
+    p = ctx.Process(target=_hold_lock_and_die, args=(q,))
+    p.start()
+    p.join(10)
+    t0 = time.monotonic()
+    assert q.get(timeout=10) == "a"
+    assert time.monotonic() - t0 < 5
+    assert q.qsize() == 1
+    assert q.get(timeout=5) == "b"
+
+
+# -- the pure-Python fallback ----------------------------------------------------------------------
+
+@pytest.mark.skipif(os.environ.get("GILFREE_PURE_QUEUE") == "1", reason="already the fallback")
+@pytest.mark.timeout(240)
+def test_pure_python_fallback():
+    """This file's tests (but the slowest) again with GILFREE_PURE_QUEUE=1: no C hot path, polling waits."""
+    env = dict(os.environ, GILFREE_PURE_QUEUE="1")
+    src = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
+    env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
+    r = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
+         "-k", "not pure_python and not sigkilled_consumers"],
+        capture_output=True, text=True, env=env, timeout=220,
+    )
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+
+
+def test_fallback_is_in_use_when_asked():
+    assert (queues._cqueue is None) == (os.environ.get("GILFREE_PURE_QUEUE") == "1")
