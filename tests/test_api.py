@@ -14,7 +14,9 @@ IMPLEMENTED = [
     "set_start_method", "get_start_method", "get_all_start_methods", "set_executable",
     "set_forkserver_preload", "freeze_support", "get_logger", "log_to_stderr",
     "allow_connection_pickling", "Pipe", "ProcessError", "BufferTooShort", "TimeoutError",
-    "AuthenticationError", "SUBDEBUG", "SUBWARNING",
+    "AuthenticationError", "SUBDEBUG", "SUBWARNING", "Lock", "RLock", "Semaphore", "BoundedSemaphore",
+    "Condition", "Event", "Barrier", "Value", "Array", "RawValue", "RawArray", "Queue", "SimpleQueue",
+    "JoinableQueue",
 ]
 
 

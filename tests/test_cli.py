@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 
 from _helpers import run_program
@@ -9,7 +10,7 @@ from _helpers import run_program
 
 def test_tour_chapters_run():
     res = run_program(["-m", "gilfree", "tour", "--chapter", "processes", "--chapter", "lambdas",
-                       "--chapter", "pipes", "--chapter", "listener", "--chapter", "shared"], timeout=120)
+                       "--chapter", "pipes", "--chapter", "listener", "--chapter", "shared", "--chapter", "queues"], timeout=180)
     assert res.returncode == 0, res.stderr
     out = res.stdout
     for method in ("fork", "spawn", "forkserver"):
@@ -24,6 +25,10 @@ def test_tour_chapters_run():
     assert "row sums written by two children: [1000000.0, 2000000.0]" in out
     assert "on_owner_death='raise': OwnerDiedError: holder pid" in out
     assert "on_owner_death='takeover': took it over from pid" in out
+    assert "Queue elements:                    [1, 4, 9, 16]" in out
+    assert "child saw shape (12500000,), last value 12499999" in out
+    m = re.search(r"one consumer killed: (\d+) delivered, (\d+) distinct, (\d+) lost", out)
+    assert m and m.group(1) == m.group(2) and int(m.group(3)) <= 1
     assert "Children still running: 0." in out
     assert "Traceback" not in res.stderr
 
