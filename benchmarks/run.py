@@ -905,23 +905,9 @@ def _stop_new_helpers(before: dict[str, int | None]) -> None:
 
 def _children_of(pid: int) -> dict[int, str]:
     """{pid: "state cmdline"} of the processes whose parent is ``pid`` (Linux; {} elsewhere)."""
-    found: dict[int, str] = {}
-    if not os.path.isdir("/proc"):
-        return found
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                stat = f.read().decode(errors="replace")
-            fields = stat[stat.rindex(")") + 2 :].split()
-            if int(fields[1]) == pid:
-                with open(f"/proc/{entry}/cmdline", "rb") as f:
-                    cmd = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
-                found[int(entry)] = f"{fields[0]} {cmd}"
-        except (OSError, ValueError):
-            continue
-    return found
+    from gilfree.util import children_of
+
+    return {child: f"{state} {cmd}" for child, (state, cmd) in children_of({pid}).items()}
 
 
 def _shm_entries() -> set[str]:

@@ -40,22 +40,7 @@ _set_subreaper()
 
 def _proc_children(parents: set[int]) -> dict[int, tuple[str, str]]:
     """{pid: (state, cmdline)} of the processes whose parent is in ``parents``."""
-    found = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                stat = f.read().decode(errors="replace")
-            fields = stat[stat.rindex(")") + 2 :].split()
-            state, ppid = fields[0], int(fields[1])
-            if ppid in parents:
-                with open(f"/proc/{entry}/cmdline", "rb") as f:
-                    cmd = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
-                found[int(entry)] = (state, cmd)
-        except (OSError, ValueError):
-            continue
-    return found
+    return gilfree.util.children_of(parents)
 
 
 def _infrastructure() -> set[int]:

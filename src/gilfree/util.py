@@ -28,6 +28,7 @@ __all__ = [
     "LOGGER_NAME",
     "DEFAULT_LOGGING_FORMAT",
     "Finalize",
+    "children_of",
     "close_fds",
     "recv_exact",
     "debug",
@@ -255,6 +256,32 @@ def recv_exact(sock: Any, n: int, peer: str) -> bytes:
             raise ConnectionError(f"{peer} closed the connection after {len(data)} of {n} bytes")
         data += chunk
     return data
+
+
+def children_of(parents: set[int]) -> dict[int, tuple[str, str]]:
+    """``{pid: (state, command line)}`` of the processes whose parent is in ``parents``.
+
+    Read from ``/proc`` (Linux; ``{}`` elsewhere).  For leak checks in tests and benchmarks.
+    """
+    found: dict[int, tuple[str, str]] = {}
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return found
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                stat = f.read().decode(errors="replace")
+            fields = stat[stat.rindex(")") + 2 :].split()
+            if int(fields[1]) in parents:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    cmd = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+                found[int(entry)] = (fields[0], cmd)
+        except (OSError, ValueError):
+            continue
+    return found
 
 
 def _flush_std_streams() -> None:
