@@ -307,6 +307,10 @@ SemBlock_init(SemBlock *self, PyObject *args, PyObject *kwds)
         return -1;
     }
     self->b = (gf_block *)((char *)self->view.buf + offset);
+    if (mode < 0 || mode > 2) {
+        PyErr_Format(PyExc_ValueError, "unknown mode %d", mode);
+        return -1;
+    }
     self->mode = mode;
     self->recovered_pid = 0;
     if (init) {
@@ -392,7 +396,7 @@ wait_for_slot(SemBlock *self, long long deadline, int me, uint64_t tid, int *tak
             break;
         }
         if (err == ETIMEDOUT && (dead = dead_holder(b)) != 0) {
-            if (self->mode == 1 && (*taken = take_over(b, dead, me, tid)) != 0) {
+            if (self->mode >= 1 && (*taken = take_over(b, dead, me, tid)) != 0) {
                 self->recovered_pid = dead;
                 result = 2;
                 break;
@@ -461,7 +465,8 @@ do_acquire(SemBlock *self, int blocking, PyObject *timeout_obj)
             if (r < 0)
                 return NULL;
             if (r == 2) { /* took a dead holder's place: its records are ours now; tell the caller */
-                if (owner_died_warning != NULL &&
+                /* mode 2: the caller repairs what the lock protects itself (a queue): no warning */
+                if (self->mode == 1 && owner_died_warning != NULL &&
                     PyErr_WarnFormat(owner_died_warning, 1,
                                      "took over a %s whose holder, pid %d, died while holding it; the data it "
                                      "protected may be half-updated", Py_TYPE(self)->tp_name,

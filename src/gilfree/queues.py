@@ -71,11 +71,9 @@ import struct
 import sys
 import threading
 import time
-import warnings
 from queue import Empty, Full
 
 from . import _shm, process, reduction, synchronize, util
-from ._errors import OwnerDiedWarning
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -95,9 +93,6 @@ def _load_cqueue() -> Any:
 _cqueue: Any = _load_cqueue()
 
 __all__ = ["Queue", "SimpleQueue", "JoinableQueue", "Empty", "Full"]
-
-# Takeover is expected and handled (the ring is repaired), so the lock's warning is noise here.
-warnings.filterwarnings("ignore", category=OwnerDiedWarning, module=r"gilfree\.queues\Z")
 
 #: Default ring size in bytes (a power of two); ``Queue(ring_size=...)`` changes it.
 RING_SIZE = 1 << 20
@@ -233,7 +228,7 @@ class _QueueBase:
         if cap > 1 << 31:
             raise ValueError(f"ring_size {ring_size} is larger than 2 GiB")
         block = _shm.Block(_HDR + cap)
-        lock = synchronize.Lock(on_owner_death="takeover")
+        lock = synchronize.Lock(on_owner_death="repair")  # takeover + _repair(), without a warning
         qid = int.from_bytes(os.urandom(4), "little")
         header = block.memoryview()[:_HDR]
         header[:] = bytes(_HDR)

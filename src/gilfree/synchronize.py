@@ -45,7 +45,9 @@ SLEEPER_SLOTS = 64
 #: How long a blocked waiter sleeps before it checks whether the holder is still alive.
 OWNER_CHECK_INTERVAL = (_csync.SLICE_MS if _csync is not None else 100) / 1000
 
-_MODES = {"raise": 0, "takeover": 1}
+# "repair" is "takeover" without the warning, for callers inside gilfree that repair what the lock
+# protects themselves (queues); it is not part of the public API.
+_MODES = {"raise": 0, "takeover": 1, "repair": 2}
 
 if _csync is not None:
     _csync.set_classes(OwnerDiedError, OwnerDiedWarning)
