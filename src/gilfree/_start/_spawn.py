@@ -2,15 +2,18 @@
 
     parent                                          child (python -c "...main()" <fd>)
     ------                                          -----
-    preparation data + pickled process  ──lifeline pipe──>  read payload, adopt sys.path/cwd/name,
-    (fds inside the process object are                      import __main__ as __mp_main__ (its
+    preparation data (with the main     ──lifeline pipe──>  read payload, adopt sys.path/cwd/name,
+    script compiled once) + pickled process
+    (fds inside the process object are                      run __main__ as __mp_main__ (its
      passed with posix_spawn, same numbers)                 guarded block does not run), unpickle
                                                             the process, bootstrap, sys.exit(code)
     sentinel = pidfd(child)         <──exit──
 
 ``posix_spawn`` (vfork + exec in the C library) starts the interpreter without copying the parent's
-page tables.  The child imports only what it needs: ``gilfree`` defers ``cloudpickle`` and
-``logging`` until they are used.
+page tables.  The child imports only what it needs: ``gilfree`` resolves its heavy modules
+(locks, shared ctypes, queues, numpy arrays), ``cloudpickle``, ``logging`` and ``socket.py`` on first
+use (docs/design.md, "start-up imports"), and runs the main script from the code object the parent
+compiled once instead of compiling it again.
 """
 
 from __future__ import annotations
