@@ -463,7 +463,7 @@ def test_daemonic_children_die_with_a_killed_parent(tmp_path, method):
     parent = subprocess.Popen([sys.executable, str(prog)], stdout=subprocess.PIPE, text=True, env=env)
     try:
         child_pid = int(parent.stdout.readline())
-        helpers = [int(pid) for pid in os.popen(f"pgrep -P {parent.pid}").read().split()]
+        helpers = list(gilfree.util.children_of({parent.pid}))
         assert child_pid in helpers or method == "forkserver"
         parent.kill()
         parent.wait(10)
