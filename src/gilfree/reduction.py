@@ -186,17 +186,24 @@ def _main_is_reimportable() -> bool:
     return answer
 
 
+def _in_band(buf: pickle.PickleBuffer, oob_min: int | None, oob: list[Any]) -> bool:
+    """The pickler's buffer callback: True keeps ``buf`` in the stream; else it is appended to ``oob``."""
+    if oob_min is None:
+        return True
+    view = memoryview(buf)
+    if view.nbytes < oob_min or not view.contiguous:
+        return True
+    oob.append(buf)
+    return False
+
+
 def _dump_with(cls: type, obj: Any, protocol: int, oob_min: int | None) -> tuple[list[Any], list[Any]]:
     sink = _Sink()
     oob: list[Any] = []
     callback = None
     if oob_min is not None:
         def callback(buf: pickle.PickleBuffer) -> bool:
-            view = memoryview(buf)
-            if view.nbytes < oob_min or not view.contiguous:
-                return True  # in band
-            oob.append(buf)
-            return False
+            return _in_band(buf, oob_min, oob)
 
     cls(sink, protocol, callback).dump(obj)
     return sink.chunks, oob
@@ -216,14 +223,7 @@ class _CachedPickler(threading.local):
 
     def build(self, table: dict[type, Any]) -> _Tier1:
         def callback(buf: pickle.PickleBuffer) -> bool:
-            oob_min = self.oob_min
-            if oob_min is None:
-                return True
-            view = memoryview(buf)
-            if view.nbytes < oob_min or not view.contiguous:
-                return True  # in band
-            self.oob.append(buf)
-            return False
+            return _in_band(buf, self.oob_min, self.oob)
 
         self.pickler = _Tier1(self.sink, DEFAULT_PROTOCOL, callback)
         self.table = table

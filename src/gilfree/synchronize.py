@@ -112,12 +112,14 @@ class Semaphore(SemLock):
     def get_value(self) -> int:
         return self._get_value()
 
-    def __repr__(self) -> str:
+    def _repr_value(self) -> str:
         try:
-            value = self._get_value()
+            return str(self._get_value())
         except Exception:
-            value = "unknown"
-        return f"<{type(self).__name__}(value={value})>"
+            return "unknown"
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__}(value={self._repr_value()})>"
 
 
 class BoundedSemaphore(Semaphore):
@@ -130,11 +132,7 @@ class BoundedSemaphore(Semaphore):
         self._initial = value
 
     def __repr__(self) -> str:
-        try:
-            value = self._get_value()
-        except Exception:
-            value = "unknown"
-        return f"<{type(self).__name__}(value={value}, maxvalue={self._maxvalue})>"
+        return f"<{type(self).__name__}(value={self._repr_value()}, maxvalue={self._maxvalue})>"
 
 
 class Lock(SemLock):

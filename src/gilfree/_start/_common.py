@@ -123,9 +123,6 @@ class ChildPopen:
     def _launch(self, process_obj: process.BaseProcess) -> None:
         raise NotImplementedError
 
-    def duplicate_for_child(self, fd: int) -> int:
-        raise NotImplementedError
-
     def _track(self, pid: int, lifeline_w: int, sentinel: int | None = None, extra: tuple[int, ...] = ()) -> None:
         """Record a started child: its pid, our lifeline end, and a sentinel for it."""
         self.pid = pid

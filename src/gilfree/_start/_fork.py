@@ -16,9 +16,6 @@ from . import _common
 class ForkPopen(_common.ChildPopen):
     method = "fork"
 
-    def duplicate_for_child(self, fd: int) -> int:
-        return fd  # a forked child inherits every fd at the same number
-
     def _launch(self, process_obj: process.BaseProcess) -> None:
         r, w = _common.new_lifeline()
         # The lock makes sure no other thread's half-registered lifeline leaks into this child.
