@@ -13,9 +13,8 @@ import pytest
 from _helpers import mask_pids, run_program
 
 SEED = Path(__file__).parent / "seed"
-# examples whose layer exists; later issues add theirs (ex5: queues;
-# ex4: managers; ex8: pools)
-IN_SCOPE = ["ex1_process", "ex2_global", "ex3_shared", "ex5_queue", "ex6_pipe", "ex7_lock"]
+# examples whose layer exists; later issues add theirs (ex8: pools)
+IN_SCOPE = ["ex1_process", "ex2_global", "ex3_shared", "ex4_manager", "ex5_queue", "ex6_pipe", "ex7_lock"]
 # Lines of two processes printing at once can interleave, even inside a line; there the messages
 # are found by pattern and compared as a sorted list.
 MESSAGES = {

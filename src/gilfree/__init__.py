@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from typing import Any
 
     from . import arrays as arrays
+    from . import managers as managers
     from . import queues as queues
     from . import shared_memory as shared_memory
     from . import sharedctypes as sharedctypes
@@ -61,6 +62,7 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     "SharedArray": ("arrays", "SharedArray"),
     "as_shared": ("arrays", "as_shared"),
     "shared_array": ("arrays", "shared_array"),
+    "managers": ("managers", None),
     "queues": ("queues", None),
     "Queue": ("queues", "Queue"),
     "JoinableQueue": ("queues", "JoinableQueue"),
@@ -128,6 +130,12 @@ def Array(typecode_or_type: Any, size_or_initializer: Any, *, lock: Any = True) 
     return _default.Array(typecode_or_type, size_or_initializer, lock=lock)
 
 
+def Manager() -> managers.SyncManager:
+    """A started :class:`~gilfree.managers.SyncManager`: shared dicts, lists, queues... served by a new
+    process (``multiprocessing.Manager``)."""
+    return _default.Manager()
+
+
 def cpu_count() -> int:
     """Number of CPUs in the system."""
     return _default.cpu_count()
@@ -189,6 +197,7 @@ __all__ = [
     "Condition",
     "Event",
     "Lock",
+    "Manager",
     "OwnerDiedError",
     "OwnerDiedWarning",
     "JoinableQueue",
@@ -202,6 +211,7 @@ __all__ = [
     "Value",
     "SharedArray",
     "arrays",
+    "managers",
     "as_shared",
     "shared_array",
     "shared_memory",

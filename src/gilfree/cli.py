@@ -1,9 +1,10 @@
-"""The ``gilfree`` command (layer L9): ``gilfree tour``, ``gilfree bench``.
+"""The ``gilfree`` command (layer L9): ``gilfree tour``, ``gilfree bench``, ``gilfree manager serve``.
 
 ``python -m gilfree tour`` walks through what gilfree does, one chapter per capability, each chapter
 running the real thing (processes, pipes, sockets) and printing what happened, then ends with a short
 benchmark against the stdlib measured on the spot.  ``python -m gilfree bench`` runs the full
-side-by-side benchmark (``benchmarks/run.py`` of a source checkout).
+side-by-side benchmark (``benchmarks/run.py`` of a source checkout).  ``gilfree manager serve`` runs a
+manager server for other machines (see :func:`manager_serve`).
 """
 
 from __future__ import annotations
@@ -80,6 +81,42 @@ def _consume(q: object, results: object) -> None:
 def _array_through_queue(q: object, out: object) -> None:
     arr = q.get()  # type: ignore[attr-defined]
     out.put((arr.shape, float(arr[-1])))  # type: ignore[attr-defined]
+
+
+def _print_records(records: object) -> None:
+    for record in records:  # type: ignore[attr-defined]
+        print(f"   Name: {record[0]}  Score: {record[1]}", flush=True)
+
+
+def _insert_record(record: object, records: object) -> None:
+    records.append(record)  # type: ignore[attr-defined]
+    print("   New record added!", flush=True)
+
+
+_BOARD: dict[str, object] = {}
+
+
+def _board() -> dict[str, object]:
+    """The tour's served manager hands out this one dict (it lives in the server process)."""
+    return _BOARD
+
+
+def _tour_client(address: object, authkey: bytes, conn: gilfree.Connection) -> None:
+    from gilfree.managers import SyncManager
+
+    class BoardManager(SyncManager):
+        pass
+
+    BoardManager.register("board")
+    m = BoardManager(address, authkey)
+    try:
+        m.connect()
+        board = m.board()  # type: ignore[attr-defined]
+        board.update(visitor=os.getpid())
+        conn.send(f"connected, wrote its pid; the board now holds {sorted(board.keys())}")
+    except gilfree.AuthenticationError as exc:
+        conn.send(f"refused: AuthenticationError({exc})")
+    conn.close()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -324,6 +361,48 @@ def chapter_queues() -> None:
           f"{20_000 - len(got)} lost (at most 1 allowed)")
 
 
+def chapter_manager() -> None:
+    _title(7, "Managers: shared objects in a server process, on this machine or across the network")
+    _say("""The seed's records: a list lives in the manager's server process; one child appends a
+    record, another prints them all, each through a proxy.""")
+    ctx = gilfree.get_context("spawn")
+    with ctx.Manager() as manager:
+        records = manager.list([("Sam", 10), ("Adam", 9), ("Kevin", 9)])  # type: ignore[attr-defined]
+        for target, args in ((_insert_record, (("Jeff", 8), records)), (_print_records, (records,))):
+            p = ctx.Process(target=target, args=args)
+            p.start()
+            p.join()
+        _show("the proxy in this process:", repr(records)[:70] + "...>")
+    _say("""Served on a loopback TCP port: a second process that knows the authkey connects and uses the
+    server's objects; one that does not is refused before anything it sends is unpickled (HMAC-SHA256
+    both ways; add TLS with TLSConfig, or run `gilfree manager serve` for other machines).""")
+    from gilfree.managers import DictProxy, SyncManager
+
+    class BoardManager(SyncManager):
+        pass
+
+    BoardManager.register("board", _board, DictProxy)
+    key = os.urandom(16)
+    with BoardManager(("127.0.0.1", 0), key, ctx=ctx) as served:
+        board = served.board()  # type: ignore[attr-defined]
+        board["owner"] = os.getpid()
+        _show("serving on:", f"{served.address[0]}:{served.address[1]}")
+        for label, client_key in (("with the authkey", key), ("with a wrong key", b"guess")):
+            r, w = ctx.Pipe(duplex=False)
+            p = ctx.Process(target=_tour_client, args=(served.address, client_key, w))
+            p.start()
+            w.close()
+            _show(f"a second process {label}:", r.recv())
+            p.join()
+            r.close()
+        t0 = time.perf_counter()
+        n = 2000
+        for i in range(n):
+            board["i"] = i
+            board["i"]
+        _show("set+get on the served dict:", f"{n / (time.perf_counter() - t0):,.0f} ops/s (TCP loopback)")
+
+
 def _find_benchmarks() -> Path | None:
     here = Path(__file__).resolve()
     for parent in here.parents:
@@ -346,7 +425,7 @@ def _load_benchmarks() -> object | None:
 
 
 def chapter_benchmark() -> None:
-    _title(7, "Measured here, now: gilfree beside the stdlib")
+    _title(8, "Measured here, now: gilfree beside the stdlib")
     bench = _load_benchmarks()
     if bench is None:
         _say("The benchmark runner lives in benchmarks/run.py of a source checkout; not found here.")
@@ -364,6 +443,7 @@ CHAPTERS: list[tuple[str, Callable[[], None]]] = [
     ("listener", chapter_listener),
     ("shared", chapter_shared_state),
     ("queues", chapter_queues),
+    ("manager", chapter_manager),
     ("benchmark", chapter_benchmark),
 ]
 
@@ -381,6 +461,72 @@ def tour(only: list[str] | None = None) -> int:
     return 0 if not leftovers else 1
 
 
+def _parse_address(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"--address must be HOST:PORT (e.g. 0.0.0.0:50000 or [::1]:50000), not {text!r}")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def manager_serve(args: argparse.Namespace) -> int:
+    """``gilfree manager serve``: a SyncManager server for other processes and machines.
+
+    Logs each connection (accepted, refused and why, closed) to stderr, refuses peers that do not
+    prove the authkey, and on SIGTERM (or Ctrl-C) closes every connection and exits with status 0.
+    ``--register TYPEID=module:callable`` adds types; the callable is imported when the first object
+    of that type is created.  Runs in this process, blocking until stopped.
+    """
+    import logging
+    import signal
+
+    from gilfree import managers, util
+
+    logger = util.get_logger()
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s gilfree-manager %(levelname)s %(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        address = _parse_address(args.address)
+        key = Path(args.authkey_file).read_bytes().strip()
+        if not key:
+            raise ValueError(f"the authkey file {args.authkey_file} is empty")
+        tls = None
+        if args.tls_cert or args.tls_key or args.tls_ca:
+            if not args.tls_cert:
+                raise ValueError("--tls-key and --tls-ca need --tls-cert (the server's certificate)")
+            tls = managers.TLSConfig(args.tls_cert, args.tls_key, args.tls_ca)
+
+        class ServedManager(managers.SyncManager):
+            pass
+
+        for item in args.register or ():
+            typeid, sep, target = item.partition("=")
+            if not sep or ":" not in target or not typeid:
+                raise ValueError(f"--register takes TYPEID=module:callable, not {item!r}")
+            ServedManager.register(typeid, target)
+        server = ServedManager(address, key, tls=tls).get_server(logger=logger)
+    except (OSError, ValueError) as exc:
+        logger.error("cannot serve: %s", exc)
+        return 2
+    stopped_by: list[str] = []
+
+    def on_signal(signum: int, frame: object) -> None:
+        stopped_by.append(signal.Signals(signum).name)
+        server.stop()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    typeids = sorted(t for t, entry in ServedManager._registry.items() if entry[0] is not None)
+    logger.info("serving on %s:%d%s; types: %s", server.address[0], server.address[1],
+                " with TLS" + (" (client certificates required)" if args.tls_ca else "") if tls else "",
+                ", ".join(typeids))
+    server.serve_forever()
+    logger.info("stopped (%s); %d connections were accepted, %d refused",
+                stopped_by[0] if stopped_by else "shutdown request", server.stats["accepted"], server.stats["refused"])
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="gilfree", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -388,7 +534,23 @@ def main(argv: list[str] | None = None) -> int:
     p_tour.add_argument("--chapter", action="append", choices=[n for n, _ in CHAPTERS],
                         help="run only this chapter (repeatable)")
     sub.add_parser("bench", help="the side-by-side benchmark against the stdlib (options: see benchmarks/run.py --help)")
+    p_manager = sub.add_parser("manager", help="run a manager server for other processes and machines")
+    manager_sub = p_manager.add_subparsers(dest="manager_command", required=True)
+    p_serve = manager_sub.add_parser("serve", help="serve a SyncManager (dict, list, Queue, locks...) on HOST:PORT")
+    p_serve.add_argument("--address", required=True, metavar="HOST:PORT",
+                         help="where to listen; 127.0.0.1 for this machine only, 0.0.0.0 for every interface")
+    p_serve.add_argument("--authkey-file", required=True, metavar="FILE",
+                         help="file holding the shared secret (clients pass the same bytes as authkey)")
+    p_serve.add_argument("--tls-cert", metavar="PEM", help="the server's certificate: serve TLS")
+    p_serve.add_argument("--tls-key", metavar="PEM", help="the server certificate's private key")
+    p_serve.add_argument("--tls-ca", metavar="PEM", help="require client certificates signed by this CA")
+    p_serve.add_argument("--register", action="append", metavar="TYPEID=module:callable",
+                         help="serve objects made by module.callable under TYPEID (repeatable)")
     args, rest = parser.parse_known_args(argv)
+    if args.command == "manager":
+        if rest:
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        return manager_serve(args)
     if args.command == "tour":
         if rest:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")

@@ -24,7 +24,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 
-    from . import queues, synchronize
+    from . import managers, queues, synchronize
 
 # The methods below import `synchronize`/`sharedctypes` when first called, not at the top: a spawned
 # child imports this module to unpickle its Process object, and ctypes + the lock extension would
@@ -131,6 +131,15 @@ class BaseContext:
         from . import queues
 
         return queues.SimpleQueue(ctx=self, ring_size=ring_size or queues.RING_SIZE)
+
+    # -- managers (gilfree.managers) -------------------------------------------------------------
+    def Manager(self) -> managers.SyncManager:
+        """A started :class:`~gilfree.managers.SyncManager`: shared objects served by a new process."""
+        from . import managers
+
+        m = managers.SyncManager(ctx=self.get_context())
+        m.start()
+        return m
 
     def RawValue(self, typecode_or_type: Any, *args: Any) -> Any:
         """A shared ctypes object without a lock."""
@@ -316,3 +325,4 @@ def _adopt_start_method(process_obj: process.BaseProcess) -> None:
 
 
 process._bootstrap_hooks.append(_adopt_start_method)
+process.default_context = _default_context

@@ -385,6 +385,10 @@ _children: set[BaseProcess] = set()
 #: called with the process object at the start of ``_bootstrap`` in the child (the context layer
 #: registers one that makes the child's default start method its parent's)
 _bootstrap_hooks: list[Callable[[BaseProcess], None]] = []
+#: the default context, filled in by the context layer when it is imported (an arrow pointing down,
+#: like ``_bootstrap_hooks``): layers below it that start processes on the caller's behalf (the
+#: manager's server) use it when they are given no context
+default_context: Any = None
 
 
 def current_process() -> BaseProcess:
