@@ -145,3 +145,26 @@ def queue_produce(q, n, item, batch=0):
         put = q.put
         for _ in range(n):
             put(item)
+
+
+def manager_ops(kind, obj, n, conn):
+    """``n`` round trips through a manager proxy, timed here in the child; seconds go back on ``conn``.
+
+    ``kind`` "dict": ``obj[k] = i; obj[k]`` (a set and a get); "queue": ``obj.put(i); obj.get()``.
+    """
+    import time
+
+    t0 = time.perf_counter()
+    if kind == "dict":
+        for i in range(n):
+            k = i & 63
+            obj[k] = i
+            if obj[k] != i:
+                raise AssertionError("the dict lost a write")
+    else:
+        put, get = obj.put, obj.get
+        for i in range(n):
+            put(i)
+            get()
+    conn.send(time.perf_counter() - t0)
+    conn.close()

@@ -686,6 +686,71 @@ _register_queue_cases()
 
 
 # ---------------------------------------------------------------------------------------------------
+# (f) managers
+
+
+class ManagerOps:
+    """A forked child makes ``ops`` set+get pairs on a ``Manager().dict()`` (or put+get pairs on a
+    ``Manager().Queue()``), timed inside the child; ops/s (one op = the pair).  The manager (fork
+    context) is started once per implementation, a child per sample."""
+
+    def __init__(self, impl: str, params: dict[str, Any]) -> None:
+        self.ctx = _mp(impl).get_context("fork")
+        self.kind = params["kind"]
+        self.n = params["ops"]
+        self.manager = self.ctx.Manager()
+        self.obj = self.manager.dict() if self.kind == "dict" else self.manager.Queue()
+
+    def measure(self) -> float:
+        r, w = self.ctx.Pipe(duplex=False)
+        p = self.ctx.Process(target=_targets.manager_ops, args=(self.kind, self.obj, self.n, w))
+        p.start()
+        w.close()
+        _wait_reply(r, "timing")
+        elapsed = r.recv()
+        r.close()
+        if _finish(p) != 0:
+            raise RuntimeError("the manager client failed")
+        return self.n / elapsed
+
+    def close(self) -> None:
+        del self.obj
+        self.manager.shutdown()
+
+
+class ManagerStart:
+    """``Manager()`` until it serves (its first ``dict()`` answered); ms.  Shut down outside the timing."""
+
+    def __init__(self, impl: str, params: dict[str, Any]) -> None:
+        self.ctx = _mp(impl).get_context(params["method"])
+
+    def measure(self) -> float:
+        t0 = time.perf_counter()
+        m = self.ctx.Manager()
+        m.dict()
+        elapsed = time.perf_counter() - t0
+        m.shutdown()
+        return elapsed * 1e3
+
+    def close(self) -> None:
+        pass
+
+
+def _register_manager_cases() -> None:
+    register(Case("manager_dict_child", "A forked child does {ops} `d[k] = i; d[k]` pairs on a Manager().dict(), "
+                  "timed in the child; pairs/s.", "ops/s", True, _per_impl(ManagerOps),
+                  full={"kind": "dict", "ops": 5000}, quick={"ops": 1000}))
+    register(Case("manager_queue_child", "A forked child does {ops} `q.put(i); q.get()` pairs on a "
+                  "Manager().Queue(), timed in the child; pairs/s.", "ops/s", True, _per_impl(ManagerOps),
+                  full={"kind": "queue", "ops": 5000}, quick={"ops": 1000}))
+    register(Case("manager_start", "Manager() (fork) until its first dict() is answered; ms.", "ms", False,
+                  _per_impl(ManagerStart), full={"method": "fork"}))
+
+
+_register_manager_cases()
+
+
+# ---------------------------------------------------------------------------------------------------
 # Statistics
 
 

@@ -632,19 +632,23 @@ class Server:
                 f"clients={len(self._clients)}{' tls' if self.tls else ''}>")
 
     # -- logging ---------------------------------------------------------------------------------
-    def _logger(self) -> logging.Logger:
-        if self._log is None:
-            self._log = util.get_logger()
-        return self._log
+    def _logger(self) -> logging.Logger | None:
+        """The logger given, or the package's if someone configured it (``log_to_stderr``); else None.
+
+        Never imports ``logging`` itself: that costs a fresh server ~10 ms on its first connection."""
+        if self._log is not None:
+            return self._log
+        logger = util._logger
+        return logger if logger is not None and logger.handlers else None
 
     def _info(self, msg: str, *args: Any) -> None:
         logger = self._logger()
-        if logger.handlers:  # quiet unless someone asked for the log (log_to_stderr, the CLI)
+        if logger is not None:
             logger.info(msg, *args)
 
     def _warn(self, msg: str, *args: Any) -> None:
         logger = self._logger()
-        if logger.handlers:
+        if logger is not None:
             logger.warning(msg, *args)
 
     # -- running ---------------------------------------------------------------------------------
