@@ -37,3 +37,49 @@ def test_help():
     res = run_program(["-m", "gilfree", "--help"])
     assert res.returncode == 0 and "tour" in res.stdout
     assert sys.executable
+
+
+def test_tour_manager_chapter():
+    res = run_program(["-m", "gilfree", "tour", "--chapter", "manager"], timeout=120)
+    assert res.returncode == 0, res.stderr
+    out = res.stdout
+    assert "New record added!" in out and "Name: Jeff  Score: 8" in out
+    assert "a second process with the authkey: connected, wrote its pid; the board now holds ['owner', 'visitor']" in out
+    assert "a second process with a wrong key: refused: AuthenticationError(digest sent was rejected" in out
+    assert "Children still running: 0." in out
+
+
+def test_manager_serve_logs_and_stops_on_sigterm(tmp_path):
+    import os
+    import signal
+    import subprocess
+
+    from _helpers import SRC
+
+    key = tmp_path / "key"
+    key.write_bytes(b"secret\n")
+    env = dict(os.environ, PYTHONPATH=SRC)
+    server = subprocess.Popen([sys.executable, "-m", "gilfree", "manager", "serve", "--address", "127.0.0.1:0",
+                               "--authkey-file", str(key), "--register", "od=collections:OrderedDict"],
+                              stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        line = server.stderr.readline()
+        port = int(re.search(r"serving on 127\.0\.0\.1:(\d+)", line).group(1))
+        assert "od" in line
+        client = (
+            "import gilfree; from gilfree.managers import SyncManager\n"
+            "SyncManager.register('od')\n"
+            f"m = SyncManager(('127.0.0.1', {port}), b'secret'); m.connect(); d = m.od(); d.update(a=1)\n"
+            "print(list(d.keys()))\n"
+            f"try:\n    SyncManager(('127.0.0.1', {port}), b'nope').connect()\n"
+            "except gilfree.AuthenticationError as e:\n    print('refused')\n"
+        )
+        res = subprocess.run([sys.executable, "-c", client], capture_output=True, text=True, env=env, timeout=60)
+        assert res.stdout.split() == ["['a']", "refused"], res.stderr
+    finally:
+        server.send_signal(signal.SIGTERM)
+        _, err = server.communicate(timeout=30)
+    assert server.returncode == 0
+    assert "accepted 127.0.0.1:" in err
+    assert "refused 127.0.0.1:" in err and "digest received was wrong" in err
+    assert "stopped (SIGTERM)" in err
