@@ -655,7 +655,6 @@ def test_hostile_inputs_do_not_disturb_good_clients(served):
         if len(junk) > 4:
             assert managers.reduction.loads(chan.recv_bytes())[0] == managers.R_REMOTE
         link.close()
-    assert _until(lambda: sum(1 for t in threading.enumerate() if t.name.startswith("Thread-")) <= 1 or True)
     assert len(d) == len(hostile)
     assert d[0] == hostile[0][:8]
     assert m.dict(ok=True)["ok"] is True
@@ -675,7 +674,6 @@ def test_many_connections_keep_memory_bounded(served):
 
     cycles(200, False)
     cycles(100, True)
-    assert _until(lambda: "clients=1" in m._link().call((managers.OP_SERVICE, "debug_info", ())) or True)
     before = _rss_kib(server.pid)
     cycles(2000, False)
     cycles(500, True)
