@@ -168,3 +168,19 @@ def manager_ops(kind, obj, n, conn):
             get()
     conn.send(time.perf_counter() - t0)
     conn.close()
+
+
+def square(x):
+    """The tiny task of the pool benchmarks."""
+    return x * x
+
+
+def busy(ms):
+    """About ``ms`` milliseconds of CPU work (process time, so a busy machine does not shorten it)."""
+    from time import process_time
+
+    end = process_time() + ms / 1000.0
+    n = 0
+    while process_time() < end:
+        n += 1
+    return n

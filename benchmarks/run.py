@@ -751,6 +751,144 @@ _register_manager_cases()
 
 
 # ---------------------------------------------------------------------------------------------------
+# (g) pools
+
+
+class PoolBench:
+    """One pool (2 workers, fork) per implementation, started once; each sample is one call.
+
+    ``work``: "map" (``map(f, items, chunksize)``), "cpu" (200 tasks of ~10 ms CPU), "numpy"
+    (``apply(array_sum, (a 100 MB array,))``), "start" (start a pool, run one task, stop it).
+    Implementations: the stdlib's ``Pool`` ("stdlib") and ``ProcessPoolExecutor`` ("stdlib_executor"),
+    gilfree's ``Pool``, loky's executor, joblib's ``Parallel`` (loky backend), mpire's ``WorkerPool``,
+    and for "cpu" the same work without a pool ("serial").  Where a library has no chunksize
+    argument its default batching is used.
+    """
+
+    def __init__(self, impl: str, params: dict[str, Any]) -> None:
+        self.impl = impl
+        self.work = params["work"]
+        self.workers = params.get("workers", 2)
+        self.items: Any = list(range(params.get("items", 0)))
+        self.chunksize = params.get("chunksize")
+        self.func: Any = _targets.square
+        if self.work == "cpu":
+            self.func = _targets.busy
+            self.items = [params["task_ms"]] * params["tasks"]
+        elif self.work == "numpy":
+            np = require("numpy")
+            self.func = _targets.array_sum
+            self.items = [np.ones(params["mb"] * MB // 8)]
+        self.pool: Any = None
+        self.executor: Any = None
+        if self.work != "start" and impl != "serial":
+            self._open()
+
+    def _open(self) -> None:
+        impl, n = self.impl, self.workers
+        if impl in ("stdlib", "gilfree"):
+            self.pool = _mp(impl).get_context("fork").Pool(n)
+        elif impl == "stdlib_executor":
+            import concurrent.futures
+            import multiprocessing
+
+            self.executor = concurrent.futures.ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("fork"))
+        elif impl == "loky":
+            self.executor = require("loky").get_reusable_executor(max_workers=n)
+        elif impl == "joblib":
+            joblib = require("joblib")
+            self.pool = joblib.Parallel(n_jobs=n, backend="loky")
+            self.pool.__enter__()
+        elif impl == "mpire":
+            self.pool = require("mpire").WorkerPool(n_jobs=n, start_method="fork", keep_alive=True)
+        else:
+            raise ValueError(impl)
+
+    def _shut(self) -> None:
+        if self.executor is not None:
+            if self.impl == "loky":
+                self.executor.shutdown(wait=True, kill_workers=True)
+            else:
+                self.executor.shutdown(wait=True)
+            self.executor = None
+        if self.pool is not None:
+            if self.impl == "joblib":
+                self.pool.__exit__(None, None, None)
+            elif self.impl == "mpire":
+                self.pool.terminate()
+            else:
+                self.pool.terminate()
+                self.pool.join()
+            self.pool = None
+
+    def _map(self, func: Any, items: list[Any]) -> list[Any]:
+        impl, cs = self.impl, self.chunksize
+        if impl == "serial":
+            return [func(x) for x in items]
+        if impl in ("stdlib", "gilfree"):
+            return self.pool.map(func, items, cs) if cs else self.pool.map(func, items)
+        if impl in ("stdlib_executor", "loky"):
+            return list(self.executor.map(func, items, chunksize=cs or 1))
+        if impl == "joblib":
+            delayed = require("joblib").delayed
+            if cs:
+                self.pool.batch_size = cs
+            return list(self.pool(delayed(func)(x) for x in items))
+        if impl == "mpire":
+            return list(self.pool.map(func, items, chunk_size=cs) if cs else self.pool.map(func, items))
+        raise ValueError(impl)
+
+    def measure(self) -> float:
+        if self.work == "start":
+            t0 = time.perf_counter()
+            self._open()
+            self._map(_targets.square, [1])
+            elapsed = time.perf_counter() - t0
+            self._shut()
+            return elapsed * 1e3
+        t0 = time.perf_counter()
+        out = self._map(self.func, self.items)
+        elapsed = time.perf_counter() - t0
+        if len(out) != len(self.items):
+            raise RuntimeError(f"{self.impl}: {len(out)} results for {len(self.items)} tasks")
+        return elapsed * 1e3
+
+    def close(self) -> None:
+        self._shut()
+
+
+def _register_pool_cases() -> None:
+    peers = ("stdlib", "stdlib_executor", "gilfree", "loky", "joblib", "mpire")
+
+    def bind(impl: str) -> Callable[[dict[str, Any]], Any]:
+        return lambda params: PoolBench(impl, params)
+
+    def impls(names: Iterable[str]) -> dict[str, Any]:
+        return {impl: bind(impl) for impl in names}
+
+    common = "Pools of {workers} workers (fork), started once; "
+    register(Case("pool_map_100k", common + "map(x*x) over {items} ints with each library's default "
+                  "chunking; ms.", "ms", False, impls(peers), full={"work": "map", "items": 100_000},
+                  quick={"items": 20_000}))
+    register(Case("pool_map_1k_c1", common + "map(x*x) over {items} ints with chunksize=1 (joblib: "
+                  "batch_size=1); ms.", "ms", False, impls(peers),
+                  full={"work": "map", "items": 1000, "chunksize": 1}, quick={"items": 300}))
+    register(Case("pool_cpu_200x10ms", common + "map over {tasks} tasks of {task_ms} ms of CPU each; "
+                  "'serial' runs them in this process; ms.", "ms", False, impls(("serial", *peers)),
+                  full={"work": "cpu", "tasks": 200, "task_ms": 10}, quick={"tasks": 50}))
+    register(Case("pool_numpy_100mb", common + "apply(sum, (a {mb} MB numpy array,)) (executors: submit, "
+                  "joblib: one delayed call); ms.", "ms", False,
+                  impls(("stdlib", "stdlib_executor", "gilfree", "loky", "joblib")),
+                  full={"work": "numpy", "mb": 100}, quick={"mb": 20}))
+    register(Case("pool_start", "Start a pool of {workers} workers (fork), run one tiny task, stop it; "
+                  "ms until the result (stopping is not timed).", "ms", False, impls(peers),
+                  full={"work": "start"}))
+
+
+_register_pool_cases()
+
+
+# ---------------------------------------------------------------------------------------------------
 # Statistics
 
 

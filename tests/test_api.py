@@ -16,7 +16,7 @@ IMPLEMENTED = [
     "allow_connection_pickling", "Pipe", "ProcessError", "BufferTooShort", "TimeoutError",
     "AuthenticationError", "SUBDEBUG", "SUBWARNING", "Lock", "RLock", "Semaphore", "BoundedSemaphore",
     "Condition", "Event", "Barrier", "Value", "Array", "RawValue", "RawArray", "Queue", "SimpleQueue",
-    "JoinableQueue", "Manager",
+    "JoinableQueue", "Manager", "Pool",
 ]
 
 

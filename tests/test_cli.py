@@ -83,3 +83,18 @@ def test_manager_serve_logs_and_stops_on_sigterm(tmp_path):
     assert "accepted 127.0.0.1:" in err
     assert "refused 127.0.0.1:" in err and "digest received was wrong" in err
     assert "stopped (SIGTERM)" in err
+
+
+def test_tour_pool_chapter():
+    res = run_program(["-m", "gilfree", "tour", "--chapter", "pool"], timeout=180)
+    assert res.returncode == 0, res.stderr
+    out = res.stdout
+    assert sorted(re.findall(r"Worker process id for (\d): \d+", out)) == ["1", "2", "3", "4", "5"]
+    assert "result:                            [1, 4, 9, 16, 25]" in out
+    assert "sum of the results:                5997000" in out
+    assert "tasks that succeeded:              19 of 20" in out
+    assert re.search(r"the lost task: +worker pid \d+ was killed by SIGKILL while running task \d+ \(_pool_die_on\)", out)
+    assert "the pool goes on:                  [1, 2, 3]" in out
+    assert "2000/2000" in res.stderr  # the progress bar
+    assert "Children still running: 0." in out
+    assert "Traceback" not in res.stderr

@@ -13,13 +13,20 @@ import pytest
 from _helpers import mask_pids, run_program
 
 SEED = Path(__file__).parent / "seed"
-# examples whose layer exists; later issues add theirs (ex8: pools)
-IN_SCOPE = ["ex1_process", "ex2_global", "ex3_shared", "ex4_manager", "ex5_queue", "ex6_pipe", "ex7_lock"]
+# every example of the seed
+IN_SCOPE = ["ex1_process", "ex2_global", "ex3_shared", "ex4_manager", "ex5_queue", "ex6_pipe", "ex7_lock", "ex8_pool"]
 # Lines of two processes printing at once can interleave, even inside a line; there the messages
 # are found by pattern and compared as a sorted list.
 MESSAGES = {
+    # which worker runs which number differs from run to run (pids are masked anyway)
+    "ex8_pool": r"Worker process id for \d+: \d+|\[1, 4, 9, 16, 25\]",
     "ex1_process": r"Square: \d+|Cube: \d+|Done!",
     "ex6_pipe": r"(?:Sent|Received) the message: (?:hello|hey|hru\?|ECHO|END)|Echo from receiver:  ECHO from receiver!",
+}
+
+
+SOMETIMES_LOST = {
+    "ex8_pool": sorted([f"Worker process id for {n}: <N>" for n in range(1, 6)] + ["[1, 4, 9, 16, 25]"]),
 }
 
 
@@ -45,5 +52,13 @@ def test_seed_example_matches_stdlib(name, method, tmp_path):
     assert ref.returncode == 0, ref.stderr
     assert got.returncode == 0, got.stderr
     assert got.stderr == ""
-    assert normalise(name, got.stdout) == normalise(name, ref.stdout), (got.stdout, ref.stdout)
+    if name in SOMETIMES_LOST:
+        # The stdlib's pool SIGTERMs its workers at exit, so what they printed into a pipe's buffer
+        # is lost or not depending on a race; gilfree's idle workers exit normally and flush.  So:
+        # every line the stdlib printed, gilfree prints too, and gilfree prints all of them.
+        ours, theirs = normalise(name, got.stdout), normalise(name, ref.stdout)
+        assert set(theirs) <= set(ours), (got.stdout, ref.stdout)
+        assert ours == SOMETIMES_LOST[name], got.stdout
+    else:
+        assert normalise(name, got.stdout) == normalise(name, ref.stdout), (got.stdout, ref.stdout)
     assert re.search(r"\S", got.stdout)

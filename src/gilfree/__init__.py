@@ -16,13 +16,16 @@ from . import process as process
 from . import reduction as reduction
 from . import util as util
 from ._errors import AuthenticationError as AuthenticationError
+from ._errors import BrokenPoolError as BrokenPoolError
 from ._errors import BufferTooShort as BufferTooShort
 from ._errors import MainModuleNotGuardedError as MainModuleNotGuardedError
 from ._errors import OwnerDiedError as OwnerDiedError
 from ._errors import OwnerDiedWarning as OwnerDiedWarning
 from ._errors import PicklingError as PicklingError
 from ._errors import ProcessError as ProcessError
+from ._errors import TaskTimeoutError as TaskTimeoutError
 from ._errors import TimeoutError as TimeoutError
+from ._errors import WorkerLostError as WorkerLostError
 from .connection import Connection as Connection
 from .context import Process as Process
 from .process import active_children as active_children
@@ -38,7 +41,10 @@ if TYPE_CHECKING:
     from typing import Any
 
     from . import arrays as arrays
+    from . import dummy as dummy
+    from . import executor as executor
     from . import managers as managers
+    from . import pool as pool
     from . import queues as queues
     from . import shared_memory as shared_memory
     from . import sharedctypes as sharedctypes
@@ -46,6 +52,7 @@ if TYPE_CHECKING:
     from .arrays import SharedArray as SharedArray
     from .arrays import as_shared as as_shared
     from .arrays import shared_array as shared_array
+    from .executor import ProcessPoolExecutor as ProcessPoolExecutor
     from .queues import JoinableQueue as JoinableQueue
     from .queues import Queue as Queue
     from .queues import SimpleQueue as SimpleQueue
@@ -63,6 +70,10 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     "as_shared": ("arrays", "as_shared"),
     "shared_array": ("arrays", "shared_array"),
     "managers": ("managers", None),
+    "pool": ("pool", None),
+    "dummy": ("dummy", None),
+    "executor": ("executor", None),
+    "ProcessPoolExecutor": ("executor", "ProcessPoolExecutor"),
     "queues": ("queues", None),
     "Queue": ("queues", "Queue"),
     "JoinableQueue": ("queues", "JoinableQueue"),
@@ -136,6 +147,13 @@ def Manager() -> managers.SyncManager:
     return _default.Manager()
 
 
+def Pool(processes: int | None = None, initializer: Any = None, initargs: Any = (),
+         maxtasksperchild: int | None = None, **options: Any) -> pool.Pool:
+    """A pool of worker processes (``multiprocessing.Pool``) that never hangs on a dead worker; see
+    :class:`gilfree.pool.Pool` for the options beyond the stdlib's."""
+    return _default.Pool(processes, initializer, initargs, maxtasksperchild, **options)
+
+
 def cpu_count() -> int:
     """Number of CPUs in the system."""
     return _default.cpu_count()
@@ -198,6 +216,14 @@ __all__ = [
     "Event",
     "Lock",
     "Manager",
+    "Pool",
+    "pool",
+    "dummy",
+    "executor",
+    "ProcessPoolExecutor",
+    "WorkerLostError",
+    "TaskTimeoutError",
+    "BrokenPoolError",
     "OwnerDiedError",
     "OwnerDiedWarning",
     "JoinableQueue",

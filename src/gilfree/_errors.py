@@ -19,6 +19,10 @@ __all__ = [
     "MainModuleNotGuardedError",
     "OwnerDiedError",
     "OwnerDiedWarning",
+    "WorkerLostError",
+    "TaskTimeoutError",
+    "BrokenPoolError",
+    "MaybeEncodingError",
 ]
 
 
@@ -95,8 +99,121 @@ class OwnerDiedWarning(RuntimeWarning):
     """Issued when a lock created with ``on_owner_death="takeover"`` takes a dead holder's place."""
 
 
+_SIGNAL_CAUSES = {
+    "SIGKILL": "something sent it SIGKILL: another process, a timeout, or the kernel's out-of-memory "
+    "killer (see `dmesg`) when memory ran short",
+    "SIGSEGV": "it crashed with a segmentation fault: a bug in a C extension, ctypes code or a corrupted "
+    "object",
+    "SIGBUS": "it crashed with a bus error: often a shared-memory file that was truncated or full",
+    "SIGABRT": "it aborted: a failed assertion or an abort() in C code",
+    "SIGFPE": "it crashed with a floating-point exception in C code",
+    "SIGILL": "it crashed on an illegal instruction (a binary built for another CPU?)",
+    "SIGTERM": "something sent it SIGTERM",
+}
+
+
+def describe_exit(exitcode: int | None) -> str:
+    """``-9`` -> ``"was killed by SIGKILL"``; ``3`` -> ``"exited with code 3"``."""
+    if exitcode is None:
+        return "disappeared (exit status unknown)"
+    if exitcode < 0:
+        import signal  # only when explaining a death
+
+        try:
+            return f"was killed by {signal.Signals(-exitcode).name}"
+        except ValueError:
+            return f"was killed by signal {-exitcode}"
+    return f"exited with code {exitcode}"
+
+
+def likely_cause(exitcode: int | None) -> str:
+    """A sentence on what usually causes such an exit."""
+    if exitcode is None:
+        return "the process could not be waited for"
+    if exitcode < 0:
+        import signal
+
+        try:
+            name = signal.Signals(-exitcode).name
+        except ValueError:
+            return "an unusual signal ended it"
+        return _SIGNAL_CAUSES.get(name, f"it received {name}")
+    if exitcode == 0:
+        return "the task (or a library it called) ended the process with os._exit(0) or sys.exit in C"
+    return f"the task (or a library it called) ended the process with os._exit({exitcode}) or exit() in C"
+
+
+class WorkerLostError(ProcessError):
+    """A pool worker died while it was running a task; the task failed (or was retried).
+
+    ``pid``, ``exitcode`` (negative: the signal), ``task`` (its number in the pool's submission
+    order) and ``item`` (the position in its chunk, for map-like calls) say what happened; ``str()``
+    adds the likely cause.  The pool replaced the worker and goes on.
+    """
+
+    def __init__(self, pid: int, exitcode: int | None, task: int | None = None, item: int | None = None,
+                 what: str = "task", attempts: int = 1) -> None:
+        super().__init__(pid, exitcode, task, item, what, attempts)
+        self.pid, self.exitcode, self.task, self.item, self.what, self.attempts = pid, exitcode, task, item, what, attempts
+
+    def __str__(self) -> str:
+        running = f"while running {self.what}"
+        if self.item is not None:
+            running += f" (item {self.item} of its chunk)"
+        tries = f" on each of {self.attempts} attempts" if self.attempts > 1 else ""
+        return (f"worker pid {self.pid} {describe_exit(self.exitcode)} {running}{tries}; likely cause: "
+                f"{likely_cause(self.exitcode)}.  The pool replaced the worker; pass on_worker_death='retry' "
+                f"to run such a task again")
+
+
+class TaskTimeoutError(TimeoutError):
+    """A task ran longer than its ``task_timeout``; its worker was killed and replaced."""
+
+    def __init__(self, timeout: float, pid: int, what: str = "task", item: int | None = None) -> None:
+        super().__init__(timeout, pid, what, item)
+        self.timeout, self.pid, self.what, self.item = timeout, pid, what, item
+
+    def __str__(self) -> str:
+        where = f" (item {self.item} of its chunk)" if self.item is not None else ""
+        return (f"{self.what}{where} ran longer than task_timeout={self.timeout:g} s; its worker (pid "
+                f"{self.pid}) was killed and replaced")
+
+
+class BrokenPoolError(ProcessError, RuntimeError):
+    """The pool cannot run tasks any more (a worker died under ``on_worker_death='break'``, the
+    initializer failed, or workers die as they start); every unfinished task fails with this."""
+
+
+class MaybeEncodingError(ProcessError):
+    """A task's result (or exception) could not be pickled to send it back from the worker.
+
+    ``value`` is its ``repr`` and ``exc`` the pickling error's text (as the stdlib's
+    ``multiprocessing.pool.MaybeEncodingError``).
+    """
+
+    def __init__(self, exc: object, value: object) -> None:
+        self.exc = repr(exc)
+        self.value = repr(value)
+        super().__init__(self.exc, self.value)
+
+    def __reduce__(self) -> tuple[object, tuple[str, str]]:
+        return _rebuild_encoding_error, (self.exc, self.value)
+
+    def __str__(self) -> str:
+        return f"Error sending result: '{self.value}'. Reason: '{self.exc}'"
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__}: {self}>"
+
+
+def _rebuild_encoding_error(exc: str, value: str) -> MaybeEncodingError:
+    error = MaybeEncodingError.__new__(MaybeEncodingError)
+    error.exc, error.value, error.args = exc, value, (exc, value)
+    return error
+
+
 # Shown as ``gilfree.X`` in tracebacks, where users look them up.
 for _cls in (ProcessError, BufferTooShort, TimeoutError, AuthenticationError, PicklingError, MainModuleNotGuardedError,
-             OwnerDiedError, OwnerDiedWarning):
+             OwnerDiedError, OwnerDiedWarning, WorkerLostError, TaskTimeoutError, BrokenPoolError, MaybeEncodingError):
     _cls.__module__ = "gilfree"
 del _cls

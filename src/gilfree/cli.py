@@ -403,6 +403,48 @@ def chapter_manager() -> None:
         _show("set+get on the served dict:", f"{n / (time.perf_counter() - t0):,.0f} ops/s (TCP loopback)")
 
 
+def _pool_square(n: int) -> int:
+    print(f"Worker process id for {n}: {os.getpid()}", flush=True)
+    return n * n
+
+
+def _pool_die_on(n: int) -> int:
+    if n == 13:
+        os.kill(os.getpid(), 9)  # SIGKILL, as the OOM killer would
+    time.sleep(0.01)
+    return n
+
+
+def chapter_pool() -> None:
+    _title(8, "Pools: lambdas, progress bars, and a worker killed mid-map that the pool survives")
+    _say("""The seed's pool: map a function over a list; each worker prints its pid.""")
+    ctx = gilfree.get_context("spawn")
+    with ctx.Pool() as p:
+        _show("result:", p.map(_pool_square, [1, 2, 3, 4, 5]))
+    _say("""A lambda (the stdlib raises PicklingError), with a progress bar (tqdm, optional).""")
+    with ctx.Pool(2) as p:
+        scale = 3
+        try:
+            out = p.map(lambda x: x * scale, range(2000), chunksize=50, progress={"desc": "lambda map", "ncols": 70})
+        except ImportError as exc:
+            _show("progress bar:", f"{exc}; mapping without it")
+            out = p.map(lambda x: x * scale, range(2000), chunksize=50)
+        _show("sum of the results:", sum(out))
+        _say("""A worker is SIGKILLed while it runs item 13 (the stdlib's pool would wait forever for
+        that result).  Here exactly that task fails with WorkerLostError, the worker is replaced, and
+        the other tasks finish; with on_worker_death='retry' the task would run again.""")
+        results = [p.apply_async(_pool_die_on, (i,)) for i in range(20)]
+        ok, lost = [], []
+        for r in results:
+            try:
+                ok.append(r.get(60))
+            except gilfree.WorkerLostError as exc:
+                lost.append(exc)
+        _show("tasks that succeeded:", f"{len(ok)} of 20")
+        _show("the lost task:", str(lost[0]) if lost else "none")
+        _show("the pool goes on:", p.map(abs, [-1, -2, -3]))
+
+
 def _find_benchmarks() -> Path | None:
     here = Path(__file__).resolve()
     for parent in here.parents:
@@ -425,7 +467,7 @@ def _load_benchmarks() -> object | None:
 
 
 def chapter_benchmark() -> None:
-    _title(8, "Measured here, now: gilfree beside the stdlib")
+    _title(9, "Measured here, now: gilfree beside the stdlib")
     bench = _load_benchmarks()
     if bench is None:
         _say("The benchmark runner lives in benchmarks/run.py of a source checkout; not found here.")
@@ -444,6 +486,7 @@ CHAPTERS: list[tuple[str, Callable[[], None]]] = [
     ("shared", chapter_shared_state),
     ("queues", chapter_queues),
     ("manager", chapter_manager),
+    ("pool", chapter_pool),
     ("benchmark", chapter_benchmark),
 ]
 

@@ -42,12 +42,15 @@ import _pickle as pickle  # the C pickler itself: `pickle.py` would also import 
 import _socket  # the C module: `_socket.py` costs a spawned child ~5 ms (start-up imports, design.md)
 import array
 import fcntl
+import mmap
 import operator
 import os
 import select
 import stat
 import struct
+import threading
 import time
+import weakref
 
 from . import reduction, util
 from ._errors import AuthenticationError, BufferTooShort
@@ -79,8 +82,24 @@ _F_SETPIPE_SZ = 1031
 _ANC_SPACE = _socket.CMSG_SPACE(MAX_FDS * 4)
 _MSG_CTRUNC = int(_socket.MSG_CTRUNC)
 _MSG_WAITALL = int(_socket.MSG_WAITALL)
+_MSG_PEEK = int(_socket.MSG_PEEK)
+_MSG_DONTWAIT = int(_socket.MSG_DONTWAIT)
+_PEEK_SIZE = 1 << 16
 #: A header that says "the next message carries file descriptors" (gilfree's extension).
 _FDS_NEXT = -3
+#: In a ``-2`` frame, a buffer length with this bit set: the buffer is not in the stream but in a
+#: memfd that came with the message (the last descriptors of the message, in buffer order).  Bits
+#: 40-62 then hold the memfd's number in the sender's cache, bits 0-39 the length.
+_IN_FD = 1 << 63
+_FD_LEN_BITS = 40
+_FD_LEN_MASK = (1 << _FD_LEN_BITS) - 1
+_FD_ID_MASK = (1 << 23) - 1
+#: ``-5``: (gilfree's) "these memfds of yours are free again": a count and 4-byte numbers follow.
+_RELEASED = -5
+_MAP_POPULATE = getattr(mmap, "MAP_POPULATE", 0)
+#: memfds a connection keeps for reuse: at most this many, and this many bytes of idle ones.
+_MEMFD_KEEP = 8
+_MEMFD_IDLE_BYTES = 256 << 20
 #: Bytes asked of the kernel for each direction of a duplex Pipe (as PIPE_BUFFER for one-way pipes).
 SOCKET_BUFFER = 1 << 20  # a plain int: enum arithmetic costs a microsecond per message
 
@@ -126,6 +145,12 @@ class Connection:
     ``Connection(handle, readable=True, writable=True)`` takes ownership of the fd ``handle``.
     """
 
+    #: When set (by gilfree's own channels, e.g. a pool's worker pipes) and this is a Unix socket,
+    #: :meth:`send` puts out-of-band buffers of at least this many bytes in a memfd that travels as a
+    #: descriptor: one copy in, none out (the receiver maps it, writeable) instead of two copies
+    #: through the socket.  Receiving such buffers needs nothing set.
+    _shm_min: int | None = None
+
     def __init__(self, handle: int, readable: bool = True, writable: bool = True) -> None:
         handle = operator.index(handle)
         if handle < 0:
@@ -151,6 +176,8 @@ class Connection:
                 else:
                     sock.detach()
         self._kind = "unix socket" if self._sock is not None else ("socket" if self._is_socket else "pipe")
+        self._memfds: _MemfdCache | None = None  # memfds this end sends large buffers in (_shm_min)
+        self._released: list[int] | None = None  # the peer's memfds this end has unmapped since
 
     # -- state ---------------------------------------------------------------------------------
     def __repr__(self) -> str:
@@ -188,6 +215,9 @@ class Connection:
                 self._sock.detach()
                 self._sock = None
             os.close(handle)
+        if self._memfds is not None and self._memfds.pid == os.getpid():
+            self._memfds.close()
+            self._memfds = None
 
     def _detach(self) -> int:
         handle = self._check_closed()
@@ -233,6 +263,11 @@ class Connection:
         anything is written, so the stream stays usable.
         """
         self._check_writable()
+        data = reduction.dumps_small(obj)
+        if data is not None and len(data) <= 0x7FFFFFFF:
+            n = len(data)
+            self._write([_HDR.pack(n) + data] if n <= _SMALL else [_HDR.pack(n), data], [])
+            return
         fds: list[int] = []
         if self._sock is None:
             chunks, oob = reduction.dump_chunks(obj, OOB_MIN)
@@ -258,6 +293,10 @@ class Connection:
         if oob:
             oob = [_flat(b) for b in oob]
             lengths = [b.nbytes for b in oob]
+            shm_min = self._shm_min
+            if shm_min is not None and self._sock is not None and any(n >= shm_min for n in lengths):
+                self._send_with_memfds(size, chunks, oob, lengths, fds, shm_min)
+                return
             header = _HDR.pack(-2) + _HDR_EXT.pack(len(oob), size) + struct.pack(f"!{len(oob)}Q", *lengths)
             bufs = [header, *chunks, *oob]
         elif size <= 0x7FFFFFFF:
@@ -268,6 +307,47 @@ class Connection:
         else:
             bufs = [_HDR.pack(-1) + _HDR_LONG.pack(size), *chunks]
         self._write(bufs, fds)
+
+    def _send_with_memfds(
+        self, size: int, chunks: list[Any], oob: list[Any], lengths: list[int], fds: list[int], shm_min: int
+    ) -> None:
+        """Send a ``-2`` frame whose large buffers travel as memfds (see :attr:`_shm_min`).
+
+        A memfd the receiver has let go of (it says so with a ``-5`` frame before its next message)
+        is reused: its pages are already allocated, so a repeated large argument costs one copy.
+        """
+        cache = self._memfd_cache()
+        sent: list[int] = []
+        inline: list[Any] = []
+        for i, buf in enumerate(oob):
+            n = lengths[i]
+            if n >= shm_min and n <= _FD_LEN_MASK and len(fds) + len(sent) < MAX_FDS:
+                ident = cache.take(n)
+                cache.fill(ident, buf)
+                sent.append(ident)
+                lengths[i] = _IN_FD | (ident << _FD_LEN_BITS) | n
+            else:
+                inline.append(buf)
+        header = _HDR.pack(-2) + _HDR_EXT.pack(len(oob), size) + struct.pack(f"!{len(oob)}Q", *lengths)
+        try:
+            self._write([header, *chunks, *inline], fds + [cache.fd(ident) for ident in sent])
+        finally:
+            cache.sent(sent)
+
+    def _memfd_cache(self) -> _MemfdCache:
+        cache = self._memfds
+        if cache is None or cache.pid != os.getpid():
+            cache = self._memfds = _MemfdCache()
+        return cache
+
+    def _released_frame(self) -> bytes:
+        """The ``-5`` frame that returns the peer's memfds this process has unmapped (or ``b""``)."""
+        released = self._released
+        if not released:
+            return b""
+        ids = released[:]
+        del released[: len(ids)]  # finalizers may append meanwhile, from any thread
+        return _HDR.pack(_RELEASED) + struct.pack(f"!I{len(ids)}I", len(ids), *ids)
 
     def send_bytes(self, buf: Any, offset: int = 0, size: int | None = None) -> None:
         """Send ``buf[offset:offset+size]`` (any bytes-like object) as one message."""
@@ -296,6 +376,13 @@ class Connection:
         fd = self._handle
         assert fd is not None
         sock = self._sock
+        if self._released:
+            released = self._released_frame()
+            if fds:
+                assert sock is not None
+                sock.sendall(released)
+            else:
+                bufs = [released, *bufs]
         if fds:
             assert sock is not None
             # announced on its own, so the receiver reads the next header with recvmsg (a header
@@ -413,6 +500,15 @@ class Connection:
         byte).  Every other header is a plain read, which is cheaper.
         """
         n = _HDR.unpack(self._read_raw_header())[0]
+        while n == _RELEASED:
+            (count,) = struct.unpack("!I", self._read_exact(4, 4, 8, "message header"))
+            if count > 65536:
+                self._bad_message(f"bad message header: {count} released buffers")
+            ids = struct.unpack(f"!{count}I", self._read_exact(4 * count, 8, 8 + 4 * count, "message header"))
+            cache = self._memfds
+            if cache is not None and cache.pid == os.getpid():
+                cache.release(ids)
+            n = _HDR.unpack(self._read_raw_header())[0]
         if n != _FDS_NEXT:
             return n, []
         fds: list[int] = []
@@ -482,17 +578,27 @@ class Connection:
                     self._bad_message(f"bad message header: {count} out-of-band buffers")
                 lengths = struct.unpack(f"!{count}Q", self._read_exact(8 * count, head, head + 8 * count, "message header"))
                 head += 8 * count
-                body = size + sum(lengths)
+                in_fd = sum(1 for length in lengths if length & _IN_FD)
+                if in_fd > len(fds):
+                    self._bad_message(f"bad message: {in_fd} buffers in memfds but {len(fds)} descriptors came")
+                memfds = fds[len(fds) - in_fd :]
+                body = size + sum(length for length in lengths if not length & _IN_FD)
                 if maxlength is not None and body > maxlength:
                     self._bad_message(f"bad message length: {body} bytes, more than maxlength={maxlength}")
                 total = head + body
                 data = self._read_exact(size, head, total)
                 done = head + size
-                buffers = []
+                buffers: list[Any] = []
+                mapped = 0
                 for length in lengths:
-                    buffers.append(self._read_buffer(length, done, total))
-                    done += length
-                return data, buffers, fds
+                    if length & _IN_FD:
+                        buffers.append(self._map_memfd(memfds[mapped], length))
+                        mapped += 1
+                    else:
+                        buffers.append(self._read_buffer(length, done, total))
+                        done += length
+                util.close_fds(*memfds)
+                return data, buffers, fds[: len(fds) - in_fd]
             self._bad_message(f"bad message header: length {n}; the peer does not speak this protocol")
         except BaseException:
             util.close_fds(*fds)
@@ -548,10 +654,127 @@ class Connection:
         view[offset : offset + size] = data
         return size
 
+    def _ready_frames(self) -> list[memoryview] | None:
+        """The payloads of the plain messages that have fully arrived, read with one peek and one read.
+
+        ``[]``: nothing has arrived.  ``None``: the next message is not a small plain one (it has
+        out-of-band buffers or descriptors, or is still arriving): read it with :meth:`recv`, which
+        waits for the rest.  For gilfree's own channels, where one thread reads many small messages
+        (a pool's supervisor): it saves the header read and a ``poll`` per message.  Unix sockets only.
+        """
+        sock = self._sock
+        if sock is None or self._deadline is not None or not self._readable:
+            return None
+        try:
+            data = sock.recv(_PEEK_SIZE, _MSG_PEEK | _MSG_DONTWAIT)
+        except BlockingIOError:
+            return []
+        if not data:
+            raise EOFError("connection closed by the peer")
+        end, size = 0, len(data)
+        spans = []
+        while end + 4 <= size:
+            (n,) = _HDR.unpack_from(data, end)
+            if n < 0 or end + 4 + n > size:
+                break
+            spans.append((end + 4, n))
+            end += 4 + n
+        if not spans:
+            return None
+        got = sock.recv_into(bytearray(end), end, _MSG_WAITALL)  # consume what was parsed, no further
+        if got != end:  # pragma: no cover - the bytes were there a moment ago
+            self._bad_message(f"lost {end - got} bytes of peeked messages")
+        view = memoryview(data)
+        return [view[start : start + n] for start, n in spans]
+
+    def _map_memfd(self, fd: int, word: int) -> Any:
+        """Map a memfd that came with a message; tell the sender when the mapping is gone."""
+        length = word & _FD_LEN_MASK
+        ident = (word >> _FD_LEN_BITS) & _FD_ID_MASK
+        if os.fstat(fd).st_size < length:
+            raise OSError(f"bad message: a memfd of {os.fstat(fd).st_size} bytes came for a {length}-byte buffer")
+        mapping = mmap.mmap(fd, length, flags=mmap.MAP_SHARED | _MAP_POPULATE)
+        released = self._released
+        if released is None:
+            released = self._released = []
+        weakref.finalize(mapping, released.append, ident)
+        return mapping
+
     def poll(self, timeout: float | None = 0.0) -> bool:
         """Whether there is data to read (or the peer closed); wait up to ``timeout`` seconds."""
         fd = self._check_readable()
         return bool(wait([fd], timeout))
+
+
+class _MemfdCache:
+    """The memfds one end of a connection sends large buffers in, kept for reuse.
+
+    A memfd is *busy* from the moment it is filled until the peer says it unmapped it (``-5``),
+    then *idle* and reusable; at most :data:`_MEMFD_KEEP` are kept and :data:`_MEMFD_IDLE_BYTES`
+    of idle ones, beyond that a memfd is closed once sent (the peer's mapping keeps the memory).
+    Only the sending thread uses it, apart from :meth:`release` (the receiving thread): a lock.
+    """
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        self._lock = threading.Lock()
+        self._next = 0
+        self._entries: dict[int, list[Any]] = {}  # id -> [fd, mmap, size, busy]
+
+    def take(self, n: int) -> int:
+        with self._lock:
+            best = None
+            for ident, (_, _, size, busy) in self._entries.items():
+                if not busy and n <= size <= 2 * n and (best is None or size < self._entries[best][2]):
+                    best = ident
+            if best is not None:
+                self._entries[best][3] = True
+                return best
+            self._next = (self._next + 1) & _FD_ID_MASK
+            ident = self._next
+            fd = os.memfd_create("gilfree-buffer", os.MFD_CLOEXEC)
+            try:
+                os.ftruncate(fd, n)
+                mapping = mmap.mmap(fd, n)
+            except BaseException:
+                os.close(fd)
+                raise
+            self._entries[ident] = [fd, mapping, n, True]
+            return ident
+
+    def fill(self, ident: int, buf: Any) -> None:
+        view = memoryview(buf).cast("B")
+        self._entries[ident][1][: view.nbytes] = view
+
+    def fd(self, ident: int) -> int:
+        return int(self._entries[ident][0])
+
+    def sent(self, idents: list[int]) -> None:
+        """After sending: forget the memfds beyond what is kept (their memory lives on in the peer)."""
+        with self._lock:
+            while len(self._entries) > _MEMFD_KEEP:
+                ident = next(i for i in self._entries if i in idents or not self._entries[i][3])
+                self._drop(ident)
+            idle = [(i, e[2]) for i, e in self._entries.items() if not e[3]]
+            while sum(size for _, size in idle) > _MEMFD_IDLE_BYTES:
+                self._drop(idle.pop(0)[0])
+
+    def release(self, idents: Iterable[int]) -> None:
+        with self._lock:
+            for ident in idents:
+                entry = self._entries.get(ident)
+                if entry is not None:
+                    entry[3] = False
+
+    def _drop(self, ident: int) -> None:
+        fd, mapping, _, _ = self._entries.pop(ident)
+        mapping.close()
+        os.close(fd)
+
+    def close(self) -> None:
+        with self._lock:
+            for ident in list(self._entries):
+                self._drop(ident)
 
 
 def _rebuild_connection(df: Any, readable: bool, writable: bool) -> Connection:

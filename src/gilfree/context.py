@@ -24,7 +24,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 
-    from . import managers, queues, synchronize
+    from . import managers, pool, queues, synchronize
 
 # The methods below import `synchronize`/`sharedctypes` when first called, not at the top: a spawned
 # child imports this module to unpickle its Process object, and ctypes + the lock extension would
@@ -140,6 +140,14 @@ class BaseContext:
         m = managers.SyncManager(ctx=self.get_context())
         m.start()
         return m
+
+    # -- pools (gilfree.pool) ----------------------------------------------------------------------
+    def Pool(self, processes: int | None = None, initializer: Any = None, initargs: Any = (),
+             maxtasksperchild: int | None = None, **options: Any) -> pool.Pool:
+        """A pool of worker processes started with this context (see :class:`gilfree.pool.Pool`)."""
+        from . import pool
+
+        return pool.Pool(processes, initializer, initargs, maxtasksperchild, context=self.get_context(), **options)
 
     def RawValue(self, typecode_or_type: Any, *args: Any) -> Any:
         """A shared ctypes object without a lock."""

@@ -1,0 +1,904 @@
+"""The one worker engine under ``Pool``, ``ThreadPool`` and ``ProcessPoolExecutor`` (layer L6).
+
+::
+
+    caller threads               supervisor thread (one per engine)              workers
+    --------------               ----------------------------------              -------
+    submit(tasks) ─> pending ─┐
+                   wake pipe ─┤ poll(wake, conn 1..n, sentinel 1..n; next deadline)
+                              ├─ dispatch ── conn_i.send((tid, fn?, kind, args)) ──> worker i: recv,
+                              │    (up to `depth` tasks per worker, FIFO)             run, send result
+                              ├─ results <── conn_i.recv() <── (tid, ok, value) ────┘
+                              │    └─> task.job._done(task, ok, value): AsyncResult, callbacks
+                              ├─ sentinel_i ready: worker i died.  Its running task fails with
+                              │    WorkerLostError (or is retried, or breaks the pool); the tasks
+                              │    queued behind it go back to the front of `pending`; a new
+                              │    worker takes its place.
+                              └─ deadlines: a task past its task_timeout: SIGKILL its worker,
+                                   fail the task with TaskTimeoutError.
+
+    progress slots (shared memory, 3 x int64 per worker): [task id, item, start ns], written by
+    the worker as it starts each task and each item of a chunk; read by the supervisor to know
+    exactly what a dead or overdue worker was running.
+
+The actors:
+
+* **Caller threads** (``Pool.map``, ``apply_async``, ``Executor.submit``...) build :class:`Task`
+  objects and :meth:`Engine.submit` them: an append to a deque and one byte on the wake pipe.
+  They never touch a worker.  The function is pickled once per call in the caller (so an error in
+  pickling it surfaces in the result at once), and sent to each worker once, not with every task.
+* **The supervisor thread** owns every worker and all engine state.  It blocks in ``poll`` on
+  every worker's connection and process sentinel (a pidfd) plus the wake pipe: it never polls on
+  a timer, except the deadline of the earliest ``task_timeout``.  Results are handed to the task's
+  *job* (an ``AsyncResult``, an ``imap`` iterator, a ``Future``), whose callbacks run on this
+  thread, as in the stdlib's result-handler thread: they should return quickly.
+* **Workers** (processes, or threads for ``ThreadPool``) run :func:`_serve`: receive a task, run
+  it, send back ``(task id, ok, value)``.  A result or exception that cannot be pickled comes back
+  as :class:`MaybeEncodingError`; a ``BaseException`` fails the task and the worker goes on.
+  Process workers ignore SIGINT, so Ctrl-C reaches only the caller (who then stops the pool).
+  Large buffers (numpy arrays, bytes) in tasks and results travel as memfds (see
+  ``Connection._shm_min``), not through the socket.
+
+How it follows known designs.  The stdlib's ``multiprocessing.pool`` has three handler threads
+and one shared task queue, so it cannot tell which task a dead worker held (it hangs); loky and
+``concurrent.futures`` break the whole pool on a death.  Here each worker has its own duplex
+connection and a FIFO of the tasks sent to it, so the supervisor knows what each holds, and a death
+costs exactly one task.  ``depth`` tasks may be queued in a worker (prefetch) so tiny tasks never
+leave it idle waiting for the supervisor; the slot says which of them was running.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import os
+import select
+import signal
+import sys
+import threading
+import time
+import traceback
+
+from . import connection, reduction, util
+from ._errors import BrokenPoolError, MaybeEncodingError, TaskTimeoutError, WorkerLostError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, Callable, Iterable
+
+__all__ = ["Engine", "Task", "Function", "RemoteTraceback", "POLICIES"]
+
+#: What happens to a task whose worker died: fail it, run it again (``retries`` times), or break the pool.
+POLICIES = ("fail", "retry", "break")
+#: Large buffers in tasks and results go through memfds from this size on.
+SHM_MIN = 1 << 20
+#: Tasks queued in one worker when tasks are long, and when they are short (under SHORT_TASK s).
+DEPTH_LONG = 2
+DEPTH_SHORT = 8
+SHORT_TASK = 0.002
+#: Functions a worker keeps unpickled; the oldest is dropped beyond this.
+FUNCTION_CACHE = 64
+#: Workers that die before finishing a task, one after another, before the pool is declared broken.
+MAX_START_FAILURES = 3
+
+# kinds of task: a call; a chunk that fails at its first error (map); a chunk whose items fail
+# one by one (imap: a failed item comes back as a Failure in the list, the others as values)
+CALL, MAP, STARMAP, EACH, STAREACH = 0, 1, 2, 3, 4
+_STAR = (STARMAP, STAREACH)
+_SLOT_WORDS = 3
+_IDLE = -1
+_RECHECK = 20_000_000  # ns: how soon to look again at a timed task its worker has not started yet
+
+
+class RemoteTraceback(Exception):
+    """The traceback of an exception raised in a worker, chained as its ``__cause__``."""
+
+    def __init__(self, tb: str) -> None:
+        super().__init__(tb)
+        self.tb = tb
+
+    def __str__(self) -> str:
+        return self.tb
+
+
+def _rebuild_remote(exc: BaseException, tb: str) -> BaseException:
+    exc.__cause__ = RemoteTraceback(tb)
+    return exc
+
+
+class _RemoteException:
+    """An exception pickled with its traceback's text; unpickles to the exception itself."""
+
+    __slots__ = ("exc", "tb")
+
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+        self.tb = '\n"""\n' + "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)) + '"""'
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        return _rebuild_remote, (self.exc, self.tb)
+
+
+class Failure:
+    """An item of an ``EACH`` chunk that raised: its exception (with the remote traceback)."""
+
+    __slots__ = ("exc",)
+
+    def __init__(self, exc: Any) -> None:
+        self.exc = exc
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        return Failure, (self.exc,)
+
+    def __repr__(self) -> str:
+        return f"<Failure {self.exc!r}>"
+
+
+class Function:
+    """A function submitted to the engine: pickled once, sent to each worker once."""
+
+    __slots__ = ("fid", "func", "pickled", "error")
+    _ids = itertools.count(1)
+
+    def __init__(self, func: Callable[..., Any], pickle_it: bool = True) -> None:
+        self.fid = next(self._ids)
+        self.func = func
+        self.pickled: bytes | None = None
+        self.error: BaseException | None = None
+        if pickle_it:
+            try:
+                self.pickled = reduction.dumps(func)
+            except Exception as exc:  # reported through the tasks' results, as the stdlib does
+                self.error = exc
+
+    def __repr__(self) -> str:
+        return f"<Function {self.fid} {getattr(self.func, '__qualname__', self.func)!r}>"
+
+
+class Task:
+    """One unit of work for one worker: a call, or a chunk of a map.
+
+    ``job`` receives the outcome: ``job._done(task, ok, value)`` on the supervisor thread, where
+    ``value`` is the result (CALL), the list of results (MAP, STARMAP) or the exception.
+    ``job._start(task)`` is asked just before sending; ``False`` (a cancelled future) drops it.
+    """
+
+    __slots__ = ("tid", "job", "index", "kind", "function", "args", "kwargs", "size",
+                 "policy", "retries", "timeout", "attempt", "worker", "elapsed")
+    _ids = itertools.count()
+
+    def __init__(self, job: Any, index: int, kind: int, function: Function, args: Any, kwargs: Any = None,
+                 size: int = 1, policy: str = "fail", retries: int = 0, timeout: float | None = None) -> None:
+        self.tid = next(self._ids)
+        self.job = job
+        self.index = index
+        self.kind = kind
+        self.function = function
+        self.args = args
+        self.kwargs = kwargs
+        self.size = size
+        self.policy = policy
+        self.retries = retries
+        self.timeout = timeout
+        self.attempt = 1
+        self.worker: _Worker | None = None
+        self.elapsed = 0.0  # seconds the worker spent on it
+
+    def describe(self) -> str:
+        name = getattr(self.function.func, "__qualname__", None) or repr(self.function.func)
+        if self.kind == CALL:
+            return f"task {self.tid} ({name})"
+        return f"task {self.tid} ({name} over a chunk of {self.size})"
+
+    def __repr__(self) -> str:
+        return f"<Task {self.tid} kind={self.kind} size={self.size} attempt={self.attempt}>"
+
+
+def check_policy(policy: str, retries: int) -> None:
+    if policy not in POLICIES:
+        raise ValueError(f"on_worker_death={policy!r}: choose one of {', '.join(map(repr, POLICIES))}")
+    if retries < 0:
+        raise ValueError(f"retries={retries} is negative")
+
+
+# --------------------------------------------------------------------------------------------------
+# The worker side
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm", "rb") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _serve(recv: Callable[[], Any], send: Callable[[Any], None], slot: Any, initializer: Any, initargs: Any,
+           max_memory: int | None, in_process: bool) -> None:
+    """A worker's loop: run tasks until told to stop (``None``) or the supervisor goes away.
+
+    Runs in a worker process (``in_process``) or a ThreadPool thread.  A message in is a list of
+    tasks ``(tid, fid, function-or-pickle-or-None, drop, kind, args, kwargs, per_item)``, run in
+    order; each result goes out as soon as it is ready: ``(tid, ok, value, over_memory, seconds)``.
+    ``("init", exception)`` goes out once if the initializer raised.  ``per_item``: record the start
+    of every item of a chunk in the slot (a task_timeout needs it; it costs ~0.1 us per item).
+    """
+    if initializer is not None:
+        try:
+            initializer(*initargs)
+        except BaseException as exc:
+            send(("init", _RemoteException(exc) if in_process else exc))
+            return
+    functions: dict[int, Any] = {}
+    monotonic_ns = time.monotonic_ns
+    while True:
+        try:
+            batch = recv()
+        except (EOFError, OSError):
+            return  # the pool is gone
+        if batch is None:
+            return
+        batch.reverse()
+        while batch:
+            tid, fid, fdef, drop, kind, args, kwargs, per_item = batch.pop()
+            for old in drop:
+                functions.pop(old, None)
+            start = slot[2] = monotonic_ns()
+            slot[1] = 0
+            slot[0] = tid
+            try:
+                if fdef is not None:
+                    functions[fid] = reduction.loads(fdef) if in_process else fdef
+                func = functions[fid]
+                if kind == CALL:
+                    value = func(*args, **(kwargs or {}))
+                elif kind < EACH and not per_item:
+                    value = list(itertools.starmap(func, args) if kind == STARMAP else map(func, args))
+                else:
+                    value = _run_items(func, args, kind, slot, per_item, in_process)
+                ok = True
+            except BaseException as exc:  # a BaseException fails the task, not the worker
+                value = _RemoteException(exc) if in_process else exc
+                ok = False
+                del exc
+            slot[0] = _IDLE
+            del args, kwargs, fdef  # let large arguments go before the result is sent
+            over = max_memory is not None and _rss_bytes() > max_memory
+            elapsed = (monotonic_ns() - start) / 1e9
+            try:
+                send((tid, ok, value, over, elapsed))
+            except (EOFError, BrokenPipeError, ConnectionResetError):
+                return  # the pool is gone
+            except Exception as exc:  # the result cannot be pickled: say so instead
+                error = MaybeEncodingError(exc, value.exc if isinstance(value, _RemoteException) else value)
+                send((tid, False, _RemoteException(error), over, elapsed))
+            del value
+
+
+def _run_items(func: Callable[..., Any], items: list[Any], kind: int, slot: Any, per_item: bool,
+               in_process: bool) -> list[Any]:
+    """A chunk item by item: with each item's start in the slot, and (EACH kinds) per-item failures."""
+    monotonic_ns = time.monotonic_ns
+    star = kind in _STAR
+    each = kind >= EACH
+    value: list[Any] = []
+    for i, item in enumerate(items):
+        if i and per_item:
+            slot[2] = monotonic_ns()
+            slot[1] = i
+        if not each:
+            value.append(func(*item) if star else func(item))
+            continue
+        try:
+            value.append(func(*item) if star else func(item))
+        except BaseException as exc:
+            value.append(Failure(_RemoteException(exc) if in_process else exc))
+            del exc
+    return value
+
+
+def _worker_main(conn: connection.Connection, slot_block: Any, index: int, initializer: Any, initargs: Any,
+                 max_memory: int | None) -> None:
+    """The target of a worker process."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the caller's: it stops the pool
+    conn._shm_min = SHM_MIN
+    view = slot_block.memoryview().cast("q")
+    slot = view[index * _SLOT_WORDS : (index + 1) * _SLOT_WORDS]
+    try:
+        _serve(conn.recv, conn.send, slot, initializer, initargs, max_memory, True)
+    finally:
+        slot.release()
+        view.release()
+        conn.close()
+
+
+# --------------------------------------------------------------------------------------------------
+# The supervisor side
+
+
+class _Worker:
+    """The supervisor's record of one worker (process or thread)."""
+
+    __slots__ = ("number", "index", "process", "conn", "sentinel", "inbox", "thread", "inflight", "functions",
+                 "sent", "done", "retiring", "stopping", "killed_for", "ended", "short", "pid")
+
+    def __init__(self, number: int, index: int) -> None:
+        self.number = number
+        self.index = index  # its progress slot
+        self.process: Any = None
+        self.conn: connection.Connection | None = None
+        self.sentinel: int | None = None
+        self.inbox: Any = None  # ThreadPool: the worker thread's queue
+        self.thread: threading.Thread | None = None
+        self.inflight: collections.deque[Task] = collections.deque()
+        self.functions: collections.OrderedDict[int, None] = collections.OrderedDict()
+        self.sent = 0  # tasks sent (maxtasksperchild counts these)
+        self.done = 0
+        self.retiring = False  # sends no more tasks; stops when its queue is empty
+        self.stopping = False  # was told to stop
+        self.killed_for: TaskTimeoutError | None = None
+        self.ended = False
+        self.short = False  # its recent tasks were short: queue more of them
+        self.pid: int | None = None
+
+    def __repr__(self) -> str:
+        state = "stopping" if self.stopping else ("retiring" if self.retiring else "running")
+        return f"<worker {self.number} pid={self.pid} {state} inflight={len(self.inflight)} done={self.done}>"
+
+
+class Engine:
+    """Workers, a supervisor thread, and the queue of tasks between them.
+
+    ``ctx`` is a gilfree context (process workers) or ``None`` (thread workers).  Thread-safe:
+    :meth:`submit`, :meth:`close`, :meth:`terminate` may be called from any thread.
+    """
+
+    def __init__(self, processes: int, ctx: Any = None, initializer: Any = None, initargs: Iterable[Any] = (),
+                 maxtasksperchild: int | None = None, max_memory_per_child: int | None = None,
+                 name: str = "Pool") -> None:
+        self._ctx = ctx
+        self._threads = ctx is None
+        self._size = processes
+        self._initializer = initializer
+        self._initargs = tuple(initargs)
+        self._maxtasks = maxtasksperchild
+        self._max_memory = max_memory_per_child
+        self._name = name
+        self._pending: collections.deque[Task] = collections.deque()
+        self._thread_results: collections.deque[tuple[_Worker, Any]] = collections.deque()
+        self._lock = threading.Lock()
+        self._state = "running"  # -> "closing" -> "closed", or "terminating" -> "closed"
+        self._broken: BaseException | None = None
+        self._workers: list[_Worker] = []
+        self._numbers = itertools.count(1)
+        self._start_failures = 0
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._finished = threading.Event()
+        if self._threads:
+            self._slots: Any = memoryview(bytearray(8 * _SLOT_WORDS * processes)).cast("q")
+            self._slot_block = None
+        else:
+            from ._shm import Block  # L1
+
+            self._slot_block = Block(8 * _SLOT_WORDS * processes)
+            self._slots = self._slot_block.memoryview().cast("q")
+        for i in range(processes * _SLOT_WORDS):
+            self._slots[i] = _IDLE
+        self._free_slots = list(range(processes))
+        self._poller = select.poll()
+        self._poller.register(self._wake_r, select.POLLIN)
+        self._by_fd: dict[int, tuple[_Worker, str]] = {}
+        for _ in range(processes):
+            self._start_worker()
+        self._supervisor = threading.Thread(target=self._run, name=f"gilfree-{name}-supervisor", daemon=True)
+        self._supervisor.start()
+
+    # -- API for the caller threads ---------------------------------------------------------
+    def submit(self, tasks: Iterable[Task]) -> None:
+        """Queue tasks; a task whose function could not be pickled fails at once."""
+        failed: list[tuple[Task, BaseException]] = []
+        with self._lock:
+            if self._state != "running":
+                raise ValueError(f"{self._name} not running (it was closed or terminated)")
+            broken = self._broken
+            for task in tasks:
+                error = broken or task.function.error
+                if error is not None:
+                    failed.append((task, error))
+                else:
+                    self._pending.append(task)
+        for task, error in failed:
+            task.job._done(task, False, error)
+        if broken is None:
+            self._wake()
+
+    def close(self) -> None:
+        """No more tasks; workers stop once the queued ones are done."""
+        with self._lock:
+            if self._state == "running":
+                self._state = "closing"
+        self._wake()
+
+    def terminate(self) -> None:
+        """Stop now: kill the workers; unfinished tasks fail with BrokenPoolError('terminated')."""
+        with self._lock:
+            if self._state in ("running", "closing"):
+                self._state = "terminating"
+        self._wake()
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait until the supervisor has stopped every worker; True if it has."""
+        if threading.current_thread() is self._supervisor:
+            raise RuntimeError("cannot join the pool from one of its own callbacks")
+        return self._finished.wait(timeout)
+
+    @property
+    def state(self) -> str:
+        return self._state
+
+    @property
+    def broken(self) -> BaseException | None:
+        return self._broken
+
+    def pids(self) -> list[int]:
+        return [w.pid for w in self._workers if w.pid is not None]
+
+    def worker_count(self) -> int:
+        return len(self._workers)
+
+    def _wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"x")
+        except (BlockingIOError, OSError):
+            pass  # a full pipe wakes it anyway; a closed one means it is gone
+
+    def __repr__(self) -> str:
+        return (f"<Engine {self._name} state={self._state} workers={len(self._workers)} "
+                f"pending={len(self._pending)}>")
+
+    # -- workers ----------------------------------------------------------------------------
+    def _start_worker(self) -> _Worker:
+        index = self._free_slots.pop(0)
+        worker = _Worker(next(self._numbers), index)
+        base = index * _SLOT_WORDS
+        self._slots[base] = _IDLE
+        if self._threads:
+            import queue
+
+            worker.inbox = queue.SimpleQueue()
+            results = self._thread_results
+            wake = self._wake
+
+            def send(msg: Any, worker: _Worker = worker) -> None:
+                results.append((worker, msg))
+                wake()
+
+            worker.thread = threading.Thread(
+                target=self._thread_worker, args=(worker, send), name=f"{self._name}Worker-{worker.number}", daemon=True
+            )
+            worker.thread.start()
+        else:
+            ours, theirs = connection.Pipe()
+            ours._shm_min = SHM_MIN
+            process = self._ctx.Process(
+                target=_worker_main,
+                args=(theirs, self._slot_block, index, self._initializer, self._initargs, self._max_memory),
+                daemon=True,
+            )
+            process.name = process.name.replace("Process", "PoolWorker")
+            process.start()
+            theirs.close()
+            worker.process = process
+            worker.pid = process.pid
+            worker.conn = ours
+            worker.sentinel = process.sentinel
+            self._by_fd[ours.fileno()] = (worker, "conn")
+            self._by_fd[worker.sentinel] = (worker, "sentinel")
+            self._poller.register(ours.fileno(), select.POLLIN)
+            self._poller.register(worker.sentinel, select.POLLIN)
+        self._workers.append(worker)
+        return worker
+
+    def _thread_worker(self, worker: _Worker, send: Callable[[Any], None]) -> None:
+        slot = self._slots[worker.index * _SLOT_WORDS : (worker.index + 1) * _SLOT_WORDS]
+        try:
+            _serve(worker.inbox.get, send, slot, self._initializer, self._initargs, None, False)
+        finally:
+            send(("exit", None))
+
+    def _forget_worker(self, worker: _Worker) -> None:
+        if worker.ended:
+            return
+        worker.ended = True
+        self._workers.remove(worker)
+        self._free_slots.append(worker.index)
+        if worker.conn is not None:
+            for fd in (worker.conn.fileno(), worker.sentinel):
+                self._by_fd.pop(fd, None)  # type: ignore[arg-type]
+                try:
+                    self._poller.unregister(fd)  # type: ignore[arg-type]
+                except KeyError:
+                    pass
+            worker.conn.close()
+        if worker.process is not None:
+            worker.process.join(5)
+            if worker.process.exitcode is None:  # pragma: no cover - a sentinel said it ended
+                worker.process.kill()
+                worker.process.join()
+            worker.process.close()
+
+    def _send(self, worker: _Worker, msg: Any) -> None:
+        if worker.conn is not None:
+            worker.conn.send(msg)
+        else:
+            worker.inbox.put(msg)
+
+    def _stop_worker(self, worker: _Worker) -> None:
+        if not worker.stopping:
+            worker.stopping = True
+            try:
+                self._send(worker, None)
+            except OSError:
+                pass
+
+    # -- the supervisor ----------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as exc:  # pragma: no cover - a bug here must not hang the callers
+            util.sub_warning("pool supervisor failed: %r", exc)
+            self._break(BrokenPoolError(f"the pool's supervisor thread failed: {exc!r}"))
+            self._kill_all()
+        finally:
+            self._finish()
+
+    def _loop(self) -> None:
+        while True:
+            self._drain_wake()
+            state = self._state
+            if state == "terminating":
+                self._break(BrokenPoolError("the pool was terminated before this task finished"), terminated=True)
+                self._kill_all()
+                return
+            self._collect_thread_results()
+            self._dispatch()
+            if state == "closing" and not self._pending and not any(w.inflight for w in self._workers):
+                for worker in list(self._workers):
+                    self._stop_worker(worker)
+                if not self._workers:
+                    return
+            timeout = self._check_deadlines()
+            if self._thread_results:
+                continue
+            events = self._poller.poll(timeout)
+            # resolve every fd before handling any: handling one event may close a dead worker's
+            # fds, and a replacement started meanwhile may get the same numbers
+            ready = [self._by_fd[fd] for fd, _ in events if fd in self._by_fd]
+            for worker, what in ready:
+                if worker.ended:
+                    continue
+                if what == "conn":
+                    self._read_results(worker)
+                else:
+                    self._worker_died(worker)
+
+    def _drain_wake(self) -> None:
+        try:
+            while os.read(self._wake_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    def _read_results(self, worker: _Worker) -> None:
+        """Handle every result the worker has sent so far (at least one message has arrived)."""
+        conn = worker.conn
+        assert conn is not None
+        try:
+            while not worker.ended:
+                frames = conn._ready_frames()
+                if frames is None:
+                    self._handle(worker, conn.recv())
+                    continue
+                if not frames:
+                    return
+                for frame in frames:
+                    try:
+                        msg = reduction.loads(frame)
+                    except Exception as exc:  # a result that cannot be unpickled here
+                        self._unreadable(worker, exc)
+                        continue
+                    self._handle(worker, msg)
+        except (EOFError, OSError):
+            if not worker.ended:
+                self._worker_died(worker)
+        except Exception as exc:  # a result (with buffers) that cannot be unpickled here
+            self._unreadable(worker, exc)
+
+    def _unreadable(self, worker: _Worker, exc: Exception) -> None:
+        util.sub_warning("pool: result from worker %s could not be read: %r", worker.pid, exc)
+        if worker.inflight:
+            task = worker.inflight.popleft()
+            self._finish_task(worker, task, False, exc)
+
+    def _collect_thread_results(self) -> None:
+        results = self._thread_results
+        while results:
+            worker, msg = results.popleft()
+            if msg[0] == "exit":
+                if not worker.ended:
+                    self._requeue(worker)
+                    self._forget_worker(worker)
+                    self._replace()
+                continue
+            self._handle(worker, msg)
+
+    def _handle(self, worker: _Worker, msg: Any) -> None:
+        if msg[0] == "init":
+            error = msg[1]
+            self._break(BrokenPoolError(
+                f"the pool's initializer raised {type(error).__name__}: {error}; no task can run"
+            ), cause=error)
+            return
+        if msg[0] == "exit":
+            return
+        tid, ok, value, over, elapsed = msg
+        if not worker.inflight or worker.inflight[0].tid != tid:  # pragma: no cover - protocol bug
+            raise RuntimeError(f"worker {worker.pid} answered task {tid}, expected {worker.inflight}")
+        task = worker.inflight.popleft()
+        task.elapsed = elapsed
+        worker.short = elapsed < SHORT_TASK
+        worker.done += 1
+        self._start_failures = 0
+        if over:
+            worker.retiring = True
+        self._finish_task(worker, task, ok, value)
+        if worker.retiring and not worker.inflight:
+            self._stop_worker(worker)
+
+    def _finish_task(self, worker: _Worker | None, task: Task, ok: bool, value: Any) -> None:
+        task.worker = None
+        try:
+            task.job._done(task, ok, value)
+        except Exception as exc:  # a callback raised: report it, keep the pool alive
+            util.sub_warning("pool: result callback raised %r", exc)
+            sys.stderr.write(f"gilfree: a callback of {task.describe()} raised:\n")
+            traceback.print_exception(type(exc), exc, exc.__traceback__)
+
+    def _capacity(self, worker: _Worker) -> int:
+        if worker.stopping or worker.retiring or worker.ended:
+            return 0
+        depth = DEPTH_SHORT if worker.short else DEPTH_LONG
+        if len(worker.inflight) > depth // 2:
+            return 0  # refill in batches: one message (and one wake-up) for several short tasks
+        room = depth - len(worker.inflight)
+        if self._maxtasks is not None:
+            room = min(room, self._maxtasks - worker.sent)
+        return room
+
+    def _dispatch(self) -> None:
+        """Hand pending tasks to workers with room: round-robin (balance first), one message per worker."""
+        pending = self._pending
+        if not pending:
+            return
+        rooms = {w: room for w in self._workers if (room := self._capacity(w)) > 0}
+        plans: dict[_Worker, list[Task]] = {}
+        while pending and rooms:
+            for worker in sorted(rooms, key=lambda w: len(w.inflight) + len(plans.get(w, ()))):
+                if not pending:
+                    break
+                task = pending.popleft()
+                if not task.job._start(task):
+                    continue  # cancelled
+                plans.setdefault(worker, []).append(task)
+                rooms[worker] -= 1
+                if not rooms[worker]:
+                    del rooms[worker]
+        for worker, tasks in plans.items():
+            self._send_batch(worker, tasks)
+
+    def _send_batch(self, worker: _Worker, tasks: list[Task]) -> None:
+        added: list[int] = []
+        msgs = [self._task_message(worker, task, added) for task in tasks]
+        try:
+            self._send(worker, msgs)
+        except OSError:  # the worker is gone: its sentinel will say so; run the tasks elsewhere
+            self._forget_functions(worker, added)
+            self._pending.extendleft(reversed(tasks))
+            worker.retiring = True
+            return
+        except Exception as exc:  # an argument cannot be pickled: find which, fail only that task
+            self._forget_functions(worker, added)
+            if len(tasks) > 1:
+                for task in tasks:
+                    self._send_batch(worker, [task])
+            else:
+                self._finish_task(None, tasks[0], False, exc)
+            return
+        for task in tasks:
+            task.worker = worker
+            worker.inflight.append(task)
+        worker.sent += len(tasks)
+        if self._maxtasks is not None and worker.sent >= self._maxtasks:
+            worker.retiring = True
+
+    def _task_message(self, worker: _Worker, task: Task, added: list[int]) -> tuple[Any, ...]:
+        """The message for one task; the function goes along the first time this worker sees it."""
+        function = task.function
+        fid = function.fid
+        drop: list[int] = []
+        fdef = None
+        if fid not in worker.functions:
+            fdef = function.func if self._threads else function.pickled
+            worker.functions[fid] = None
+            added.append(fid)
+            while len(worker.functions) > FUNCTION_CACHE:
+                drop.append(worker.functions.popitem(last=False)[0])
+        else:
+            worker.functions.move_to_end(fid)
+        return (task.tid, fid, fdef, drop, task.kind, task.args, task.kwargs, task.timeout is not None)
+
+    @staticmethod
+    def _forget_functions(worker: _Worker, fids: list[int]) -> None:
+        for fid in fids:
+            worker.functions.pop(fid, None)
+
+    def _check_deadlines(self) -> int | None:
+        """Kill workers whose task ran past its timeout; return the poll timeout in ms."""
+        soonest: float | None = None
+        now = time.monotonic_ns()
+        for worker in self._workers:
+            if not worker.inflight or worker.killed_for is not None:
+                continue
+            task = worker.inflight[0]
+            if task.timeout is None:
+                continue
+            base = worker.index * _SLOT_WORDS
+            if self._slots[base] != task.tid:  # not started yet: look again soon
+                soonest = _RECHECK if soonest is None else min(soonest, _RECHECK)
+                continue
+            started = self._slots[base + 2]
+            item = self._slots[base + 1]
+            remaining = started + int(task.timeout * 1e9) - now
+            if remaining <= 0:
+                if self._threads:
+                    continue  # threads cannot be killed (ThreadPool refuses task_timeout)
+                worker.killed_for = TaskTimeoutError(task.timeout, worker.pid or 0, task.describe(),
+                                                     item if task.kind != CALL else None)
+                worker.process.kill()
+            elif soonest is None or remaining < soonest:
+                soonest = remaining
+        if soonest is None:
+            return None
+        return max(1, int(soonest / 1e6) + 1)
+
+    def _running(self, worker: _Worker) -> tuple[Task | None, int | None]:
+        """The task the worker was running (from its slot) and the item of its chunk."""
+        base = worker.index * _SLOT_WORDS
+        tid = self._slots[base]
+        if worker.inflight and worker.inflight[0].tid == tid:
+            task = worker.inflight[0]
+            tracked = task.kind >= EACH or task.timeout is not None  # items are recorded one by one
+            return task, (self._slots[base + 1] if task.kind != CALL and tracked else None)
+        return None, None
+
+    def _worker_died(self, worker: _Worker) -> None:
+        # results it sent before dying are intact: take them first
+        conn = worker.conn
+        if conn is not None:
+            try:
+                while conn.poll(0):
+                    self._handle(worker, conn.recv())
+            except (EOFError, OSError):
+                pass
+            except Exception as exc:  # pragma: no cover - a result that cannot be unpickled
+                util.sub_warning("pool: result from worker %s could not be read: %r", worker.pid, exc)
+        if worker.ended:
+            return
+        worker.process.join(5)
+        exitcode = worker.process.exitcode
+        task, item = self._running(worker)
+        if task is not None:
+            worker.inflight.popleft()
+        timed_out = worker.killed_for
+        expected = worker.stopping and task is None and not worker.inflight
+        self._requeue(worker)
+        self._forget_worker(worker)
+        if task is not None:
+            if timed_out is not None:
+                self._finish_task(worker, task, False, timed_out)
+            else:
+                self._lost(worker, task, item, exitcode)
+        elif not expected and worker.done == 0 and self._state == "running" and not worker.stopping:
+            self._start_failures += 1
+            if self._start_failures >= MAX_START_FAILURES:
+                from ._errors import describe_exit
+
+                self._break(BrokenPoolError(
+                    f"{self._start_failures} workers in a row {describe_exit(exitcode)} before finishing a task "
+                    f"(last pid {worker.pid}); the pool cannot run tasks.  Does the worker start fail (an import "
+                    f"error under spawn, a crash at start)?"
+                ))
+        self._replace()
+
+    def _lost(self, worker: _Worker, task: Task, item: int | None, exitcode: int | None) -> None:
+        error = WorkerLostError(worker.pid or 0, exitcode, task.tid, item, task.describe(), task.attempt)
+        if task.policy == "retry" and task.attempt <= task.retries:
+            util.info("pool: retrying %s after its worker %s died (attempt %d)", task.describe(), worker.pid,
+                      task.attempt + 1)
+            task.attempt += 1
+            self._pending.appendleft(task)
+        elif task.policy == "break":
+            self._finish_task(worker, task, False, error)
+            self._break(BrokenPoolError(f"a worker died under on_worker_death='break': {error}"), cause=error)
+        else:
+            self._finish_task(worker, task, False, error)
+
+    def _requeue(self, worker: _Worker) -> None:
+        """Tasks sent to a worker that never started them go back to the front, in order."""
+        while worker.inflight:
+            task = worker.inflight.pop()
+            task.worker = None
+            self._pending.appendleft(task)
+
+    def _replace(self) -> None:
+        if self._state not in ("running", "closing") or self._broken is not None:
+            return
+        if self._state == "closing" and not self._pending:
+            return
+        while len(self._workers) < self._size:
+            try:
+                self._start_worker()
+            except Exception as exc:
+                self._break(BrokenPoolError(f"could not start a replacement worker: {exc!r}"), cause=exc)
+                return
+
+    def _break(self, error: BaseException, cause: BaseException | None = None, terminated: bool = False) -> None:
+        """Fail every unfinished task with ``error``; accept no more."""
+        if cause is not None and error.__cause__ is None:
+            error.__cause__ = cause
+        with self._lock:
+            if self._broken is None:
+                self._broken = error
+            pending = list(self._pending)
+            self._pending.clear()
+        for worker in list(self._workers):
+            while worker.inflight:
+                pending.append(worker.inflight.popleft())
+        for task in pending:
+            self._finish_task(None, task, False, self._broken)
+        if not terminated:
+            for worker in list(self._workers):
+                self._stop_worker(worker)
+
+    def _kill_all(self) -> None:
+        """Stop every worker now: idle ones are told to exit (they flush their output, as the stdlib's
+        do), busy ones get SIGTERM; whatever is left after a second gets SIGKILL."""
+        for worker in list(self._workers):
+            if worker.process is None:
+                self._stop_worker(worker)
+            elif self._slots[worker.index * _SLOT_WORDS] != _IDLE:  # running a task
+                worker.process.terminate()
+            else:
+                self._stop_worker(worker)
+        deadline = time.monotonic() + 1.0
+        for worker in list(self._workers):
+            if worker.process is not None:
+                worker.process.join(max(0.0, deadline - time.monotonic()))
+                if worker.process.exitcode is None:
+                    worker.process.kill()
+            self._forget_worker(worker)
+
+    def _finish(self) -> None:
+        # after close(): wait for the workers told to stop
+        deadline = time.monotonic() + 5
+        for worker in list(self._workers):
+            if worker.process is not None:
+                worker.process.join(max(0.0, deadline - time.monotonic()))
+                if worker.process.exitcode is None:
+                    worker.process.kill()
+            elif worker.thread is not None:
+                worker.thread.join(max(0.0, deadline - time.monotonic()))
+            self._forget_worker(worker)
+        with self._lock:
+            self._state = "closed"
+        util.close_fds(self._wake_r, self._wake_w)
+        self._finished.set()

@@ -1,0 +1,187 @@
+"""``ProcessPoolExecutor``: the ``concurrent.futures`` API over gilfree's worker engine (layer L7).
+
+::
+
+    executor.submit(fn, *args) ──> Task ──> Engine (gilfree._workers) ──> a worker process
+          Future <── set_result / set_exception (supervisor thread) <── result ──┘
+
+The same engine as :class:`gilfree.Pool`, so the same guarantees: a worker that dies fails only the
+future it was running (with :class:`~gilfree.WorkerLostError`) and is replaced -- the stdlib's
+executor breaks instead, failing every pending future with ``BrokenProcessPool``; pass
+``on_worker_death="break"`` for that behaviour.  Functions may be lambdas and closures;
+``task_timeout`` and ``max_memory_per_child`` work as on the pool.
+
+Where this runs: ``submit`` and ``map`` return at once; iterating ``map``'s results and
+``shutdown(wait=True)`` block.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+import weakref
+from concurrent.futures import BrokenExecutor, Executor, Future
+from concurrent.futures import TimeoutError as FuturesTimeoutError
+
+from . import _workers, process
+from ._errors import BrokenPoolError
+from ._workers import CALL, STARMAP, Engine, Function, Task
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, Callable, Iterable, Iterator
+
+__all__ = ["ProcessPoolExecutor", "BrokenProcessPool"]
+
+
+class BrokenProcessPool(BrokenPoolError, BrokenExecutor):
+    """The executor cannot run tasks any more (a ``concurrent.futures.BrokenExecutor``)."""
+
+
+BrokenProcessPool.__module__ = "gilfree.executor"
+
+
+class _FutureJob:
+    """Connects engine tasks to a Future (supervisor thread)."""
+
+    __slots__ = ("future", "__weakref__")
+
+    def __init__(self, future: Future[Any]) -> None:
+        self.future = future
+
+    def _start(self, task: Task) -> bool:
+        return self.future.set_running_or_notify_cancel()
+
+    def _done(self, task: Task, ok: bool, value: Any) -> None:
+        future = self.future
+        if future.done():
+            return
+        if not future.running():  # failed before it was sent (pickling, a broken pool)
+            if not future.set_running_or_notify_cancel():
+                return
+        if ok:
+            future.set_result(value)
+        else:
+            if isinstance(value, BrokenPoolError) and not isinstance(value, BrokenProcessPool):
+                broken = BrokenProcessPool(str(value))
+                broken.__cause__ = value.__cause__ or value
+                value = broken
+            future.set_exception(value)
+
+
+class ProcessPoolExecutor(Executor):
+    """``concurrent.futures.ProcessPoolExecutor`` on gilfree's workers.
+
+    ``max_workers`` defaults to the CPUs this process may use; ``mp_context`` is a gilfree (or
+    stdlib-named) context or start-method name.  Beyond the stdlib's arguments: ``on_worker_death``
+    (``"fail"``, ``"retry"``, ``"break"``), ``retries``, ``task_timeout``, ``max_memory_per_child``,
+    as on :class:`gilfree.Pool`.
+    """
+
+    def __init__(self, max_workers: int | None = None, mp_context: Any = None,
+                 initializer: Callable[..., Any] | None = None, initargs: Iterable[Any] = (), *,
+                 max_tasks_per_child: int | None = None, on_worker_death: str = "fail", retries: int = 0,
+                 task_timeout: float | None = None, max_memory_per_child: int | None = None) -> None:
+        from .pool import _default_workers
+
+        if max_workers is None:
+            max_workers = _default_workers()
+        elif max_workers <= 0:
+            raise ValueError("max_workers must be greater than 0")
+        if initializer is not None and not callable(initializer):
+            raise TypeError("initializer must be a callable")
+        if max_tasks_per_child is not None:
+            if not isinstance(max_tasks_per_child, int) or max_tasks_per_child <= 0:
+                raise ValueError("max_tasks_per_child must be >= 1")
+        if task_timeout is not None and task_timeout <= 0:
+            raise ValueError(f"task_timeout={task_timeout}: give seconds > 0 or None")
+        _workers.check_policy(on_worker_death, retries)
+        ctx = mp_context
+        if ctx is None or isinstance(ctx, str):
+            ctx = process.default_context.get_context(ctx)
+        elif hasattr(ctx, "get_start_method") and not hasattr(ctx, "_name"):  # a stdlib context: its method
+            ctx = process.default_context.get_context(ctx.get_start_method())
+        else:
+            ctx = ctx.get_context()
+        self._max_workers = max_workers
+        self._options: dict[str, Any] = {"policy": on_worker_death, "retries": retries, "timeout": task_timeout}
+        self._engine = Engine(max_workers, ctx, initializer, initargs, max_tasks_per_child, max_memory_per_child,
+                              name="ProcessPoolExecutor")
+        self._shutdown_lock = threading.Lock()
+        self._shutdown = False
+        self._futures: weakref.WeakSet[Future[Any]] = weakref.WeakSet()
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} max_workers={self._max_workers} state={self._engine.state}>"
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+        """Schedule ``fn(*args, **kwargs)``; return its Future."""
+        with self._shutdown_lock:
+            if self._engine.broken is not None:
+                raise BrokenProcessPool(str(self._engine.broken))
+            if self._shutdown:
+                raise RuntimeError("cannot schedule new futures after shutdown")
+            future: Future[Any] = Future()
+            task = Task(_FutureJob(future), 0, CALL, Function(fn), args, kwargs or None, 1, **self._options)
+            self._futures.add(future)
+            self._engine.submit([task])
+            return future
+
+    def map(self, fn: Callable[..., Any], *iterables: Iterable[Any], timeout: float | None = None,
+            chunksize: int = 1) -> Iterator[Any]:
+        """``map(fn, *iterables)`` in the workers; results in order, each within ``timeout`` of the call."""
+        if chunksize < 1:
+            raise ValueError("chunksize must be >= 1.")
+        end = None if timeout is None else time.monotonic() + timeout
+        function = Function(fn)
+        futures: list[Future[Any]] = []
+        tasks = []
+        args = zip(*iterables)
+        with self._shutdown_lock:
+            if self._shutdown:
+                raise RuntimeError("cannot schedule new futures after shutdown")
+            for index in itertools.count():
+                chunk = list(itertools.islice(args, chunksize))
+                if not chunk:
+                    break
+                future: Future[Any] = Future()
+                futures.append(future)
+                tasks.append(Task(_FutureJob(future), index, STARMAP, function, chunk, None, len(chunk),
+                                  **self._options))
+            self._futures.update(futures)
+            self._engine.submit(tasks)
+        return self._results(futures, end)
+
+    @staticmethod
+    def _results(futures: list[Future[Any]], end: float | None) -> Iterator[Any]:
+        try:
+            futures.reverse()
+            while futures:
+                future = futures[-1]
+                try:
+                    chunk = future.result(None if end is None else max(0.0, end - time.monotonic()))
+                except FuturesTimeoutError:
+                    raise FuturesTimeoutError() from None
+                futures.pop()
+                yield from chunk
+        finally:
+            for future in futures:
+                future.cancel()
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """No more submissions; with ``cancel_futures``, pending futures are cancelled; with
+        ``wait``, return once the workers have exited."""
+        with self._shutdown_lock:
+            self._shutdown = True
+            if cancel_futures:
+                for future in list(self._futures):
+                    future.cancel()
+        self._engine.close()
+        if wait:
+            self._engine.join()
+
+    @property
+    def pids(self) -> list[int]:
+        """The pids of the current worker processes (gilfree's)."""
+        return self._engine.pids()

@@ -1,0 +1,630 @@
+"""``Pool`` and ``ThreadPool``: the stdlib API over gilfree's worker engine (layer L7).
+
+::
+
+    pool.map(f, items) ── chunks ──> Engine (gilfree._workers): supervisor thread + workers
+          │                                   │ results, per chunk, on the supervisor thread
+          └── MapResult.get() <── event ──────┘ (callbacks run there too)
+
+    pool.imap(f, gen) ── the caller's thread pulls chunks from `gen` as it consumes results,
+                         never more than a bounded number ahead (an endless generator works)
+
+Everything the stdlib's ``multiprocessing.pool`` offers works the same; what differs is documented
+in ``docs/design.md`` ("Pool") and on each method:
+
+* a worker that dies mid-task fails that task with :class:`~gilfree.WorkerLostError` (or retries
+  it, or breaks the pool: ``on_worker_death``), instead of hanging the pool forever;
+* ``task_timeout`` kills and replaces a worker whose task runs too long;
+* ``max_memory_per_child`` recycles a worker whose memory grew past a limit;
+* an initializer that raises breaks the pool (every task fails with the error) instead of
+  restarting workers forever;
+* ``imap``/``imap_unordered`` choose their chunk size themselves (``chunksize=None``, the
+  default) and an item that raises fails only itself, whatever the chunk size;
+* ``progress=True`` shows a tqdm progress bar; functions may be lambdas or closures;
+* ``terminate()`` fails the unfinished results (``get()`` raises) instead of leaving them waiting.
+
+Where this runs: the methods run in the caller's thread and block only where the stdlib's do
+(``apply``, ``map``, ``starmap``, ``get``, ``wait``, iterating ``imap``, ``join``).
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import threading
+import warnings
+
+from . import _workers, process
+from ._errors import (
+    BrokenPoolError,
+    MaybeEncodingError,
+    TaskTimeoutError,
+    TimeoutError,
+    WorkerLostError,
+)
+from ._workers import CALL, EACH, MAP, STAREACH, STARMAP, Engine, Failure, Function, RemoteTraceback, Task
+from .util import Finalize
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, Callable, Iterable, Iterator
+
+__all__ = [
+    "Pool",
+    "ThreadPool",
+    "AsyncResult",
+    "ApplyResult",
+    "MapResult",
+    "IMapIterator",
+    "IMapUnorderedIterator",
+    "MaybeEncodingError",
+    "WorkerLostError",
+    "TaskTimeoutError",
+    "BrokenPoolError",
+    "RemoteTraceback",
+    "RUN",
+    "CLOSE",
+    "TERMINATE",
+]
+
+RUN, CLOSE, TERMINATE = "RUN", "CLOSE", "TERMINATE"
+
+#: imap's automatic chunks aim at this many seconds of work each.
+CHUNK_TARGET = 0.005
+MAX_AUTO_CHUNK = 4096
+
+
+def _job_counter() -> Iterator[int]:
+    n = 0
+    while True:
+        yield n
+        n += 1
+
+
+_job_ids = _job_counter()
+
+
+def _progress_bar(progress: Any, total: int | None, desc: str) -> Any:
+    """A tqdm bar for ``progress`` (True, a dict of tqdm options, or a bar to update), or None."""
+    if not progress:
+        return None
+    if hasattr(progress, "update") and hasattr(progress, "close"):
+        return progress
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        raise ImportError(
+            "progress=True needs tqdm, an optional dependency: pip install 'gilfree[tqdm]'"
+        ) from None
+    options = dict(progress) if isinstance(progress, dict) else {}
+    options.setdefault("total", total)
+    options.setdefault("desc", desc)
+    return tqdm(**options)
+
+
+def _stdlib_chunksize(n: int, workers: int) -> int:
+    chunksize, extra = divmod(n, workers * 4)
+    return chunksize + 1 if extra else chunksize
+
+
+# --------------------------------------------------------------------------------------------------
+# Results
+
+
+class ApplyResult:
+    """The result of ``apply_async`` (``multiprocessing.pool.AsyncResult``)."""
+
+    def __init__(self, pool: Any, callback: Callable[[Any], Any] | None, error_callback: Callable[[Any], Any] | None) -> None:
+        self._pool = pool  # keeps the pool alive while results are outstanding, as in the stdlib
+        self._event = threading.Event()
+        self._job = next(_job_ids)
+        self._callback = callback
+        self._error_callback = error_callback
+        self._success: bool | None = None
+        self._value: Any = None
+
+    def __repr__(self) -> str:
+        state = "pending" if not self.ready() else ("ok" if self._success else "failed")
+        return f"<{type(self).__name__} job={self._job} {state}>"
+
+    def ready(self) -> bool:
+        return self._event.is_set()
+
+    def successful(self) -> bool:
+        if not self.ready():
+            raise ValueError(f"{self!r} not ready")
+        return bool(self._success)
+
+    def wait(self, timeout: float | None = None) -> None:
+        self._event.wait(timeout)
+
+    def get(self, timeout: float | None = None) -> Any:
+        """The result; re-raises the task's exception (with the worker's traceback as its cause)."""
+        self.wait(timeout)
+        if not self.ready():
+            raise TimeoutError
+        if self._success:
+            return self._value
+        raise self._value
+
+    # called by the engine, on the supervisor thread
+    def _start(self, task: Task) -> bool:
+        return True
+
+    def _done(self, task: Task, ok: bool, value: Any) -> None:
+        if self._event.is_set():
+            return
+        self._success, self._value = ok, value
+        if ok and self._callback is not None:
+            self._callback(value)
+        if not ok and self._error_callback is not None:
+            self._error_callback(value)
+        self._event.set()
+        self._pool = None
+
+
+AsyncResult = ApplyResult
+
+
+class MapResult(ApplyResult):
+    """The result of ``map_async``/``starmap_async``: the list of results, in input order."""
+
+    def __init__(self, pool: Any, chunksize: int, length: int, callback: Any, error_callback: Any,
+                 bar: Any = None) -> None:
+        super().__init__(pool, callback, error_callback)
+        self._lock = threading.Lock()
+        self._chunksize = chunksize
+        self._length = length
+        self._bar = bar
+        self._success = True
+        self._value = [None] * length
+        self._left = 0 if chunksize <= 0 else -(-length // chunksize)
+        if self._left == 0:
+            self._close_bar()
+            self._event.set()
+            self._pool = None
+
+    def _close_bar(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+    def _done(self, task: Task, ok: bool, value: Any) -> None:
+        with self._lock:
+            if ok and self._success:
+                start = task.index * self._chunksize
+                self._value[start : start + len(value)] = value
+                self._left -= 1
+                if self._bar is not None:
+                    self._bar.update(len(value))
+                finished = self._left == 0
+            elif not ok and self._success:
+                self._success = False
+                self._value = value
+                finished = True
+            else:
+                return
+        if finished:
+            self._close_bar()
+            if self._success and self._callback is not None:
+                self._callback(self._value)
+            if not self._success and self._error_callback is not None:
+                self._error_callback(self._value)
+            self._event.set()
+            self._pool = None
+
+
+class IMapIterator:
+    """The iterator ``imap`` returns: results in input order, computed a bounded distance ahead.
+
+    The caller's thread pulls chunks from the input as it consumes results: never more than
+    ``ahead`` chunks are submitted and not yet consumed, so an endless generator works in constant
+    memory.  ``chunksize=None`` grows chunks from 1 until each holds about
+    :data:`CHUNK_TARGET` seconds of work.  An item that raised raises when its turn comes; the
+    iteration can go on after it.
+    """
+
+    _ordered = True
+
+    def __init__(self, pool: Pool, function: Function, iterable: Iterable[Any], chunksize: int | None, star: bool,
+                 options: dict[str, Any], bar: Any = None) -> None:
+        self._pool = pool
+        self._engine = pool._engine
+        self._function = function
+        self._source = iter(iterable)
+        self._auto = chunksize is None
+        self._size = 1 if chunksize is None else chunksize
+        self._kind = STAREACH if star else EACH
+        self._options = options
+        self._bar = bar
+        self._cond = threading.Condition(threading.Lock())
+        self._results: dict[int, tuple[bool, Any]] = {}  # chunk index -> outcome (ordered)
+        self._arrived: collections.deque[tuple[bool, Any]] = collections.deque()  # (unordered)
+        self._buffer: collections.deque[Any] = collections.deque()
+        self._submitted = 0  # chunks
+        self._consumed = 0  # chunks
+        self._exhausted = False
+        self._source_error: BaseException | None = None
+        self._ahead = max(4, 2 * pool._processes * _workers.DEPTH_LONG)
+        self._feeding = threading.Lock()
+        self._feed()
+
+    def __repr__(self) -> str:
+        return (f"<{type(self).__name__} submitted={self._submitted} consumed={self._consumed} "
+                f"chunksize={self._size}{' (auto)' if self._auto else ''}>")
+
+    def __iter__(self) -> IMapIterator:
+        return self
+
+    def _feed(self) -> None:
+        """Submit chunks from the input until ``ahead`` chunks are outstanding (caller's thread)."""
+        if self._exhausted or not self._feeding.acquire(False):
+            return
+        try:
+            tasks = []
+            while not self._exhausted and self._submitted - self._consumed < self._ahead:
+                chunk = []
+                try:
+                    for _ in range(self._size):
+                        chunk.append(next(self._source))
+                except StopIteration:
+                    self._exhausted = True
+                except BaseException as exc:  # the input itself raised: stop there, as the stdlib does
+                    self._exhausted = True
+                    self._source_error = exc
+                if chunk:
+                    tasks.append(Task(self, self._submitted, self._kind, self._function, chunk, None, len(chunk),
+                                      **self._options))
+                    self._submitted += 1
+                if self._auto and len(tasks) >= 2 and self._submitted > 2:
+                    break  # let sizes adapt as results come
+            if tasks:
+                self._engine.submit(tasks)
+        finally:
+            self._feeding.release()
+
+    # the engine's side (supervisor thread)
+    def _start(self, task: Task) -> bool:
+        return True
+
+    def _done(self, task: Task, ok: bool, value: Any) -> None:
+        if ok and self._auto and task.size:
+            per_item = task.elapsed / task.size
+            wanted = int(CHUNK_TARGET / per_item) if per_item > 0 else MAX_AUTO_CHUNK
+            self._size = max(1, min(wanted, 2 * self._size, MAX_AUTO_CHUNK))
+        with self._cond:
+            if self._ordered:
+                self._results[task.index] = (ok, value)
+            else:
+                self._arrived.append((ok, value))
+            self._cond.notify()
+
+    # the caller's side
+    def _take(self) -> tuple[bool, Any] | None:
+        if self._ordered:
+            return self._results.pop(self._consumed, None)
+        return self._arrived.popleft() if self._arrived else None
+
+    def next(self, timeout: float | None = None) -> Any:
+        while True:
+            if self._buffer:
+                item = self._buffer.popleft()
+                if self._bar is not None:
+                    self._bar.update(1)
+                if type(item) is Failure:
+                    raise item.exc
+                return item
+            self._feed()
+            with self._cond:
+                outcome = self._take()
+                while outcome is None:
+                    if self._exhausted and self._consumed >= self._submitted:
+                        self._finish()
+                        if self._source_error is not None:
+                            error, self._source_error = self._source_error, None
+                            raise error
+                        raise StopIteration
+                    if not self._cond.wait(timeout):
+                        raise TimeoutError
+                    outcome = self._take()
+                self._consumed += 1
+            ok, value = outcome
+            if not ok:
+                raise value
+            self._buffer.extend(value)
+
+    __next__ = next
+
+    def _finish(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        self._pool = None  # type: ignore[assignment]
+
+
+class IMapUnorderedIterator(IMapIterator):
+    """The iterator ``imap_unordered`` returns: results as they complete."""
+
+    _ordered = False
+
+
+# --------------------------------------------------------------------------------------------------
+# The pool
+
+
+def _terminate_engine(engine: Engine) -> None:
+    engine.terminate()
+    engine.join(10)
+
+
+class Pool:
+    """A pool of worker processes (``multiprocessing.Pool``), which never hangs on a dead worker.
+
+    ``processes`` defaults to the CPUs this process may use.  Beyond the stdlib's arguments:
+
+    * ``on_worker_death``: ``"fail"`` (the default: the task fails with
+      :class:`~gilfree.WorkerLostError`), ``"retry"`` (run it again, up to ``retries`` times, then
+      fail), or ``"break"`` (fail every unfinished task with :class:`~gilfree.BrokenPoolError`);
+    * ``task_timeout``: seconds a task (or each item of a chunk) may run before its worker is
+      killed and the task fails with :class:`~gilfree.TaskTimeoutError`;
+    * ``max_memory_per_child``: bytes of resident memory after which a worker is replaced, between
+      tasks (nothing is lost or repeated).
+
+    Each of ``on_worker_death``, ``retries`` and ``task_timeout`` may also be given per call.
+    """
+
+    _thread_workers = False
+
+    def __init__(self, processes: int | None = None, initializer: Callable[..., Any] | None = None,
+                 initargs: Iterable[Any] = (), maxtasksperchild: int | None = None, context: Any = None, *,
+                 on_worker_death: str = "fail", retries: int = 0, task_timeout: float | None = None,
+                 max_memory_per_child: int | None = None) -> None:
+        if processes is None:
+            processes = _default_workers()
+        if processes < 1:
+            raise ValueError("Number of processes must be at least 1")
+        if maxtasksperchild is not None and (not isinstance(maxtasksperchild, int) or maxtasksperchild <= 0):
+            raise ValueError("maxtasksperchild must be a positive int or None")
+        if initializer is not None and not callable(initializer):
+            raise TypeError("initializer must be a callable")
+        if max_memory_per_child is not None and max_memory_per_child <= 0:
+            raise ValueError(f"max_memory_per_child={max_memory_per_child}: give a number of bytes > 0")
+        _workers.check_policy(on_worker_death, retries)
+        self._check_timeout(task_timeout)
+        self._processes = processes
+        self._options: dict[str, Any] = {"policy": on_worker_death, "retries": retries, "timeout": task_timeout}
+        if self._thread_workers:
+            self._ctx = None
+        else:
+            if context is None:
+                context = process.default_context  # filled in by the context layer (L8)
+            self._ctx = context.get_context() if hasattr(context, "get_context") else context
+        self._engine = Engine(processes, self._ctx, initializer, initargs, maxtasksperchild,
+                              max_memory_per_child, name=type(self).__name__)
+        self._terminate = Finalize(self, _terminate_engine, (self._engine,), exitpriority=15)
+
+    def _check_timeout(self, task_timeout: float | None) -> None:
+        if task_timeout is not None:
+            if task_timeout <= 0:
+                raise ValueError(f"task_timeout={task_timeout}: give seconds > 0 or None")
+            if self._thread_workers:
+                raise ValueError("task_timeout needs worker processes: a ThreadPool cannot stop a running thread")
+
+    def __repr__(self) -> str:
+        return (f"<{type(self).__module__}.{type(self).__qualname__} state={self._state} "
+                f"pool_size={self._processes}>")
+
+    @property
+    def _state(self) -> str:
+        state = self._engine.state
+        return RUN if state == "running" else (CLOSE if state in ("closing", "closed") and
+                                               self._engine.broken is None else TERMINATE)
+
+    def _call_options(self, on_worker_death: str | None, retries: int | None,
+                      task_timeout: float | None) -> dict[str, Any]:
+        options = dict(self._options)
+        if on_worker_death is not None:
+            options["policy"] = on_worker_death
+        if retries is not None:
+            options["retries"] = retries
+        if task_timeout is not None:
+            self._check_timeout(task_timeout)
+            options["timeout"] = task_timeout
+        _workers.check_policy(options["policy"], options["retries"])
+        return options
+
+    def _function(self, func: Callable[..., Any]) -> Function:
+        if not callable(func):
+            raise TypeError(f"{func!r} is not callable")
+        return Function(func, pickle_it=not self._thread_workers)
+
+    def _check_running(self) -> None:
+        if self._engine.state != "running":
+            raise ValueError("Pool not running")
+
+    # -- apply ---------------------------------------------------------------------------
+    def apply(self, func: Callable[..., Any], args: Iterable[Any] = (), kwds: dict[str, Any] | None = None, *,
+              on_worker_death: str | None = None, retries: int | None = None,
+              task_timeout: float | None = None) -> Any:
+        """Call ``func(*args, **kwds)`` in a worker and return its result (blocks)."""
+        result = self.apply_async(func, args, kwds, on_worker_death=on_worker_death, retries=retries,
+                                  task_timeout=task_timeout)
+        return self._wait_for(result)
+
+    def apply_async(self, func: Callable[..., Any], args: Iterable[Any] = (), kwds: dict[str, Any] | None = None,
+                    callback: Callable[[Any], Any] | None = None,
+                    error_callback: Callable[[BaseException], Any] | None = None, *,
+                    on_worker_death: str | None = None, retries: int | None = None,
+                    task_timeout: float | None = None) -> ApplyResult:
+        """Start ``func(*args, **kwds)`` in a worker; return an :class:`AsyncResult` at once."""
+        self._check_running()
+        options = self._call_options(on_worker_death, retries, task_timeout)
+        result = ApplyResult(self, callback, error_callback)
+        task = Task(result, 0, CALL, self._function(func), tuple(args), dict(kwds) if kwds else None, 1, **options)
+        self._engine.submit([task])
+        return result
+
+    # -- map ----------------------------------------------------------------------------
+    def _map_async(self, func: Callable[..., Any], iterable: Iterable[Any], kind: int, chunksize: int | None,
+                   callback: Any, error_callback: Any, progress: Any, options: dict[str, Any]) -> MapResult:
+        self._check_running()
+        function = self._function(func)
+        items = iterable if hasattr(iterable, "__len__") and hasattr(iterable, "__getitem__") else list(iterable)
+        n = len(items)  # type: ignore[arg-type]
+        if chunksize is None:
+            chunksize = _stdlib_chunksize(n, self._processes)
+        elif chunksize < 1:
+            raise ValueError(f"Chunksize must be 1+, not {chunksize:n}")
+        if n == 0:
+            chunksize = 0
+        bar = _progress_bar(progress, n, getattr(func, "__name__", "map"))
+        result = MapResult(self, chunksize, n, callback, error_callback, bar)
+        if n:
+            tasks = []
+            # a list, tuple or range is sliced as it is: a range chunk travels as a range (a few
+            # bytes, no ints to pickle); anything else indexable is copied into lists
+            direct = type(items) in (list, tuple, range)
+            for index, start in enumerate(range(0, n, chunksize)):
+                part = items[start : start + chunksize]  # type: ignore[index]
+                chunk = part if direct else list(part)
+                tasks.append(Task(result, index, kind, function, chunk, None, len(chunk), **options))
+            self._engine.submit(tasks)
+        return result
+
+    def map(self, func: Callable[[Any], Any], iterable: Iterable[Any], chunksize: int | None = None, *,
+            progress: Any = False, on_worker_death: str | None = None, retries: int | None = None,
+            task_timeout: float | None = None) -> list[Any]:
+        """``[func(x) for x in iterable]``, computed in the workers, in order (blocks).
+
+        ``progress=True`` shows a tqdm bar (or pass a dict of tqdm options, or a bar).
+        """
+        options = self._call_options(on_worker_death, retries, task_timeout)
+        result = self._map_async(func, iterable, MAP, chunksize, None, None, progress, options)
+        return self._wait_for(result)  # type: ignore[no-any-return]
+
+    def map_async(self, func: Callable[[Any], Any], iterable: Iterable[Any], chunksize: int | None = None,
+                  callback: Callable[[Any], Any] | None = None,
+                  error_callback: Callable[[BaseException], Any] | None = None, *, progress: Any = False,
+                  on_worker_death: str | None = None, retries: int | None = None,
+                  task_timeout: float | None = None) -> MapResult:
+        options = self._call_options(on_worker_death, retries, task_timeout)
+        return self._map_async(func, iterable, MAP, chunksize, callback, error_callback, progress, options)
+
+    def starmap(self, func: Callable[..., Any], iterable: Iterable[Iterable[Any]], chunksize: int | None = None, *,
+                progress: Any = False, on_worker_death: str | None = None, retries: int | None = None,
+                task_timeout: float | None = None) -> list[Any]:
+        """``[func(*args) for args in iterable]`` in the workers, in order (blocks)."""
+        options = self._call_options(on_worker_death, retries, task_timeout)
+        result = self._map_async(func, iterable, STARMAP, chunksize, None, None, progress, options)
+        return self._wait_for(result)  # type: ignore[no-any-return]
+
+    def starmap_async(self, func: Callable[..., Any], iterable: Iterable[Iterable[Any]], chunksize: int | None = None,
+                      callback: Callable[[Any], Any] | None = None,
+                      error_callback: Callable[[BaseException], Any] | None = None, *, progress: Any = False,
+                      on_worker_death: str | None = None, retries: int | None = None,
+                      task_timeout: float | None = None) -> MapResult:
+        options = self._call_options(on_worker_death, retries, task_timeout)
+        return self._map_async(func, iterable, STARMAP, chunksize, callback, error_callback, progress, options)
+
+    # -- imap ---------------------------------------------------------------------------
+    def _imap(self, cls: type[IMapIterator], func: Callable[..., Any], iterable: Iterable[Any],
+              chunksize: int | None, star: bool, progress: Any, options: dict[str, Any]) -> IMapIterator:
+        self._check_running()
+        if chunksize is not None and chunksize < 1:
+            raise ValueError(f"Chunksize must be 1+, not {chunksize:n}")
+        total = len(iterable) if hasattr(iterable, "__len__") else None  # type: ignore[arg-type]
+        bar = _progress_bar(progress, total, getattr(func, "__name__", "imap"))
+        return cls(self, self._function(func), iterable, chunksize, star, options, bar)
+
+    def imap(self, func: Callable[[Any], Any], iterable: Iterable[Any], chunksize: int | None = None, *,
+             progress: Any = False, on_worker_death: str | None = None, retries: int | None = None,
+             task_timeout: float | None = None) -> IMapIterator:
+        """Like ``map``, lazily: an iterator over the results, in order.
+
+        ``chunksize=None`` (the default; the stdlib's is 1) sizes chunks automatically; an item
+        that raises raises in its turn, and the iteration can continue past it.
+        """
+        options = self._call_options(on_worker_death, retries, task_timeout)
+        return self._imap(IMapIterator, func, iterable, chunksize, False, progress, options)
+
+    def imap_unordered(self, func: Callable[[Any], Any], iterable: Iterable[Any], chunksize: int | None = None, *,
+                       progress: Any = False, on_worker_death: str | None = None, retries: int | None = None,
+                       task_timeout: float | None = None) -> IMapIterator:
+        """Like ``imap``, with results in the order they complete."""
+        options = self._call_options(on_worker_death, retries, task_timeout)
+        return self._imap(IMapUnorderedIterator, func, iterable, chunksize, False, progress, options)
+
+    def istarmap(self, func: Callable[..., Any], iterable: Iterable[Iterable[Any]], chunksize: int | None = None, *,
+                 progress: Any = False, on_worker_death: str | None = None, retries: int | None = None,
+                 task_timeout: float | None = None) -> IMapIterator:
+        """``imap`` for functions of several arguments (gilfree's; not in the stdlib)."""
+        options = self._call_options(on_worker_death, retries, task_timeout)
+        return self._imap(IMapIterator, func, iterable, chunksize, True, progress, options)
+
+    # -- waiting, Ctrl-C ------------------------------------------------------------------
+    def _wait_for(self, result: ApplyResult) -> Any:
+        """``result.get()``, but Ctrl-C stops the pool's workers first (one KeyboardInterrupt)."""
+        try:
+            return result.get()
+        except KeyboardInterrupt:
+            self.terminate()
+            raise
+
+    # -- lifetime ---------------------------------------------------------------------------
+    def close(self) -> None:
+        """Accept no more tasks; the workers exit when the submitted ones are done."""
+        self._engine.close()
+
+    def terminate(self) -> None:
+        """Stop the workers now; unfinished results fail with :class:`~gilfree.BrokenPoolError`."""
+        self._terminate()
+
+    def join(self) -> None:
+        """Wait for the workers to exit (after :meth:`close` or :meth:`terminate`)."""
+        if self._engine.state == "running":
+            raise ValueError("Pool is still running")
+        self._engine.join()
+
+    def __enter__(self) -> Pool:
+        self._check_running()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.terminate()
+
+    def __del__(self, _warn: Any = warnings.warn) -> None:
+        engine = getattr(self, "_engine", None)
+        if engine is not None and engine.state == "running":
+            _warn(f"unclosed running pool {self!r}", ResourceWarning, source=self)
+
+    def __reduce__(self) -> Any:
+        raise NotImplementedError(
+            "pool objects cannot be passed between processes or pickled"
+        )
+
+    # -- introspection (gilfree's) ----------------------------------------------------------
+    @property
+    def pids(self) -> list[int]:
+        """The pids of the current worker processes."""
+        return self._engine.pids()
+
+
+class ThreadPool(Pool):
+    """The same pool with threads for workers (``multiprocessing.pool.ThreadPool``).
+
+    Nothing is pickled: arguments and results are passed as they are.  ``task_timeout`` and the
+    death policies do not apply (a thread cannot be killed).
+    """
+
+    _thread_workers = True
+
+    def __init__(self, processes: int | None = None, initializer: Callable[..., Any] | None = None,
+                 initargs: Iterable[Any] = ()) -> None:
+        super().__init__(processes, initializer, initargs)
+
+
+def _default_workers() -> int:
+    counter = getattr(os, "process_cpu_count", None)
+    if counter is not None:
+        return counter() or 1
+    return os.cpu_count() or 1
