@@ -693,7 +693,11 @@ class Engine:
                 if not rooms[worker]:
                     del rooms[worker]
         for worker, tasks in plans.items():
-            self._send_batch(worker, tasks)
+            if worker.short:
+                self._send_batch(worker, tasks)  # short tasks: one message for several
+            else:
+                for task in tasks:  # long ones: the worker starts the first while the next arrives
+                    self._send_batch(worker, [task])
 
     def _send_batch(self, worker: _Worker, tasks: list[Task]) -> None:
         added: list[int] = []
