@@ -643,3 +643,29 @@ def test_executor_cancel_futures_and_map_timeout():
     with ProcessPoolExecutor(1, mp_context="fork") as ex:
         with pytest.raises(cf.TimeoutError):
             list(ex.map(sleep_then, [1, 2], [5, 5], timeout=0.2))
+
+
+def test_stdlib_context_is_accepted(method):
+    with gilfree.pool.Pool(1, context=std_mp.get_context(method)) as pool:
+        assert pool._ctx is gilfree.get_context(method)
+        assert pool.map(square, [2, 3]) == [4, 9]
+
+
+class _NotImportableInWorkers:
+    def __reduce__(self):
+        return (_fail_to_rebuild, ())
+
+
+def _fail_to_rebuild():
+    raise ImportError("no such module in the worker")
+
+
+def test_function_that_cannot_be_unpickled_fails_each_task_clearly(ctx):
+    import functools
+
+    func = functools.partial(add, _NotImportableInWorkers())
+    with ctx.Pool(1) as pool:
+        for _ in range(2):
+            with pytest.raises(RuntimeError, match="could not unpickle the function: ImportError"):
+                pool.apply(func, (1,))
+        assert pool.apply(square, (3,)) == 9

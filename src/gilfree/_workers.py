@@ -245,7 +245,7 @@ def _serve(recv: Callable[[], Any], send: Callable[[Any], None], slot: Any, init
             slot[0] = tid
             try:
                 if fdef is not None:
-                    functions[fid] = reduction.loads(fdef) if in_process else fdef
+                    functions[fid] = _load_function(fdef) if in_process else fdef
                 func = functions[fid]
                 if kind == CALL:
                     value = func(*args, **(kwargs or {}))
@@ -270,6 +270,26 @@ def _serve(recv: Callable[[], Any], send: Callable[[Any], None], slot: Any, init
                 error = MaybeEncodingError(exc, value.exc if isinstance(value, _RemoteException) else value)
                 send((tid, False, _RemoteException(error), over, elapsed))
             del value
+
+
+class _Unloadable:
+    """Stands for a function the worker could not unpickle: every task with it fails the same way."""
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        raise self.error
+
+
+def _load_function(pickled: bytes) -> Any:
+    try:
+        return reduction.loads(pickled)
+    except Exception as exc:
+        error = RuntimeError(f"the worker (pid {os.getpid()}) could not unpickle the function: "
+                             f"{type(exc).__name__}: {exc}")
+        error.__cause__ = exc
+        return _Unloadable(error)
 
 
 def _run_items(func: Callable[..., Any], items: list[Any], kind: int, slot: Any, per_item: bool,

@@ -24,9 +24,10 @@ import weakref
 from concurrent.futures import BrokenExecutor, Executor, Future
 from concurrent.futures import TimeoutError as FuturesTimeoutError
 
-from . import _workers, process
+from . import _workers
 from ._errors import BrokenPoolError
 from ._workers import CALL, STARMAP, Engine, Function, Task
+from .pool import _default_workers, as_context
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -83,7 +84,6 @@ class ProcessPoolExecutor(Executor):
                  initializer: Callable[..., Any] | None = None, initargs: Iterable[Any] = (), *,
                  max_tasks_per_child: int | None = None, on_worker_death: str = "fail", retries: int = 0,
                  task_timeout: float | None = None, max_memory_per_child: int | None = None) -> None:
-        from .pool import _default_workers
 
         if max_workers is None:
             max_workers = _default_workers()
@@ -97,13 +97,7 @@ class ProcessPoolExecutor(Executor):
         if task_timeout is not None and task_timeout <= 0:
             raise ValueError(f"task_timeout={task_timeout}: give seconds > 0 or None")
         _workers.check_policy(on_worker_death, retries)
-        ctx = mp_context
-        if ctx is None or isinstance(ctx, str):
-            ctx = process.default_context.get_context(ctx)
-        elif hasattr(ctx, "get_start_method") and not hasattr(ctx, "_name"):  # a stdlib context: its method
-            ctx = process.default_context.get_context(ctx.get_start_method())
-        else:
-            ctx = ctx.get_context()
+        ctx = as_context(mp_context)
         self._max_workers = max_workers
         self._options: dict[str, Any] = {"policy": on_worker_death, "retries": retries, "timeout": task_timeout}
         self._engine = Engine(max_workers, ctx, initializer, initargs, max_tasks_per_child, max_memory_per_child,

@@ -396,9 +396,7 @@ class Pool:
         if self._thread_workers:
             self._ctx = None
         else:
-            if context is None:
-                context = process.default_context  # filled in by the context layer (L8)
-            self._ctx = context.get_context() if hasattr(context, "get_context") else context
+            self._ctx = as_context(context)
         self._engine = Engine(processes, self._ctx, initializer, initargs, maxtasksperchild,
                               max_memory_per_child, name=type(self).__name__)
         self._terminate = Finalize(self, _terminate_engine, (self._engine,), exitpriority=15)
@@ -621,6 +619,18 @@ class ThreadPool(Pool):
     def __init__(self, processes: int | None = None, initializer: Callable[..., Any] | None = None,
                  initargs: Iterable[Any] = ()) -> None:
         super().__init__(processes, initializer, initargs)
+
+
+def as_context(context: Any) -> Any:
+    """A gilfree context for ``context``: None (the default), a start-method name, a gilfree context, or
+    a stdlib context (replaced by gilfree's for the same start method: its processes could not carry
+    gilfree's pipes and shared memory)."""
+    default = process.default_context  # filled in by the context layer (L8)
+    if context is None or isinstance(context, str):
+        return default.get_context(context)
+    if not type(context).__module__.startswith("gilfree."):
+        return default.get_context(context.get_start_method())
+    return context.get_context()
 
 
 def _default_workers() -> int:
