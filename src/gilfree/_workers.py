@@ -392,6 +392,7 @@ class Engine:
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
+        self._wake_lock = threading.Lock()
         self._finished = threading.Event()
         if self._threads:
             self._slots: Any = memoryview(bytearray(8 * _SLOT_WORDS * processes)).cast("q")
@@ -407,8 +408,14 @@ class Engine:
         self._poller = select.poll()
         self._poller.register(self._wake_r, select.POLLIN)
         self._by_fd: dict[int, tuple[_Worker, str]] = {}
-        for _ in range(processes):
-            self._start_worker()
+        try:
+            for _ in range(processes):
+                self._start_worker()
+        except BaseException:  # a worker could not start: stop the ones that did, then raise
+            self._kill_all()
+            util.close_fds(self._wake_r, self._wake_w)
+            self._wake_w = -1
+            raise
         self._supervisor = threading.Thread(target=self._run, name=f"gilfree-{name}-supervisor", daemon=True)
         self._supervisor.start()
 
@@ -466,10 +473,13 @@ class Engine:
         return len(self._workers)
 
     def _wake(self) -> None:
-        try:
-            os.write(self._wake_w, b"x")
-        except (BlockingIOError, OSError):
-            pass  # a full pipe wakes it anyway; a closed one means it is gone
+        with self._wake_lock:  # never write to the number of a pipe that _finish closed (and reused)
+            if self._wake_w < 0:
+                return
+            try:
+                os.write(self._wake_w, b"x")
+            except (BlockingIOError, OSError):
+                pass  # a full pipe wakes the supervisor anyway
 
     def __repr__(self) -> str:
         return (f"<Engine {self._name} state={self._state} workers={len(self._workers)} "
@@ -924,5 +934,7 @@ class Engine:
             self._forget_worker(worker)
         with self._lock:
             self._state = "closed"
-        util.close_fds(self._wake_r, self._wake_w)
+        with self._wake_lock:
+            wake_w, self._wake_w = self._wake_w, -1
+        util.close_fds(self._wake_r, wake_w)
         self._finished.set()
