@@ -892,6 +892,134 @@ _register_pool_cases()
 
 
 # ---------------------------------------------------------------------------------------------------
+# (h) pools on a cluster: Ray and Dask
+
+
+class _SharedCluster:
+    """One local cluster per engine, shared by the implementations of a case (so they are compared
+    on the same workers), started by the first setup and stopped by the last close.  Its start-up
+    is not timed."""
+
+    users = {"ray": 0, "dask": 0}
+    dask_cluster: Any = None
+
+    @classmethod
+    def open(cls, engine: str, workers: int) -> Any:
+        if engine == "ray":
+            ray = require("ray")
+            if cls.users["ray"] == 0 and not ray.is_initialized():
+                ray.init(address="local", num_cpus=workers, include_dashboard=False, configure_logging=False,
+                         log_to_driver=False)
+            cls.users["ray"] += 1
+            return None
+        distributed = require("distributed")
+        if cls.users["dask"] == 0:
+            cls.dask_cluster = distributed.LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                                                        host="127.0.0.1", dashboard_address="127.0.0.1:0",
+                                                        silence_logs=40)
+        cls.users["dask"] += 1
+        return cls.dask_cluster.scheduler_address
+
+    @classmethod
+    def close(cls, engine: str) -> None:
+        cls.users[engine] -= 1
+        if cls.users[engine]:
+            return
+        if engine == "ray":
+            require("ray").shutdown()
+        else:
+            cls.dask_cluster.close()
+            cls.dask_cluster = None
+
+
+class ClusterBench:
+    """``map`` on a local cluster of {workers} single-threaded worker processes, per implementation:
+    the stdlib's local ``Pool`` (for scale), gilfree's ``Pool(backend=...)``, ``ray.util.multiprocessing.
+    Pool`` ("ray_pool") and joblib's Dask backend ("joblib_dask": ``Parallel`` under
+    ``parallel_backend("dask")``), each with its library's default chunking."""
+
+    def __init__(self, impl: str, params: dict[str, Any]) -> None:
+        self.impl = impl
+        self.engine = params["engine"]
+        workers = params.get("workers", 2)
+        if params["work"] == "cpu":
+            self.func: Any = _targets.busy
+            self.items: list[Any] = [params["task_ms"]] * params["tasks"]
+        else:
+            self.func = _targets.square
+            self.items = list(range(params["items"]))
+        self.shared = impl != "stdlib"
+        self.pool: Any = None
+        self.client: Any = None
+        if impl == "stdlib":
+            import multiprocessing
+
+            self.pool = multiprocessing.get_context("fork").Pool(workers)
+            return
+        address = _SharedCluster.open(self.engine, workers)
+        try:
+            if impl.startswith("gilfree"):
+                import gilfree
+
+                self.pool = gilfree.Pool(workers, backend=self.engine, address=address)
+            elif impl == "ray_pool":
+                self.pool = require("ray.util.multiprocessing").Pool(workers)
+            elif impl == "joblib_dask":
+                self.client = require("distributed").Client(address, set_as_default=True)
+                self.joblib = require("joblib")
+            else:
+                raise ValueError(impl)
+        except BaseException:
+            self.close()
+            raise
+
+    def measure(self) -> float:
+        t0 = time.perf_counter()
+        if self.impl == "joblib_dask":
+            joblib = self.joblib
+            with joblib.parallel_backend("dask"):
+                out = joblib.Parallel()(joblib.delayed(self.func)(x) for x in self.items)
+        else:
+            out = self.pool.map(self.func, self.items)
+        elapsed = time.perf_counter() - t0
+        if len(out) != len(self.items):
+            raise RuntimeError(f"{self.impl}: {len(out)} results for {len(self.items)} tasks")
+        return elapsed * 1e3
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.terminate()
+            if self.impl != "ray_pool":
+                self.pool.join()
+            self.pool = None
+        if self.client is not None:
+            self.client.close()
+            self.client = None
+        if self.shared:
+            self.shared = False
+            _SharedCluster.close(self.engine)
+
+
+def _register_cluster_cases() -> None:
+    def bind(impl: str) -> Callable[[dict[str, Any]], Any]:
+        return lambda params: ClusterBench(impl, params)
+
+    for engine, peer in (("ray", "ray_pool"), ("dask", "joblib_dask")):
+        impls = {name: bind(name) for name in ("stdlib", f"gilfree_{engine}", peer)}
+        common = (f"A local {engine} cluster of {{workers}} single-threaded workers (started once, not timed), "
+                  f"gilfree's Pool(backend={engine!r}) beside {peer}; 'stdlib' is a local fork Pool for scale; ")
+        register(Case(f"{engine}_map_10k", common + "map(x*x) over {items} ints, default chunking; ms.", "ms",
+                      False, impls, full={"engine": engine, "work": "map", "items": 10_000},
+                      quick={"items": 2_000}))
+        register(Case(f"{engine}_cpu_200x10ms", common + "map over {tasks} tasks of {task_ms} ms of CPU each; ms.",
+                      "ms", False, impls, full={"engine": engine, "work": "cpu", "tasks": 200, "task_ms": 10},
+                      quick={"tasks": 50}))
+
+
+_register_cluster_cases()
+
+
+# ---------------------------------------------------------------------------------------------------
 # Statistics
 
 

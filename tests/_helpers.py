@@ -60,3 +60,45 @@ def running(ctx, target, *args):
             p.kill()
         p.join(WAIT)
         assert p.exitcode is not None, "child did not end"
+
+
+#: Sessions (their leader's pid) of long-lived programs a test module started as session fixtures
+#: (the Ray and Dask clusters of test_backends): the leak check counts their processes as
+#: infrastructure, not as leaks.  Each fixture removes its entry when it has stopped them.
+INFRA_SESSIONS: set[int] = set()
+
+
+def session_members(sessions: set[int]) -> set[int]:
+    """The pids of every process in these sessions (from /proc)."""
+    found = set()
+    if not sessions:
+        return found
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(b")") + 2 :].split()
+        if int(fields[3]) in sessions:  # state, ppid, pgrp, session
+            found.add(int(name))
+    return found
+
+
+def session_shm(sessions: set[int]) -> set[str]:
+    """The /dev/shm entries that processes of these sessions have mapped (their semaphores and
+    segments: Dask's nannies use the stdlib's named semaphores)."""
+    names = set()
+    for pid in session_members(sessions):
+        try:
+            with open(f"/proc/{pid}/maps") as f:
+                maps = f.read()
+        except OSError:
+            continue
+        for line in maps.splitlines():
+            path = line.split(maxsplit=5)[-1] if line.count(" ") >= 5 else ""
+            if path.startswith("/dev/shm/"):
+                names.add(path[len("/dev/shm/") :].removesuffix(" (deleted)"))
+    return names

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import sys
 
+import pytest
 from _helpers import run_program
 
 
@@ -96,5 +97,18 @@ def test_tour_pool_chapter():
     assert re.search(r"the lost task: +worker pid \d+ was killed by SIGKILL while running task \d+ \(_pool_die_on\)", out)
     assert "the pool goes on:                  [1, 2, 3]" in out
     assert "2000/2000" in res.stderr  # the progress bar
+    assert "Children still running: 0." in out
+    assert "Traceback" not in res.stderr
+
+
+def test_tour_cluster_chapter():
+    pytest.importorskip("distributed")
+    res = run_program(["-m", "gilfree", "tour", "--chapter", "cluster"], timeout=100,
+                      env={"GILFREE_TOUR_SKIP_RAY": "1"})  # Ray takes long to start: test_backends covers it
+    assert res.returncode == 0, res.stderr
+    out = res.stdout
+    assert "sum of squares of 0..999:          332833500" in out
+    assert "worker processes used:             2" in out
+    assert "a remote error:                    ValueError: invalid literal" in out
     assert "Children still running: 0." in out
     assert "Traceback" not in res.stderr

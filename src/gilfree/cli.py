@@ -445,6 +445,47 @@ def chapter_pool() -> None:
         _show("the pool goes on:", p.map(abs, [-1, -2, -3]))
 
 
+def _cluster_task(n: int) -> tuple[int, int]:
+    return n * n, os.getpid()
+
+
+def chapter_cluster() -> None:
+    _title(9, "Beyond one machine: the same Pool on a Dask (or Ray) cluster")
+    _say("""Pool(backend="dask") runs the same map on a Dask cluster: without an address the pool
+    starts a local one (loopback, one worker process per slot) and stops it when it closes; with
+    address="tcp://host:8786" it joins an existing scheduler and leaves it running.  The function
+    goes to the cluster's workers once per call, the pool's chunking keeps Dask's per-task cost
+    (a millisecond or two) low, and errors come back with the remote traceback.""")
+    import importlib.util
+
+    if importlib.util.find_spec("distributed") is None:
+        _show("dask:", "not installed; pip install 'gilfree[dask]' to run this chapter")
+    else:
+        t0 = time.perf_counter()
+        with gilfree.Pool(2, backend="dask") as p:
+            started = time.perf_counter() - t0
+            out = p.map(_cluster_task, range(1000))
+            _show("local Dask cluster started in:", f"{started:.1f} s")
+            _show("sum of squares of 0..999:", sum(v for v, _ in out))
+            _show("worker processes used:", len({pid for _, pid in out}))
+            try:
+                p.apply(int, ("not a number",))
+            except ValueError as exc:
+                _show("a remote error:", f"{type(exc).__name__}: {exc} (remote traceback chained)")
+    if importlib.util.find_spec("ray") is None:
+        _show("ray:", "not installed; pip install 'gilfree[ray]' for Pool(backend='ray')")
+        return
+    if os.environ.get("GILFREE_TOUR_SKIP_RAY"):  # the test suite's: it tests Ray on its own cluster
+        _show("ray:", "skipped (GILFREE_TOUR_SKIP_RAY is set)")
+        return
+    _say("""Ray is installed: the same map with backend="ray" (a private local Ray instance, which
+    takes Ray several seconds to start).""")
+    t0 = time.perf_counter()
+    with gilfree.Pool(2, backend="ray") as p:
+        out = p.map(_cluster_task, range(1000))
+        _show("sum of squares on Ray:", f"{sum(v for v, _ in out)} ({time.perf_counter() - t0:.1f} s with start-up)")
+
+
 def _find_benchmarks() -> Path | None:
     here = Path(__file__).resolve()
     for parent in here.parents:
@@ -467,7 +508,7 @@ def _load_benchmarks() -> object | None:
 
 
 def chapter_benchmark() -> None:
-    _title(9, "Measured here, now: gilfree beside the stdlib")
+    _title(10, "Measured here, now: gilfree beside the stdlib")
     bench = _load_benchmarks()
     if bench is None:
         _say("The benchmark runner lives in benchmarks/run.py of a source checkout; not found here.")
@@ -487,6 +528,7 @@ CHAPTERS: list[tuple[str, Callable[[], None]]] = [
     ("queues", chapter_queues),
     ("manager", chapter_manager),
     ("pool", chapter_pool),
+    ("cluster", chapter_cluster),
     ("benchmark", chapter_benchmark),
 ]
 

@@ -77,17 +77,19 @@ class ProcessPoolExecutor(Executor):
     ``max_workers`` defaults to the CPUs this process may use; ``mp_context`` is a gilfree (or
     stdlib-named) context or start-method name.  Beyond the stdlib's arguments: ``on_worker_death``
     (``"fail"``, ``"retry"``, ``"break"``), ``retries``, ``task_timeout``, ``max_memory_per_child``,
-    as on :class:`gilfree.Pool`.
+    as on :class:`gilfree.Pool`; ``backend="ray"``/``"dask"`` and ``address`` run the futures on a
+    cluster (see :mod:`gilfree.backends`).
     """
 
     def __init__(self, max_workers: int | None = None, mp_context: Any = None,
                  initializer: Callable[..., Any] | None = None, initargs: Iterable[Any] = (), *,
                  max_tasks_per_child: int | None = None, on_worker_death: str = "fail", retries: int = 0,
-                 task_timeout: float | None = None, max_memory_per_child: int | None = None) -> None:
+                 task_timeout: float | None = None, max_memory_per_child: int | None = None,
+                 backend: str | None = None, address: str | None = None) -> None:
 
-        if max_workers is None:
+        if max_workers is None and backend is None:
             max_workers = _default_workers()
-        elif max_workers <= 0:
+        elif max_workers is not None and max_workers <= 0:
             raise ValueError("max_workers must be greater than 0")
         if initializer is not None and not callable(initializer):
             raise TypeError("initializer must be a callable")
@@ -100,8 +102,17 @@ class ProcessPoolExecutor(Executor):
         ctx = as_context(mp_context)
         self._max_workers = max_workers
         self._options: dict[str, Any] = {"policy": on_worker_death, "retries": retries, "timeout": task_timeout}
-        self._engine = Engine(max_workers, ctx, initializer, initargs, max_tasks_per_child, max_memory_per_child,
-                              name="ProcessPoolExecutor")
+        if backend is None:
+            if address is not None:
+                raise ValueError(f"address={address!r} needs backend='ray' or backend='dask'")
+            self._engine: Any = Engine(max_workers or 1, ctx, initializer, initargs, max_tasks_per_child,
+                                       max_memory_per_child, name="ProcessPoolExecutor")
+        else:  # a cluster engine: an optional dependency (ray, dask), imported only when asked for
+            from .backends import open_engine
+
+            self._engine = open_engine(backend, address, max_workers, initializer, initargs, max_tasks_per_child,
+                                       max_memory_per_child, name="ProcessPoolExecutor")
+            self._max_workers = self._engine.processes
         self._shutdown_lock = threading.Lock()
         self._shutdown = False
         self._futures: weakref.WeakSet[Future[Any]] = weakref.WeakSet()

@@ -368,7 +368,11 @@ class Pool:
     * ``task_timeout``: seconds a task (or each item of a chunk) may run before its worker is
       killed and the task fails with :class:`~gilfree.TaskTimeoutError`;
     * ``max_memory_per_child``: bytes of resident memory after which a worker is replaced, between
-      tasks (nothing is lost or repeated).
+      tasks (nothing is lost or repeated);
+    * ``backend``: ``"ray"`` or ``"dask"`` runs the tasks on that cluster instead of local processes
+      (``address``: the cluster to join; None starts a local one for the pool), with the same API:
+      see :mod:`gilfree.backends`.  ``processes`` then bounds the tasks in flight (None: the
+      cluster's CPUs).
 
     Each of ``on_worker_death``, ``retries`` and ``task_timeout`` may also be given per call.
     """
@@ -378,10 +382,11 @@ class Pool:
     def __init__(self, processes: int | None = None, initializer: Callable[..., Any] | None = None,
                  initargs: Iterable[Any] = (), maxtasksperchild: int | None = None, context: Any = None, *,
                  on_worker_death: str = "fail", retries: int = 0, task_timeout: float | None = None,
-                 max_memory_per_child: int | None = None) -> None:
-        if processes is None:
+                 max_memory_per_child: int | None = None, backend: str | None = None,
+                 address: str | None = None) -> None:
+        if processes is None and backend is None:
             processes = _default_workers()
-        if processes < 1:
+        if processes is not None and processes < 1:
             raise ValueError("Number of processes must be at least 1")
         if maxtasksperchild is not None and (not isinstance(maxtasksperchild, int) or maxtasksperchild <= 0):
             raise ValueError("maxtasksperchild must be a positive int or None")
@@ -391,14 +396,23 @@ class Pool:
             raise ValueError(f"max_memory_per_child={max_memory_per_child}: give a number of bytes > 0")
         _workers.check_policy(on_worker_death, retries)
         self._check_timeout(task_timeout)
-        self._processes = processes
+        self._processes: int = processes or 0  # a cluster engine's is known once it has connected
         self._options: dict[str, Any] = {"policy": on_worker_death, "retries": retries, "timeout": task_timeout}
         if self._thread_workers:
             self._ctx = None
         else:
             self._ctx = as_context(context)
-        self._engine = Engine(processes, self._ctx, initializer, initargs, maxtasksperchild,
-                              max_memory_per_child, name=type(self).__name__)
+        if backend is None:
+            if address is not None:
+                raise ValueError(f"address={address!r} needs backend='ray' or backend='dask'")
+            self._engine: Any = Engine(self._processes, self._ctx, initializer, initargs, maxtasksperchild,
+                                       max_memory_per_child, name=type(self).__name__)
+        else:  # a cluster engine: an optional dependency (ray, dask), imported only when asked for
+            from .backends import open_engine
+
+            self._engine = open_engine(backend, address, processes, initializer, initargs, maxtasksperchild,
+                                       max_memory_per_child, name=type(self).__name__)
+            self._processes = self._engine.processes
         self._terminate = Finalize(self, _terminate_engine, (self._engine,), exitpriority=15)
 
     def _check_timeout(self, task_timeout: float | None) -> None:
