@@ -34,13 +34,16 @@
 /* header words: keep in step with queues.py */
 enum { H_MAGIC, H_CAP, H_HEAD, H_TAIL, H_COUNT, H_WSEG, H_RCUR, H_RBASE, H_NEXT_SEQ, H_MAXSIZE,
        H_UNFINISHED, H_QID, H_FLAGS };
-#define HDR 128
+#define HDR 192 /* header bytes before the ring: keep in step with queues.py */
 #define F_JOINABLE 1u
 #define NE_WORD 26 /* u32 index of the "not empty" sequence; its flag follows */
 #define NF_WORD 28
 #define K_MSG 1u
 #define LINK_LEN 16
-#define MAGIC 0x6766517565756531ULL
+#define S_HDR 64 /* spill segment header: u64 used, u64 sealed */
+#define S_USED 0
+#define S_SEALED 1
+#define MAGIC 0x6766517565756532ULL
 
 static inline uint64_t
 pad8(uint64_t n)
@@ -77,127 +80,252 @@ header(PyObject *obj, Py_ssize_t base, Py_buffer *view)
     return h;
 }
 
+/* The spill segment in `cache` (a tuple (seq, buffer) or None) if it is spill segment `seq`: its
+   bytes in `sv` (to release), NULL (no exception) otherwise. */
+static unsigned char *
+spill(PyObject *cache, uint64_t seq, Py_buffer *sv)
+{
+    PyObject *num;
+    unsigned long long cached;
+    if (seq == 0 || cache == NULL || !PyTuple_Check(cache) || PyTuple_GET_SIZE(cache) != 2)
+        return NULL;
+    num = PyTuple_GET_ITEM(cache, 0);
+    cached = PyLong_AsUnsignedLongLong(num);
+    if (cached == (unsigned long long)-1 && PyErr_Occurred()) {
+        PyErr_Clear();
+        return NULL;
+    }
+    if (cached != seq)
+        return NULL;
+    if (PyObject_GetBuffer(PyTuple_GET_ITEM(cache, 1), sv, PyBUF_WRITABLE) < 0) {
+        PyErr_Clear();
+        return NULL;
+    }
+    if (sv->len < S_HDR + LINK_LEN) {
+        PyBuffer_Release(sv);
+        return NULL;
+    }
+    return (unsigned char *)sv->buf;
+}
+
+/* Append one MSG record of `n` bytes and publish it with one store (lock held); count it.  0 (nothing
+   changed) where the Python path must do it: the ring is full, the open spill chain must be closed
+   or continued in a new segment, or `seg` is not the segment producers write to. */
+static int
+append_one(uint64_t *h, const char *data, uint64_t n, unsigned char *seg, Py_ssize_t seglen)
+{
+    uint64_t cap = h[H_CAP], mask = cap - 1, head, tail, size, off, start, first;
+    unsigned char *ring = (unsigned char *)h + HDR;
+    uint32_t rec[2];
+    if (n > UINT32_MAX)
+        return 0;
+    size = 8 + pad8(n);
+    head = __atomic_load_n(&h[H_HEAD], __ATOMIC_ACQUIRE);
+    tail = h[H_TAIL];
+    rec[0] = (uint32_t)n;
+    rec[1] = K_MSG;
+    if (h[H_WSEG] != 0) {
+        uint64_t *sh = (uint64_t *)seg, used;
+        if (seg == NULL || sh[S_SEALED] != 0 || tail - head + size + LINK_LEN <= cap / 2)
+            return 0;
+        used = sh[S_USED];
+        if (used < S_HDR || used + size + LINK_LEN > (uint64_t)seglen)
+            return 0;
+        memcpy(seg + used, rec, 8);
+        memcpy(seg + used + 8, data, n);
+        __atomic_store_n(&sh[S_USED], used + size, __ATOMIC_RELEASE); /* commit */
+    }
+    else {
+        if (tail - head + size + LINK_LEN > cap)
+            return 0;
+        off = tail & mask;
+        memcpy(ring + off, rec, 8);
+        start = (off + 8) & mask;
+        first = cap - start;
+        if (n <= first) {
+            memcpy(ring + start, data, n);
+        }
+        else {
+            memcpy(ring + start, data, first);
+            memcpy(ring, data + first, n - first);
+        }
+        __atomic_store_n(&h[H_TAIL], tail + size, __ATOMIC_RELEASE); /* commit */
+    }
+    h[H_COUNT] += 1;
+    if (h[H_FLAGS] & F_JOINABLE)
+        h[H_UNFINISHED] += 1;
+    return 1;
+}
+
+static int
+parse_base(PyObject *const *args, Py_buffer *view, uint64_t **h)
+{
+    Py_ssize_t base = PyLong_AsSsize_t(args[1]);
+    if (base == -1 && PyErr_Occurred())
+        return -1;
+    if ((*h = header(args[0], base, view)) == NULL)
+        return -1;
+    return 0;
+}
+
 static PyObject *
 put_small(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
-    Py_buffer view, data;
-    uint64_t *h, cap, mask, head, tail, size, maxsize;
-    Py_ssize_t base;
-    unsigned char *ring;
-    uint32_t rec[2];
-    uint64_t off, start, first, n;
-    if (nargs != 3) {
-        PyErr_SetString(PyExc_TypeError, "put_small(buffer, base, data)");
+    Py_buffer view, data, sv;
+    uint64_t *h, maxsize;
+    unsigned char *seg = NULL;
+    int done = 0;
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "put_small(buffer, base, data, spill)");
         return NULL;
     }
-    base = PyLong_AsSsize_t(args[1]);
-    if (base == -1 && PyErr_Occurred())
-        return NULL;
-    if ((h = header(args[0], base, &view)) == NULL)
+    if (parse_base(args, &view, &h) < 0)
         return NULL;
     if (PyObject_GetBuffer(args[2], &data, PyBUF_SIMPLE) < 0) {
         PyBuffer_Release(&view);
         return NULL;
     }
-    cap = h[H_CAP];
-    mask = cap - 1;
-    ring = (unsigned char *)h + HDR;
-    n = (uint64_t)data.len;
-    size = 8 + pad8(n);
-    head = __atomic_load_n(&h[H_HEAD], __ATOMIC_ACQUIRE);
-    tail = h[H_TAIL];
     maxsize = h[H_MAXSIZE];
-    if (h[H_WSEG] != 0 || n > UINT32_MAX || tail - head + size + LINK_LEN > cap ||
-        (maxsize && h[H_COUNT] >= maxsize)) {
-        PyBuffer_Release(&data);
-        PyBuffer_Release(&view);
-        Py_RETURN_FALSE;
+    if (!maxsize || h[H_COUNT] < maxsize) {
+        if (h[H_WSEG] != 0)
+            seg = spill(args[3], h[H_WSEG], &sv);
+        done = append_one(h, data.buf, (uint64_t)data.len, seg, seg ? sv.len : 0);
+        if (seg != NULL)
+            PyBuffer_Release(&sv);
+        if (done)
+            do_wake((uint32_t *)h + NE_WORD);
     }
-    off = tail & mask;
-    rec[0] = (uint32_t)n;
-    rec[1] = K_MSG;
-    memcpy(ring + off, rec, 8);
-    start = (off + 8) & mask;
-    first = cap - start;
-    if (n <= first) {
-        memcpy(ring + start, data.buf, n);
-    }
-    else {
-        memcpy(ring + start, data.buf, first);
-        memcpy(ring, (char *)data.buf + first, n - first);
-    }
-    __atomic_store_n(&h[H_TAIL], tail + size, __ATOMIC_RELEASE); /* commit */
-    h[H_COUNT] += 1;
-    if (h[H_FLAGS] & F_JOINABLE)
-        h[H_UNFINISHED] += 1;
-    do_wake((uint32_t *)h + NE_WORD);
     PyBuffer_Release(&data);
     PyBuffer_Release(&view);
-    Py_RETURN_TRUE;
+    return PyBool_FromLong(done);
+}
+
+static PyObject *
+put_batch(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_buffer view, sv;
+    uint64_t *h, maxsize;
+    unsigned char *seg = NULL;
+    Py_ssize_t i, n, start, seglen = 0;
+    PyObject *items;
+    if (nargs != 5 || !PyList_Check(args[2])) {
+        PyErr_SetString(PyExc_TypeError, "put_batch(buffer, base, list_of_bytes, start, spill)");
+        return NULL;
+    }
+    items = args[2];
+    start = PyLong_AsSsize_t(args[3]);
+    if (start == -1 && PyErr_Occurred())
+        return NULL;
+    if (parse_base(args, &view, &h) < 0)
+        return NULL;
+    maxsize = h[H_MAXSIZE];
+    n = PyList_GET_SIZE(items);
+    if (h[H_WSEG] != 0 && (seg = spill(args[4], h[H_WSEG], &sv)) != NULL)
+        seglen = sv.len;
+    for (i = start < 0 ? 0 : start; i < n; i++) {
+        PyObject *item = PyList_GET_ITEM(items, i);
+        if (!PyBytes_Check(item) || (maxsize && h[H_COUNT] >= maxsize))
+            break;
+        if (!append_one(h, PyBytes_AS_STRING(item), (uint64_t)PyBytes_GET_SIZE(item), seg, seglen))
+            break;
+    }
+    if (seg != NULL)
+        PyBuffer_Release(&sv);
+    if (i > start)
+        do_wake((uint32_t *)h + NE_WORD);
+    PyBuffer_Release(&view);
+    return PyLong_FromSsize_t(i);
 }
 
 static PyObject *
 take_small(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
-    Py_buffer view;
-    uint64_t *h, cap, mask, head, tail;
-    Py_ssize_t base, max, got = 0;
-    unsigned char *ring;
+    Py_buffer view, sv;
+    uint64_t *h, cap, mask, head, tail, rseq = 0;
+    Py_ssize_t max, got = 0;
+    unsigned char *ring, *seg = NULL;
     PyObject *out;
-    if (nargs != 3) {
-        PyErr_SetString(PyExc_TypeError, "take_small(buffer, base, max_items)");
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "take_small(buffer, base, max_items, spill)");
         return NULL;
     }
-    base = PyLong_AsSsize_t(args[1]);
-    if (base == -1 && PyErr_Occurred())
-        return NULL;
     max = PyLong_AsSsize_t(args[2]);
     if (max == -1 && PyErr_Occurred())
         return NULL;
-    if ((h = header(args[0], base, &view)) == NULL)
+    if (parse_base(args, &view, &h) < 0)
         return NULL;
     out = PyList_New(0);
     if (out == NULL)
         goto done;
-    if (h[H_RCUR] != 0)
-        goto done;
     cap = h[H_CAP];
     mask = cap - 1;
     ring = (unsigned char *)h + HDR;
-    head = h[H_HEAD];
-    tail = __atomic_load_n(&h[H_TAIL], __ATOMIC_ACQUIRE);
-    while (got < max && head != tail) {
+    while (got < max) {
         uint32_t rec[2];
-        uint64_t n, start, first;
+        uint64_t n, rcur = h[H_RCUR];
         PyObject *item;
         char *dst;
-        memcpy(rec, ring + (head & mask), 8);
-        if (rec[1] != K_MSG)
-            break;
-        n = rec[0];
-        item = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)n);
-        if (item == NULL)
-            break;
-        dst = PyBytes_AS_STRING(item);
-        start = ((head & mask) + 8) & mask;
-        first = cap - start;
-        if (n <= first) {
-            memcpy(dst, ring + start, n);
+        if (rcur != 0) { /* reading a spill chain: records of segment rcur >> 32 from rcur & 0xffffffff */
+            uint64_t pos = rcur & 0xFFFFFFFFu, used;
+            if (seg == NULL || rseq != rcur >> 32) {
+                if (seg != NULL) {
+                    PyBuffer_Release(&sv);
+                    seg = NULL;
+                }
+                rseq = rcur >> 32;
+                if ((seg = spill(args[3], rseq, &sv)) == NULL)
+                    break;
+            }
+            used = __atomic_load_n(&((uint64_t *)seg)[S_USED], __ATOMIC_ACQUIRE);
+            if (pos >= used || used > (uint64_t)sv.len)
+                break;
+            memcpy(rec, seg + pos, 8);
+            if (rec[1] != K_MSG || pos + 8 + (uint64_t)rec[0] > used)
+                break;
+            n = rec[0];
+            item = PyBytes_FromStringAndSize((char *)seg + pos + 8, (Py_ssize_t)n);
+            if (item == NULL || PyList_Append(out, item) < 0) {
+                Py_XDECREF(item);
+                break;
+            }
+            Py_DECREF(item);
+            __atomic_store_n(&h[H_RCUR], rcur + 8 + pad8(n), __ATOMIC_RELEASE); /* commit */
         }
         else {
-            memcpy(dst, ring + start, first);
-            memcpy(dst + first, ring, n - first);
-        }
-        if (PyList_Append(out, item) < 0) {
+            uint64_t start, first;
+            head = h[H_HEAD];
+            tail = __atomic_load_n(&h[H_TAIL], __ATOMIC_ACQUIRE);
+            if (head == tail)
+                break;
+            memcpy(rec, ring + (head & mask), 8);
+            if (rec[1] != K_MSG)
+                break;
+            n = rec[0];
+            item = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)n);
+            if (item == NULL)
+                break;
+            dst = PyBytes_AS_STRING(item);
+            start = ((head & mask) + 8) & mask;
+            first = cap - start;
+            if (n <= first) {
+                memcpy(dst, ring + start, n);
+            }
+            else {
+                memcpy(dst, ring + start, first);
+                memcpy(dst + first, ring, n - first);
+            }
+            if (PyList_Append(out, item) < 0) {
+                Py_DECREF(item);
+                break;
+            }
             Py_DECREF(item);
-            break;
+            __atomic_store_n(&h[H_HEAD], head + 8 + pad8(n), __ATOMIC_RELEASE); /* commit */
         }
-        Py_DECREF(item);
-        head += 8 + pad8(n);
-        __atomic_store_n(&h[H_HEAD], head, __ATOMIC_RELEASE); /* commit */
         h[H_COUNT] -= 1;
         got++;
     }
+    if (seg != NULL)
+        PyBuffer_Release(&sv);
     if (got && h[H_MAXSIZE])
         do_wake((uint32_t *)h + NF_WORD);
 done:
@@ -286,6 +414,9 @@ wait(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 static PyMethodDef module_methods[] = {
     {"put_small", (PyCFunction)(void (*)(void))put_small, METH_FASTCALL,
      "put_small(buffer, base, data) -> bool: append a small pickled message (queue lock held)"},
+    {"put_batch", (PyCFunction)(void (*)(void))put_batch, METH_FASTCALL,
+     "put_batch(buffer, base, list_of_bytes, start, spill) -> int: append small pickled messages from "
+     "index `start` on, as put_small does; the index of the first one left to the Python path"},
     {"take_small", (PyCFunction)(void (*)(void))take_small, METH_FASTCALL,
      "take_small(buffer, base, max_items) -> list[bytes]: consume small messages at the head (lock held)"},
     {"wait", (PyCFunction)(void (*)(void))wait, METH_FASTCALL,

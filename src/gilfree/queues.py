@@ -104,16 +104,23 @@ NOWAIT_LOCK_TIMEOUT = 0.005
 WAIT_SLICE = 0.5
 #: Size of a spill segment (records that do not fit in a full ring of an unbounded queue).
 SPILL_SIZE = 4 << 20
+#: Big messages up to this size without out-of-band buffers go through the queue's pool of reused
+#: segments (at most 8 of them, so the pool keeps at most 8 x this much shared memory).
+POOL_MAX = 4 << 20
 
 # header words (u64)
 _MAGIC, _CAP, _HEAD, _TAIL, _COUNT, _WSEG, _RCUR, _RBASE, _NEXT_SEQ, _MAXSIZE, _UNFINISHED, _QID, _FLAGS = range(13)
 _F_JOINABLE = 1
 # futex words (u32 index into the same header): sequence, sleeper flag
 _NE, _NF, _DONE = 26, 28, 30  # bytes 104-127: after the u64 words 0-12
-_HDR = 128
-_MAGIC_VALUE = 0x6766517565756531  # "gfQueue1"
+# the big-message segment pool: one u64 state word per slot (u64 words 16-23, bytes 128-191)
+_POOL0, _NPOOL = 16, 8
+_P_FREE, _P_QUEUED = 0, 1  # other states: pid << 8 | _P_WRITING or _P_READING
+_P_WRITING, _P_READING = 2, 3
+_HDR = 192
+_MAGIC_VALUE = 0x6766517565756532  # "gfQueue2"
 # record kinds
-_MSG, _BIG, _LINK = 1, 2, 3
+_MSG, _BIG, _LINK, _POOL = 1, 2, 3, 4
 _LINK_LEN = 16
 _REC = struct.Struct("<II")
 # spill segment header (u64 words): bytes used (records end here), sealed (1: nothing more comes)
@@ -170,12 +177,7 @@ def _fast_dumps(obj: Any, limit: int) -> bytes | None:
     imported by a receiver, and for large buffers (which travel out of band).  The C pickler uses
     copyreg's table as the package's pickler does; several times cheaper than a Pickler per message.
     """
-    global _fast_table_len, _fast_ok, _main_seen
-    extra = reduction._extra_reducers
-    if len(extra) != _fast_table_len:  # only types that plain pickling refuses anyway
-        _fast_table_len = len(extra)
-        _fast_ok = all(t is memoryview or t.__name__ == "socket" for t in extra)
-    if not _fast_ok:
+    if not _fast_dumps_ok():
         return None
     t = type(obj)
     if t not in _PLAIN:
@@ -188,12 +190,28 @@ def _fast_dumps(obj: Any, limit: int) -> bytes | None:
         data = _pickle_dumps(obj, 5)
     except Exception:
         return None
+    if b"__main__" in data and _main_unimportable():
+        return None
+    return data
+
+
+def _fast_dumps_ok() -> bool:
+    """Whether the C pickler alone pickles as :func:`reduction.dump_chunks` would (no reducer in the way)."""
+    global _fast_table_len, _fast_ok
+    extra = reduction._extra_reducers
+    if len(extra) != _fast_table_len:  # only types that plain pickling refuses anyway
+        _fast_table_len = len(extra)
+        _fast_ok = all(t is memoryview or t.__name__ == "socket" for t in extra)
+    return _fast_ok
+
+
+def _main_unimportable() -> bool:
+    """Whether a receiver could not import ``__main__`` (a pickle that mentions it needs tier 2)."""
+    global _main_seen
     main = sys.modules.get("__main__")
     if main is not _main_seen[0]:
         _main_seen = (main, reduction._main_is_reimportable())
-    if not _main_seen[1] and b"__main__" in data:
-        return None
-    return data
+    return not _main_seen[1]
 
 
 def _sweep(prefix: str) -> None:
@@ -257,6 +275,10 @@ class _QueueBase:
         self._big_limit = self._cap // 8
         self._prefix = f"gfq{self._h[_QID]:08x}_"
         self._segs: dict[int, mmap.mmap] = {}  # spill segments mapped by this process
+        # (seq, segment) of the spill segment last written / read here, for the C hot path
+        self._wc: tuple[int, mmap.mmap] | None = None
+        self._rc: tuple[int, mmap.mmap] | None = None
+        self._pool: dict[int, mmap.mmap] = {}  # pool segments mapped by this process
         self._closed = False
         self._tlock = threading.Lock()  # the pure-Python wait path sleeps; nothing else needs it
         self._buf = block.arena.buffer
@@ -349,6 +371,8 @@ class _QueueBase:
     def _forget_segs(self, below: int) -> None:
         for seq in [s for s in self._segs if s < below]:
             del self._segs[seq]
+        if self._wc is not None and self._wc[0] < below:
+            self._wc = None
 
     # -- records --------------------------------------------------------------------------------
     def _ring_write(self, pos: int, kind: int, data: Any) -> None:
@@ -401,6 +425,7 @@ class _QueueBase:
                 h[_WSEG] = seq
         else:
             seg = self._seg(wseg)
+            self._wc = (wseg, seg)
             used = struct.unpack_from("<Q", seg, 0)[0]
             if used + size + _LINK_LEN <= len(seg):
                 _REC.pack_into(seg, used, len(data), kind)
@@ -429,16 +454,25 @@ class _QueueBase:
         struct.pack_into("<QQ", seg, 0, _S_HDR + size, 0)
         self._forget_segs(h[_WSEG])
         self._segs[seq] = seg
+        self._wc = (seq, seg)
         return seq
 
     def _take(self) -> tuple[int, bytes] | None:
         """Consume the first record (lock held): (kind, payload), or None if the queue is empty."""
+        rec = self._take_record()
+        if rec is not None and rec[0] == _POOL:
+            # after the commit: a death in between leaks the slot, never lets it be reused too early
+            self._h[_POOL0 + struct.unpack_from("<Q", rec[1])[0]] = (os.getpid() << 8) | _P_READING
+        return rec
+
+    def _take_record(self) -> tuple[int, bytes] | None:
         h = self._h
         while True:
             rcur = h[_RCUR]
             if rcur:
                 seq, rpos = rcur >> 32, rcur & 0xFFFFFFFF
                 seg = self._seg(seq)
+                self._rc = (seq, seg)
                 used, sealed = struct.unpack_from("<QQ", seg, 0)
                 if rpos < used:
                     n, kind = _REC.unpack_from(seg, rpos)
@@ -474,6 +508,8 @@ class _QueueBase:
 
     def _drop_seg(self, seq: int) -> None:
         self._segs.pop(seq, None)
+        if self._rc is not None and self._rc[0] == seq:
+            self._rc = None
         _shm_unlink(f"{self._prefix}{seq}")
 
     def _repair(self) -> None:
@@ -541,11 +577,85 @@ class _QueueBase:
                 data = chunks[0]
                 if len(data) <= self._big_limit:
                     return _MSG, data
-            else:
-                total = sum(memoryview(c).nbytes for c in chunks)
-                if total <= self._big_limit:
-                    return _MSG, b"".join(chunks)
+            total = sum(memoryview(c).nbytes for c in chunks)
+            if total <= self._big_limit:
+                return _MSG, b"".join(chunks)
+            if total <= POOL_MAX:
+                payload = self._write_pool(chunks, total)
+                if payload is not None:
+                    return _POOL, payload
         return _BIG, self._write_big(chunks, oob)
+
+    # -- the pool of big-message segments --------------------------------------------------------
+    def _write_pool(self, chunks: list[Any], total: int) -> bytes | None:
+        """Claim a pool slot, write the pickle there (lock not held): the POOL record's payload, or None."""
+        slot = self._pool_claim()
+        if slot is None:
+            return None
+        try:
+            seg = self._pool_map(slot, total, grow=True)
+            pos = 0
+            for c in chunks:
+                v = memoryview(c).cast("B")
+                seg[pos : pos + v.nbytes] = v
+                pos += v.nbytes
+        except BaseException:
+            self._pool_release(slot)
+            raise
+        return struct.pack("<QQ", slot, total)
+
+    def _pool_claim(self) -> int | None:
+        """A free pool slot, marked as being written by this process; None if all are taken."""
+        h, me = self._h, os.getpid() << 8
+        self._acquire(True, None)
+        try:
+            for slot in range(_NPOOL):
+                if h[_POOL0 + slot] == _P_FREE:
+                    h[_POOL0 + slot] = me | _P_WRITING
+                    return slot
+            for slot in range(_NPOOL):  # a process died writing or reading a slot: take it back
+                state = h[_POOL0 + slot]
+                if state & 0xFF in (_P_WRITING, _P_READING) and not synchronize._pid_alive(state >> 8):
+                    h[_POOL0 + slot] = me | _P_WRITING
+                    return slot
+            return None
+        finally:
+            self._lock.release()
+
+    def _pool_publish(self, payload: Any) -> None:
+        """A slot's message is about to be committed (lock held): from now on the record owns it."""
+        self._h[_POOL0 + struct.unpack_from("<Q", payload)[0]] = _P_QUEUED
+
+    def _pool_release(self, slot: int) -> None:
+        """The slot's owner (its writer or reader) is done with it: one store, no lock needed."""
+        self._h[_POOL0 + slot] = _P_FREE
+
+    def _pool_map(self, slot: int, size: int, grow: bool = False) -> mmap.mmap:
+        """Pool segment ``slot`` mapped here, at least ``size`` bytes long (the writer grows it)."""
+        seg = self._pool.get(slot)
+        if seg is not None and len(seg) >= size:
+            return seg
+        name = f"{self._prefix}p{slot}"
+        fd = _posixshmem.shm_open("/" + name, os.O_CREAT | os.O_RDWR, mode=0o600)
+        try:
+            length = os.fstat(fd).st_size
+            if length < size and grow:
+                length = (size + (1 << 18) - 1) & ~((1 << 18) - 1)
+                os.ftruncate(fd, length)
+            new = mmap.mmap(fd, length)
+        finally:
+            os.close(fd)
+        if len(new) < size:
+            new.close()
+            raise ValueError(f"queue pool segment {name} is shorter than its message")
+        old = self._pool.pop(slot, None)
+        if old is not None:
+            try:
+                old.close()
+            except BufferError:
+                pass
+        self._pool[slot] = new
+        return new
 
     def _write_big(self, chunks: list[Any], oob: list[Any]) -> bytes:
         views = [memoryview(c).cast("B") for c in chunks]
@@ -575,10 +685,19 @@ class _QueueBase:
         seg.close()
         return name.encode("ascii")
 
-    @staticmethod
-    def _decode(kind: int, payload: Any) -> Any:
+    def _decode(self, kind: int, payload: Any) -> Any:
         if kind == _MSG:
             return _pickle_loads(payload)
+        if kind == _POOL:
+            slot, n = struct.unpack("<QQ", payload)
+            try:
+                view = memoryview(self._pool_map(slot, n))[:n]
+                try:
+                    return reduction.loads(view)  # no out-of-band buffer: nothing keeps the slot
+                finally:
+                    view.release()
+            finally:
+                self._pool_release(slot)
         name = bytes(payload).decode("ascii")
         seg = _shm_attach(name)
         _shm_unlink(name)  # the mapping stays valid; nobody else will look for this name
@@ -617,16 +736,16 @@ class _QueueBase:
         kind, data = self._encode(obj)
         if kind == _MSG and self._fast and self._lock.acquire(False):
             try:
-                done = _cqueue.put_small(self._buf, self._base, data)
+                done = _cqueue.put_small(self._buf, self._base, data, self._wc)
             finally:
                 self._lock.release()
             if done:
                 return
+        records = [(kind, data)]
         try:
-            self._put_records([(kind, data)], block, timeout)
+            self._put_records(records, block, timeout)
         except BaseException:
-            if kind == _BIG:
-                _shm_unlink(bytes(data).decode("ascii"))
+            self._discard(records)
             raise
 
     def put_many(self, items: Iterable[Any], block: bool = True, timeout: float | None = None) -> None:
@@ -636,19 +755,42 @@ class _QueueBase:
         (``ValueError`` if there are more items than ``maxsize``).
         """
         self._check_closed()
-        records = []
+        records: list[Any] = []
         try:
-            for obj in items:
-                records.append(self._encode(obj))
+            records = self._encode_many(items)
             if self._maxsize and len(records) > self._maxsize:
                 raise ValueError(f"put_many of {len(records)} items into a queue of maxsize {self._maxsize}")
             if records:
                 self._put_records(records, block, timeout)
         except BaseException:
-            for kind, data in records:
+            self._discard(records)
+            raise
+
+    def _encode_many(self, items: Iterable[Any]) -> list[Any]:
+        """The records of ``items``: a list of pickled messages (bytes, kind MSG) or (kind, payload)."""
+        items = items if type(items) is list else list(items)
+        limit = self._big_limit
+        if _fast_dumps_ok():
+            try:
+                datas = [_pickle_dumps(obj, 5) for obj in items]
+            except Exception:
+                pass  # the slow path explains (or pickles by value)
+            else:
+                if not _main_unimportable() or not any(b"__main__" in d for d in datas):
+                    if max(map(len, datas), default=0) <= limit:
+                        return datas
+                    return [d if len(d) <= limit else self._encode(obj) for d, obj in zip(datas, items)]
+        return [self._encode(obj) for obj in items]
+
+    def _discard(self, records: list[Any]) -> None:
+        """Give back what records that will not be queued hold outside the ring (segments, pool slots)."""
+        for rec in records:
+            if type(rec) is tuple:
+                kind, data = rec
                 if kind == _BIG:
                     _shm_unlink(bytes(data).decode("ascii"))
-            raise
+                elif kind == _POOL:
+                    self._pool_release(struct.unpack("<QQ", data)[0])
 
     def _put_records(self, records: list[tuple[int, Any]], block: bool, timeout: float | None) -> None:
         deadline = None
@@ -663,15 +805,26 @@ class _QueueBase:
                 raise Full
             try:
                 if not self._maxsize or h[_COUNT] + n <= self._maxsize:
-                    fast, slow = self._fast, 0
-                    for kind, data in records:  # put_small counts and wakes for its own records
-                        if not (fast and kind == _MSG and _cqueue.put_small(self._buf, self._base, data)):
+                    slow, i = 0, 0
+                    try:
+                        while i < n:  # the C path counts and wakes for its own records
+                            if self._fast:
+                                i = _cqueue.put_batch(self._buf, self._base, records, i, self._wc)
+                                if i == n:
+                                    break
+                            rec = records[i]
+                            kind, data = (_MSG, rec) if type(rec) is bytes else rec
+                            if kind == _POOL:
+                                self._pool_publish(data)
                             self._append(kind, data)
                             slow += 1
-                    if slow:
-                        if self._joinable:
-                            h[_UNFINISHED] += slow
-                        self._wake(_NE)
+                            i += 1
+                    finally:
+                        del records[:i]  # queued: the caller must not discard them if this raised
+                        if slow:
+                            if self._joinable:
+                                h[_UNFINISHED] += slow
+                            self._wake(_NE)
                     return
                 seen = self._w[_NF]
             finally:
@@ -688,12 +841,13 @@ class _QueueBase:
             self._check_closed()
         if self._fast and self._lock.acquire(False):
             try:
-                got = _cqueue.take_small(self._buf, self._base, 1)
+                got = _cqueue.take_small(self._buf, self._base, 1, self._rc)
             finally:
                 self._lock.release()
             if got:
                 return _pickle_loads(got[0])
-        return self._decode(*self._get_records(1, block, timeout)[0])
+        rec = self._get_records(1, block, timeout)[0]
+        return _pickle_loads(rec) if type(rec) is bytes else self._decode(*rec)
 
     def get_many(self, max_items: int = 1000, timeout: float | None = None, *, block: bool = True) -> list[Any]:
         """Remove and return up to ``max_items`` items (at least one) with one round of locking.
@@ -703,10 +857,11 @@ class _QueueBase:
         self._check_closed()
         if max_items < 1:
             raise ValueError("max_items must be at least 1")
-        decode = self._decode
-        return [decode(k, p) for k, p in self._get_records(max_items, block, timeout)]
+        loads, decode = _pickle_loads, self._decode
+        return [loads(r) if type(r) is bytes else decode(*r) for r in self._get_records(max_items, block, timeout)]
 
-    def _get_records(self, max_items: int, block: bool, timeout: float | None) -> list[tuple[int, Any]]:
+    def _get_records(self, max_items: int, block: bool, timeout: float | None) -> list[Any]:
+        """Consume up to ``max_items`` records: pickled messages (bytes) or (kind, payload) tuples."""
         deadline = None
         if block and timeout is not None:
             if timeout < 0:
@@ -716,15 +871,17 @@ class _QueueBase:
             if not self._acquire(block, deadline):
                 raise Empty
             try:
-                out: list[tuple[int, Any]] = []
-                if self._fast:
-                    out = [(_MSG, d) for d in _cqueue.take_small(self._buf, self._base, max_items)]
-                take = self._take
-                while len(out) < max_items:
+                out: list[Any] = []
+                fast, take = self._fast, self._take
+                while True:  # the C path takes small messages; the Python path the rest, one at a time
+                    if fast:
+                        out += _cqueue.take_small(self._buf, self._base, max_items - len(out), self._rc)
+                    if len(out) >= max_items:
+                        break
                     rec = take()
                     if rec is None:
                         break
-                    out.append(rec)
+                    out.append(rec[1] if rec[0] == _MSG else rec)
                 if out:
                     if self._maxsize:
                         self._wake(_NF)
