@@ -356,6 +356,52 @@ def test_large_numpy_arrays_and_bytes(ctx):
     assert _segments(q) == [] and _segments(out) == []
 
 
+def _pool_names(q) -> list[str]:
+    return sorted(n for n in _segments(q) if n[len(q._prefix)] == "p")
+
+
+def _put_blobs(q, blobs):
+    for b in blobs:
+        q.put(b)
+
+
+def test_big_messages_reuse_the_pool_segments(ctx):
+    q = ctx.Queue()
+    blobs = [os.urandom(300_000 + 1000 * i) for i in range(40)]  # > ring/8: big, <= POOL_MAX: pooled
+    p = ctx.Process(target=_put_blobs, args=(q, blobs))
+    p.start()
+    got = [q.get(timeout=10) for _ in blobs]
+    p.join(10)
+    assert got == blobs
+    assert 1 <= len(_pool_names(q)) <= queues._NPOOL
+    assert [n for n in _segments(q) if n not in _pool_names(q)] == []  # no one-off segment left
+    assert all(q._h[queues._POOL0 + i] == queues._P_FREE for i in range(queues._NPOOL))
+
+
+def test_full_pool_falls_back_to_own_segments_in_order():
+    q = gilfree.Queue()
+    blobs = [os.urandom(200_000) for _ in range(queues._NPOOL + 5)]
+    for b in blobs:
+        q.put(b)
+    states = [q._h[queues._POOL0 + i] for i in range(queues._NPOOL)]
+    assert states == [queues._P_QUEUED] * queues._NPOOL
+    assert q.get_many(100, timeout=5) == blobs
+    assert all(q._h[queues._POOL0 + i] == queues._P_FREE for i in range(queues._NPOOL))
+
+
+def test_pool_slot_of_a_dead_process_is_taken_back():
+    q = gilfree.Queue()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    for i in range(queues._NPOOL):  # every slot held by a process that died writing or reading it
+        q._h[queues._POOL0 + i] = (int(dead) << 8) | (queues._P_WRITING if i % 2 else queues._P_READING)
+    blob = os.urandom(500_000)
+    q.put(blob)
+    assert q._h[queues._POOL0 + 0] == queues._P_QUEUED  # taken back, not a one-off segment
+    assert q.get(timeout=5) == blob
+    assert q._h[queues._POOL0 + 0] == queues._P_FREE
+
+
 def test_unread_segments_are_removed_with_the_queue():
     q = gilfree.Queue(ring_size=4096)
     q.put(os.urandom(100_000))

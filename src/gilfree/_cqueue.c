@@ -2,20 +2,29 @@
  * gilfree._cqueue: the hot path of gilfree.queues (layer L5, C), and futex waits on its words.
  *
  * The queue's layout, its protocol and its crash-safety argument are in the docstring of
- * src/gilfree/queues.py; this file implements the common case of that protocol and nothing else:
+ * src/gilfree/queues.py; this file implements the common case of that protocol and nothing else.
+ * `spill` is the caller's cached (seq, mapping) of a spill segment, or None: a record goes to / comes
+ * from a spill segment here only if it is the one the header names.
  *
- *   put_small(buf, base, data)     the caller holds the queue lock.  If producers append to the ring
- *                                  (no spill chain open), the record fits, and a bounded queue has
- *                                  room: write [len|MSG|data], publish it with one store of tail,
- *                                  count it, wake the "not empty" sleepers if one announced itself.
- *                                  Returns False (nothing changed) when the Python path must do it.
- *   take_small(buf, base, max)     the caller holds the lock.  Consume up to `max` MSG records at
- *                                  the ring's head (one store of head each); stop at anything else
- *                                  (a LINK, a big message, a spill chain being read).  Returns a
- *                                  list of payloads (bytes).
- *   wait(buf, off, seen, timeout)  set the sleeper flag next to the sequence word at `off`, sleep in
- *                                  FUTEX_WAIT while it still reads `seen` (GIL released).
- *   wake(buf, off)                 bump the sequence; FUTEX_WAKE all only if the flag was set.
+ *   put(buf, base, lock, data, spill)      try the queue lock (no wait: gilfree._csync's capsule
+ *                                          _C_API); if producers append to the ring, or to the open
+ *                                          spill segment that `spill` maps, the record fits, and a
+ *                                          bounded queue has room: write [len|MSG|data], publish it
+ *                                          with one store (tail, or the segment's `used`), count it,
+ *                                          wake "not empty" sleepers if one announced itself; unlock.
+ *                                          False (nothing changed): the Python path must do it.
+ *   put_batch(buf, base, list, i, spill)   the same for list[i:], the caller holding the lock; one
+ *                                          wake-up; returns the index of the first record left over.
+ *   get(buf, base, lock, spill, loads)     try the lock; consume the MSG record at the head (one store
+ *                                          of head, or of the read cursor rcur in a spill segment);
+ *                                          unlock; return loads(payload), or MISS.
+ *   take_small(buf, base, max, spill)      the caller holds the lock: consume up to `max` MSG records;
+ *                                          stop at anything else (a LINK, a big or pool message, the
+ *                                          end of a spill segment).  Returns a list of payloads.
+ *   dumps_batch(list, dump, clear, ...)    pickle a put_many batch with one Pickler (no lock).
+ *   wait(buf, off, seen, timeout)          set the sleeper flag next to the sequence word at `off`,
+ *                                          sleep in FUTEX_WAIT while it still reads `seen` (GIL released).
+ *   wake(buf, off)                         bump the sequence; FUTEX_WAKE all only if the flag was set.
  *
  * Where this runs: any thread of any process that maps the queue.  Only wait() blocks.
  */
@@ -169,38 +178,6 @@ parse_base(PyObject *const *args, Py_buffer *view, uint64_t **h)
 }
 
 static PyObject *
-put_small(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
-{
-    Py_buffer view, data, sv;
-    uint64_t *h, maxsize;
-    unsigned char *seg = NULL;
-    int done = 0;
-    if (nargs != 4) {
-        PyErr_SetString(PyExc_TypeError, "put_small(buffer, base, data, spill)");
-        return NULL;
-    }
-    if (parse_base(args, &view, &h) < 0)
-        return NULL;
-    if (PyObject_GetBuffer(args[2], &data, PyBUF_SIMPLE) < 0) {
-        PyBuffer_Release(&view);
-        return NULL;
-    }
-    maxsize = h[H_MAXSIZE];
-    if (!maxsize || h[H_COUNT] < maxsize) {
-        if (h[H_WSEG] != 0)
-            seg = spill(args[3], h[H_WSEG], &sv);
-        done = append_one(h, data.buf, (uint64_t)data.len, seg, seg ? sv.len : 0);
-        if (seg != NULL)
-            PyBuffer_Release(&sv);
-        if (done)
-            do_wake((uint32_t *)h + NE_WORD);
-    }
-    PyBuffer_Release(&data);
-    PyBuffer_Release(&view);
-    return PyBool_FromLong(done);
-}
-
-static PyObject *
 put_batch(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
     Py_buffer view, sv;
@@ -237,29 +214,17 @@ put_batch(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     return PyLong_FromSsize_t(i);
 }
 
-static PyObject *
-take_small(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+/* Consume up to `max` MSG records at the head (lock held), appending their payloads (bytes) to
+   `out`: in the ring, or in the spill segment being read if `cache` maps it.  Stops at anything else
+   (a LINK, a big or pool message, the end of a spill segment, a segment not in `cache`).  Returns how
+   many were consumed; an exception (MemoryError) may be set with some consumed. */
+static Py_ssize_t
+take_records(uint64_t *h, PyObject *cache, Py_ssize_t max, PyObject *out)
 {
-    Py_buffer view, sv;
-    uint64_t *h, cap, mask, head, tail, rseq = 0;
-    Py_ssize_t max, got = 0;
-    unsigned char *ring, *seg = NULL;
-    PyObject *out;
-    if (nargs != 4) {
-        PyErr_SetString(PyExc_TypeError, "take_small(buffer, base, max_items, spill)");
-        return NULL;
-    }
-    max = PyLong_AsSsize_t(args[2]);
-    if (max == -1 && PyErr_Occurred())
-        return NULL;
-    if (parse_base(args, &view, &h) < 0)
-        return NULL;
-    out = PyList_New(0);
-    if (out == NULL)
-        goto done;
-    cap = h[H_CAP];
-    mask = cap - 1;
-    ring = (unsigned char *)h + HDR;
+    Py_buffer sv;
+    uint64_t cap = h[H_CAP], mask = cap - 1, head, tail, rseq = 0;
+    unsigned char *ring = (unsigned char *)h + HDR, *seg = NULL;
+    Py_ssize_t got = 0;
     while (got < max) {
         uint32_t rec[2];
         uint64_t n, rcur = h[H_RCUR];
@@ -273,7 +238,7 @@ take_small(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
                     seg = NULL;
                 }
                 rseq = rcur >> 32;
-                if ((seg = spill(args[3], rseq, &sv)) == NULL)
+                if ((seg = spill(cache, rseq, &sv)) == NULL)
                     break;
             }
             used = __atomic_load_n(&((uint64_t *)seg)[S_USED], __ATOMIC_ACQUIRE);
@@ -328,11 +293,15 @@ take_small(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         PyBuffer_Release(&sv);
     if (got && h[H_MAXSIZE])
         do_wake((uint32_t *)h + NF_WORD);
-done:
-    PyBuffer_Release(&view);
+    return got;
+}
+
+/* `out` after take_records: records already consumed are handed over even if an exception (only a
+   MemoryError can happen) is set -- they would be lost otherwise. */
+static PyObject *
+hand_over(PyObject *out)
+{
     if (PyErr_Occurred()) {
-        /* records already consumed are in `out`: hand them over, the error is lost with them
-           otherwise; only a MemoryError can get here */
         if (out != NULL && PyList_GET_SIZE(out) > 0)
             PyErr_Clear();
         else {
@@ -341,6 +310,123 @@ done:
         }
     }
     return out;
+}
+
+static PyObject *
+take_small(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_buffer view;
+    uint64_t *h;
+    Py_ssize_t max;
+    PyObject *out;
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "take_small(buffer, base, max_items, spill)");
+        return NULL;
+    }
+    max = PyLong_AsSsize_t(args[2]);
+    if (max == -1 && PyErr_Occurred())
+        return NULL;
+    if (parse_base(args, &view, &h) < 0)
+        return NULL;
+    out = PyList_New(0);
+    if (out != NULL)
+        take_records(h, args[3], max, out);
+    PyBuffer_Release(&view);
+    return hand_over(out);
+}
+
+/* The lock functions of gilfree._csync (its capsule _C_API): keep in step with _csync.c. */
+typedef struct {
+    int version;
+    int (*try_acquire)(PyObject *lock);
+    int (*release)(PyObject *lock);
+} gf_lock_capi;
+static gf_lock_capi *lock_api = NULL;
+static PyObject *miss = NULL; /* what get() returns when the Python path must do it */
+
+static PyObject *
+put(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_buffer view, data, sv;
+    uint64_t *h, maxsize;
+    unsigned char *seg = NULL;
+    int done = 0, r;
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError, "put(buffer, base, lock, data, spill)");
+        return NULL;
+    }
+    if (parse_base(args, &view, &h) < 0)
+        return NULL;
+    if (PyObject_GetBuffer(args[3], &data, PyBUF_SIMPLE) < 0) {
+        PyBuffer_Release(&view);
+        return NULL;
+    }
+    if (data.len >= 8 && memmem(data.buf, (size_t)data.len, "__main__", 8) != NULL) {
+        PyBuffer_Release(&data);
+        PyBuffer_Release(&view);
+        Py_RETURN_NONE; /* the caller decides whether a receiver can import __main__ */
+    }
+    r = lock_api->try_acquire(args[2]);
+    if (r == 1) {
+        maxsize = h[H_MAXSIZE];
+        if (!maxsize || h[H_COUNT] < maxsize) {
+            if (h[H_WSEG] != 0)
+                seg = spill(args[4], h[H_WSEG], &sv);
+            done = append_one(h, data.buf, (uint64_t)data.len, seg, seg ? sv.len : 0);
+            if (seg != NULL)
+                PyBuffer_Release(&sv);
+            if (done)
+                do_wake((uint32_t *)h + NE_WORD);
+        }
+        r = lock_api->release(args[2]);
+    }
+    PyBuffer_Release(&data);
+    PyBuffer_Release(&view);
+    if (r < 0)
+        return NULL;
+    return PyBool_FromLong(done);
+}
+
+static PyObject *
+get(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_buffer view;
+    uint64_t *h;
+    PyObject *out, *item, *obj;
+    int r;
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError, "get(buffer, base, lock, spill, loads)");
+        return NULL;
+    }
+    if (parse_base(args, &view, &h) < 0)
+        return NULL;
+    out = PyList_New(0);
+    if (out == NULL) {
+        PyBuffer_Release(&view);
+        return NULL;
+    }
+    r = lock_api->try_acquire(args[2]);
+    if (r == 1) {
+        take_records(h, args[3], 1, out);
+        r = lock_api->release(args[2]);
+    }
+    PyBuffer_Release(&view);
+    out = hand_over(out);
+    if (out == NULL)
+        return NULL;
+    if (PyList_GET_SIZE(out) == 0) {
+        Py_DECREF(out);
+        if (r < 0)
+            return NULL;
+        Py_INCREF(miss);
+        return miss;
+    }
+    if (r < 0) /* the message is taken: return it, the release error is lost */
+        PyErr_Clear();
+    item = PyList_GET_ITEM(out, 0);
+    obj = PyObject_Vectorcall(args[4], &item, 1, NULL);
+    Py_DECREF(out);
+    return obj;
 }
 
 static uint32_t *
@@ -411,12 +497,112 @@ wait(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     return PyBool_FromLong(err != ETIMEDOUT);
 }
 
+static PyObject *five = NULL; /* the pickle protocol */
+
+/* Pickle every item of a list with one Pickler (its dump and clear_memo methods; it writes to a sink
+   whose write is out.append): a list of bytes, None where dump failed or the pickle is longer than
+   `limit` (the caller takes another path for those); whether any pickle mentions __main__; whether
+   there is a None.  One Pickler for the batch instead of one per item (what dumps() costs). */
+static PyObject *
+dumps_batch(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    PyObject *items, *dump, *clear, *sink, *out, *result;
+    Py_ssize_t limit, i, n;
+    int main = 0, missing = 0;
+    if (nargs != 5 || !PyList_Check(args[0]) || !PyList_Check(args[3])) {
+        PyErr_SetString(PyExc_TypeError, "dumps_batch(list, dump, clear_memo, sink_list, limit)");
+        return NULL;
+    }
+    items = args[0];
+    dump = args[1];
+    clear = args[2];
+    sink = args[3];
+    limit = PyLong_AsSsize_t(args[4]);
+    if (limit == -1 && PyErr_Occurred())
+        return NULL;
+    n = PyList_GET_SIZE(items);
+    if ((out = PyList_New(n)) == NULL)
+        return NULL;
+    for (i = 0; i < n; i++) {
+        PyObject *item, *r, *data = NULL;
+        Py_ssize_t k;
+        if (i >= PyList_GET_SIZE(items)) { /* the list shrank while pickling */
+            Py_INCREF(Py_None);
+            PyList_SET_ITEM(out, i, Py_None);
+            missing = 1;
+            continue;
+        }
+        if (PyList_SetSlice(sink, 0, PyList_GET_SIZE(sink), NULL) < 0)
+            goto error;
+        item = PyList_GET_ITEM(items, i);
+        Py_INCREF(item); /* dump may run code that changes the list */
+        r = PyObject_Vectorcall(dump, &item, 1, NULL);
+        Py_DECREF(item);
+        if (r == NULL) {
+            if (!PyErr_ExceptionMatches(PyExc_Exception)) /* KeyboardInterrupt...: not ours */
+                goto error;
+            PyErr_Clear();
+        }
+        else {
+            Py_DECREF(r);
+            k = PyList_GET_SIZE(sink);
+            if (k == 1) {
+                data = PyList_GET_ITEM(sink, 0);
+                Py_INCREF(data);
+            }
+            else if (k > 1) { /* framed output of a large pickle, written in pieces */
+                PyObject *empty = PyBytes_FromStringAndSize(NULL, 0);
+                if (empty == NULL)
+                    goto error;
+                data = _PyBytes_Join(empty, sink);
+                Py_DECREF(empty);
+                if (data == NULL)
+                    goto error;
+            }
+        }
+        r = PyObject_CallNoArgs(clear); /* the memo keeps references: drop them item by item */
+        if (r == NULL) {
+            Py_XDECREF(data);
+            goto error;
+        }
+        Py_DECREF(r);
+        if (data != NULL && (!PyBytes_Check(data) || PyBytes_GET_SIZE(data) > limit))
+            Py_CLEAR(data);
+        if (data != NULL && !main && PyBytes_GET_SIZE(data) >= 8 &&
+            memmem(PyBytes_AS_STRING(data), (size_t)PyBytes_GET_SIZE(data), "__main__", 8) != NULL)
+            main = 1;
+        if (data == NULL) {
+            Py_INCREF(Py_None);
+            data = Py_None;
+            missing = 1;
+        }
+        PyList_SET_ITEM(out, i, data);
+    }
+    PyList_SetSlice(sink, 0, PyList_GET_SIZE(sink), NULL);
+    result = Py_BuildValue("(NOO)", out, main ? Py_True : Py_False, missing ? Py_True : Py_False);
+    return result;
+error:
+    for (; i < n; i++) { /* fill the rest so that the list can be freed */
+        Py_INCREF(Py_None);
+        PyList_SET_ITEM(out, i, Py_None);
+    }
+    Py_DECREF(out);
+    return NULL;
+}
+
 static PyMethodDef module_methods[] = {
-    {"put_small", (PyCFunction)(void (*)(void))put_small, METH_FASTCALL,
-     "put_small(buffer, base, data) -> bool: append a small pickled message (queue lock held)"},
+    {"dumps_batch", (PyCFunction)(void (*)(void))dumps_batch, METH_FASTCALL,
+     "dumps_batch(list, dump, clear_memo, sink_list, limit) -> (list of bytes or None, mentions __main__, "
+     "has None)"},
     {"put_batch", (PyCFunction)(void (*)(void))put_batch, METH_FASTCALL,
      "put_batch(buffer, base, list_of_bytes, start, spill) -> int: append small pickled messages from "
-     "index `start` on, as put_small does; the index of the first one left to the Python path"},
+     "index `start` on, as put does (queue lock held); the index of the first one left to the Python path"},
+    {"put", (PyCFunction)(void (*)(void))put, METH_FASTCALL,
+     "put(buffer, base, lock, data, spill) -> bool: append a small pickled message, the queue lock taken "
+     "and released here if it is free; None (nothing done) if the pickle mentions __main__"},
+    {"get", (PyCFunction)(void (*)(void))get, METH_FASTCALL,
+     "get(buffer, base, lock, spill, loads) -> loads(payload) of the first small message, with the lock "
+     "taken and released here, or MISS (the lock was busy, or the Python path must do it)"},
     {"take_small", (PyCFunction)(void (*)(void))take_small, METH_FASTCALL,
      "take_small(buffer, base, max_items) -> list[bytes]: consume small messages at the head (lock held)"},
     {"wait", (PyCFunction)(void (*)(void))wait, METH_FASTCALL,
@@ -435,5 +621,36 @@ static struct PyModuleDef cqueue_module = {
 PyMODINIT_FUNC
 PyInit__cqueue(void)
 {
-    return PyModule_Create(&cqueue_module);
+    PyObject *m;
+    PyObject *csync = PyImport_ImportModule("gilfree._csync"), *capsule;
+    if (csync == NULL)
+        return NULL;
+    capsule = PyObject_GetAttrString(csync, "_C_API");
+    Py_DECREF(csync);
+    if (capsule == NULL)
+        return NULL;
+    lock_api = (gf_lock_capi *)PyCapsule_GetPointer(capsule, "gilfree._csync._C_API");
+    Py_DECREF(capsule); /* the module keeps it */
+    if (lock_api == NULL)
+        return NULL;
+    if (lock_api->version != 1) {
+        PyErr_SetString(PyExc_ImportError, "gilfree._csync has another lock API version");
+        return NULL;
+    }
+    if (five == NULL && (five = PyLong_FromLong(5)) == NULL)
+        return NULL;
+    m = PyModule_Create(&cqueue_module);
+    if (m == NULL)
+        return NULL;
+    if (miss == NULL && (miss = PyObject_CallNoArgs((PyObject *)&PyBaseObject_Type)) == NULL) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    Py_INCREF(miss);
+    if (PyModule_AddObject(m, "MISS", miss) < 0) {
+        Py_DECREF(miss);
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
 }

@@ -91,6 +91,7 @@ def _load_cqueue() -> Any:
 
 #: The C hot path, or None: the pure-Python path (no compiler, or GILFREE_PURE_QUEUE=1).
 _cqueue: Any = _load_cqueue()
+_MISS = _cqueue.MISS if _cqueue is not None else object()
 
 __all__ = ["Queue", "SimpleQueue", "JoinableQueue", "Empty", "Full"]
 
@@ -169,7 +170,7 @@ _fast_ok = False
 _main_seen: tuple[Any, bool] = (None, False)
 
 
-def _fast_dumps(obj: Any, limit: int) -> bytes | None:
+def _fast_dumps(obj: Any, limit: int, scan_main: bool = True) -> bytes | None:
     """``obj`` pickled by the C pickler alone, or None where :func:`reduction.dump_chunks` must do it.
 
     That is: when it fails (tier 2 and the error explanation are there), when a reducer registered with
@@ -177,7 +178,9 @@ def _fast_dumps(obj: Any, limit: int) -> bytes | None:
     imported by a receiver, and for large buffers (which travel out of band).  The C pickler uses
     copyreg's table as the package's pickler does; several times cheaper than a Pickler per message.
     """
-    if not _fast_dumps_ok():
+    if len(reduction._extra_reducers) != _fast_table_len:
+        _fast_dumps_ok()
+    if not _fast_ok:
         return None
     t = type(obj)
     if t not in _PLAIN:
@@ -190,9 +193,24 @@ def _fast_dumps(obj: Any, limit: int) -> bytes | None:
         data = _pickle_dumps(obj, 5)
     except Exception:
         return None
-    if b"__main__" in data and _main_unimportable():
+    if len(data) > limit:
+        return None
+    if scan_main and data.find(b"__main__") >= 0 and _main_unimportable():  # find: `in` tries int() first
         return None
     return data
+
+
+class _Sink:
+    """Where a batch's Pickler writes: each pickle arrives as one chunk (or a few, for a large one)."""
+
+    __slots__ = ("chunks", "write")
+
+    def __init__(self) -> None:
+        self.chunks: list[bytes] = []
+        self.write = self.chunks.append
+
+
+_Pickler = reduction.pickle.Pickler
 
 
 def _fast_dumps_ok() -> bool:
@@ -569,8 +587,12 @@ class _QueueBase:
     def _encode(self, obj: Any) -> tuple[int, Any]:
         """(kind, record payload) for ``obj``; a big message is written to its own segment here."""
         data = _fast_dumps(obj, self._big_limit)
-        if data is not None and len(data) <= self._big_limit:
+        if data is not None:
             return _MSG, data
+        return self._encode_slow(obj)
+
+    def _encode_slow(self, obj: Any) -> tuple[int, Any]:
+        """:meth:`_encode` by the package's pickler: reducers, tier 2, out-of-band buffers, big messages."""
         chunks, oob = reduction.dump_chunks(obj, OOB_MIN)
         if not oob:
             if len(chunks) == 1:
@@ -733,15 +755,16 @@ class _QueueBase:
         """
         if self._closed:
             self._check_closed()
-        kind, data = self._encode(obj)
-        if kind == _MSG and self._fast and self._lock.acquire(False):
-            try:
-                done = _cqueue.put_small(self._buf, self._base, data, self._wc)
-            finally:
-                self._lock.release()
+        fast = self._fast
+        data = _fast_dumps(obj, self._big_limit, not fast)
+        if data is not None and fast:
+            # the common case in one C call: lock (if free), append, wake, unlock
+            done = _cqueue.put(self._buf, self._base, self._lock, data, self._wc)
             if done:
                 return
-        records = [(kind, data)]
+            if done is None and _main_unimportable():  # the pickle mentions __main__
+                data = None
+        records = [(_MSG, data) if data is not None else self._encode_slow(obj)]
         try:
             self._put_records(records, block, timeout)
         except BaseException:
@@ -769,18 +792,23 @@ class _QueueBase:
     def _encode_many(self, items: Iterable[Any]) -> list[Any]:
         """The records of ``items``: a list of pickled messages (bytes, kind MSG) or (kind, payload)."""
         items = items if type(items) is list else list(items)
-        limit = self._big_limit
-        if _fast_dumps_ok():
-            try:
-                datas = [_pickle_dumps(obj, 5) for obj in items]
-            except Exception:
-                pass  # the slow path explains (or pickles by value)
-            else:
-                if not _main_unimportable() or not any(b"__main__" in d for d in datas):
-                    if max(map(len, datas), default=0) <= limit:
-                        return datas
-                    return [d if len(d) <= limit else self._encode(obj) for d, obj in zip(datas, items)]
-        return [self._encode(obj) for obj in items]
+        if not _fast_dumps_ok():
+            return [self._encode_slow(obj) for obj in items]
+        if self._fast:
+            sink = _Sink()
+            pickler = _Pickler(sink, 5)
+            datas, main, missing = _cqueue.dumps_batch(
+                items, pickler.dump, pickler.clear_memo, sink.chunks, self._big_limit
+            )
+        else:
+            datas = [_fast_dumps(obj, self._big_limit, False) for obj in items]
+            main, missing = True, None in datas
+        if main and _main_unimportable():
+            datas = [d if d is None or d.find(b"__main__") < 0 else None for d in datas]
+            missing = None in datas
+        if missing:  # failed (the slow path explains, or pickles by value), or big
+            return [d if d is not None else self._encode_slow(obj) for d, obj in zip(datas, items)]
+        return datas
 
     def _discard(self, records: list[Any]) -> None:
         """Give back what records that will not be queued hold outside the ring (segments, pool slots)."""
@@ -839,13 +867,10 @@ class _QueueBase:
         """
         if self._closed:
             self._check_closed()
-        if self._fast and self._lock.acquire(False):
-            try:
-                got = _cqueue.take_small(self._buf, self._base, 1, self._rc)
-            finally:
-                self._lock.release()
-            if got:
-                return _pickle_loads(got[0])
+        if self._fast:  # the common case in one C call: lock (if free), take, unlock, unpickle
+            obj = _cqueue.get(self._buf, self._base, self._lock, self._rc, _pickle_loads)
+            if obj is not _MISS:
+                return obj
         rec = self._get_records(1, block, timeout)[0]
         return _pickle_loads(rec) if type(rec) is bytes else self._decode(*rec)
 
