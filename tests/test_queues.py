@@ -241,6 +241,31 @@ def test_unpicklable_put_raises_in_caller():
     assert q.get(timeout=5) == "still usable"
 
 
+class _Celsius:
+    def __init__(self, v):
+        self.v = v
+
+
+def test_put_follows_reducers_registered_later():
+    from gilfree import reduction
+
+    q = gilfree.Queue()
+    q.put((1, "a"))  # the C path pickles plain objects by itself from here on
+    assert q.get(timeout=5) == (1, "a")
+    reduction.register(_Celsius, lambda c: (float, (c.v,)))
+    try:
+        q.put((_Celsius(3.5), "x"))
+        assert q.get(timeout=5) == (3.5, "x")
+        q.put_many([(_Celsius(1.0),), 2])
+        assert q.get_many(10, timeout=5) == [(1.0,), 2]
+    finally:
+        reduction._extra_reducers.pop(_Celsius)
+        reduction._table_copyreg_len = -1
+    q.put(("__main__", 2))  # a pickle that names __main__ (as a string): the receiver decides nothing
+    q.put_many([("__main__",), b"__main__"])
+    assert q.get_many(10, timeout=5) == [("__main__", 2), ("__main__",), b"__main__"]
+
+
 def test_qsize_exact_right_after_put():
     q = gilfree.Queue()
     for i in range(100):

@@ -344,27 +344,93 @@ typedef struct {
 static gf_lock_capi *lock_api = NULL;
 static PyObject *miss = NULL; /* what get() returns when the Python path must do it */
 
+/* Whether a pickle names __main__ (which a receiver may be unable to import). */
+static int
+mentions_main(const char *p, Py_ssize_t n)
+{
+    const char *end = p + n, *q;
+    while (end - p >= 8 && (q = memchr(p, '_', (size_t)(end - p) - 7)) != NULL) {
+        if (memcmp(q, "__main__", 8) == 0)
+            return 1;
+        p = q + 1;
+    }
+    return 0;
+}
+
+/* What put() may pickle by itself: set by set_fast() from queues.py (the C pickler's dumps, and the
+   package's table of extra reducers with the size it had when queues.py found that none of them can
+   change a pickle; ok_size -1: never). */
+static PyObject *fast_dumps = NULL, *fast_extra = NULL;
+static Py_ssize_t fast_ok_size = -1;
+static PyObject *five = NULL; /* the pickle protocol */
+
+static PyObject *
+set_fast(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_ssize_t ok;
+    if (nargs != 3 || !PyDict_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "set_fast(dumps, extra_reducers, ok_size)");
+        return NULL;
+    }
+    ok = PyLong_AsSsize_t(args[2]);
+    if (ok == -1 && PyErr_Occurred())
+        return NULL;
+    Py_INCREF(args[0]);
+    Py_XSETREF(fast_dumps, args[0]);
+    Py_INCREF(args[1]);
+    Py_XSETREF(fast_extra, args[1]);
+    fast_ok_size = ok;
+    Py_RETURN_NONE;
+}
+
+/* put(buf, base, lock, obj, spill, limit): see the header.  True: queued.  MISS: nothing done (not
+   pickled here).  None: dumps failed or the pickle is longer than `limit` (the package's pickler must
+   do it).  bytes: the pickle, not queued (the lock was busy, the Python path must append it, or it
+   names __main__). */
 static PyObject *
 put(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
-    Py_buffer view, data, sv;
+    Py_buffer view, sv;
     uint64_t *h, maxsize;
     unsigned char *seg = NULL;
+    PyObject *obj, *data, *callargs[2];
+    PyTypeObject *t;
+    Py_ssize_t limit, n;
     int done = 0, r;
-    if (nargs != 5) {
-        PyErr_SetString(PyExc_TypeError, "put(buffer, base, lock, data, spill)");
+    if (nargs != 6) {
+        PyErr_SetString(PyExc_TypeError, "put(buffer, base, lock, obj, spill, limit)");
         return NULL;
     }
-    if (parse_base(args, &view, &h) < 0)
-        return NULL;
-    if (PyObject_GetBuffer(args[3], &data, PyBUF_SIMPLE) < 0) {
-        PyBuffer_Release(&view);
-        return NULL;
+    obj = args[3];
+    t = Py_TYPE(obj);
+    /* the types _fast_dumps() pickles without looking further (anything else: the Python path) */
+    if (!(t == &PyTuple_Type || t == &PyLong_Type || t == &PyUnicode_Type || t == &PyFloat_Type ||
+          t == &PyBool_Type || obj == Py_None || t == &PyComplex_Type) ||
+        fast_dumps == NULL || fast_ok_size < 0 || PyDict_GET_SIZE(fast_extra) != fast_ok_size) {
+        Py_INCREF(miss);
+        return miss;
     }
-    if (data.len >= 8 && memmem(data.buf, (size_t)data.len, "__main__", 8) != NULL) {
-        PyBuffer_Release(&data);
-        PyBuffer_Release(&view);
-        Py_RETURN_NONE; /* the caller decides whether a receiver can import __main__ */
+    limit = PyLong_AsSsize_t(args[5]);
+    if (limit == -1 && PyErr_Occurred())
+        return NULL;
+    callargs[0] = obj;
+    callargs[1] = five;
+    data = PyObject_Vectorcall(fast_dumps, callargs, 2, NULL);
+    if (data == NULL || !PyBytes_Check(data) || PyBytes_GET_SIZE(data) > limit) {
+        if (data == NULL) {
+            if (!PyErr_ExceptionMatches(PyExc_Exception))
+                return NULL;
+            PyErr_Clear(); /* the package's pickler explains, or pickles by value */
+        }
+        Py_XDECREF(data);
+        Py_RETURN_NONE; /* a big message, or dumps failed: the package's pickler must do it */
+    }
+    n = PyBytes_GET_SIZE(data);
+    if (mentions_main(PyBytes_AS_STRING(data), n))
+        return data; /* the caller decides whether a receiver can import __main__ */
+    if (parse_base(args, &view, &h) < 0) {
+        Py_DECREF(data);
+        return NULL;
     }
     r = lock_api->try_acquire(args[2]);
     if (r == 1) {
@@ -372,7 +438,7 @@ put(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         if (!maxsize || h[H_COUNT] < maxsize) {
             if (h[H_WSEG] != 0)
                 seg = spill(args[4], h[H_WSEG], &sv);
-            done = append_one(h, data.buf, (uint64_t)data.len, seg, seg ? sv.len : 0);
+            done = append_one(h, PyBytes_AS_STRING(data), (uint64_t)n, seg, seg ? sv.len : 0);
             if (seg != NULL)
                 PyBuffer_Release(&sv);
             if (done)
@@ -380,11 +446,15 @@ put(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         }
         r = lock_api->release(args[2]);
     }
-    PyBuffer_Release(&data);
     PyBuffer_Release(&view);
-    if (r < 0)
+    if (r < 0) {
+        Py_DECREF(data);
         return NULL;
-    return PyBool_FromLong(done);
+    }
+    if (!done)
+        return data;
+    Py_DECREF(data);
+    Py_RETURN_TRUE;
 }
 
 static PyObject *
@@ -497,8 +567,6 @@ wait(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     return PyBool_FromLong(err != ETIMEDOUT);
 }
 
-static PyObject *five = NULL; /* the pickle protocol */
-
 /* Pickle every item of a list with one Pickler (its dump and clear_memo methods; it writes to a sink
    whose write is out.append): a list of bytes, None where dump failed or the pickle is longer than
    `limit` (the caller takes another path for those); whether any pickle mentions __main__; whether
@@ -568,8 +636,7 @@ dumps_batch(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         Py_DECREF(r);
         if (data != NULL && (!PyBytes_Check(data) || PyBytes_GET_SIZE(data) > limit))
             Py_CLEAR(data);
-        if (data != NULL && !main && PyBytes_GET_SIZE(data) >= 8 &&
-            memmem(PyBytes_AS_STRING(data), (size_t)PyBytes_GET_SIZE(data), "__main__", 8) != NULL)
+        if (data != NULL && !main && mentions_main(PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data)))
             main = 1;
         if (data == NULL) {
             Py_INCREF(Py_None);
@@ -598,8 +665,11 @@ static PyMethodDef module_methods[] = {
      "put_batch(buffer, base, list_of_bytes, start, spill) -> int: append small pickled messages from "
      "index `start` on, as put does (queue lock held); the index of the first one left to the Python path"},
     {"put", (PyCFunction)(void (*)(void))put, METH_FASTCALL,
-     "put(buffer, base, lock, data, spill) -> bool: append a small pickled message, the queue lock taken "
-     "and released here if it is free; None (nothing done) if the pickle mentions __main__"},
+     "put(buffer, base, lock, obj, spill, limit) -> True (queued), MISS (nothing done), None (needs the "
+     "package's pickler) or the pickle (not queued): pickle a plain object and append it, the queue lock "
+     "taken and released here if free"},
+    {"set_fast", (PyCFunction)(void (*)(void))set_fast, METH_FASTCALL,
+     "set_fast(dumps, extra_reducers, ok_size): put() pickles with dumps while the dict has that size"},
     {"get", (PyCFunction)(void (*)(void))get, METH_FASTCALL,
      "get(buffer, base, lock, spill, loads) -> loads(payload) of the first small message, with the lock "
      "taken and released here, or MISS (the lock was busy, or the Python path must do it)"},

@@ -220,6 +220,8 @@ def _fast_dumps_ok() -> bool:
     if len(extra) != _fast_table_len:  # only types that plain pickling refuses anyway
         _fast_table_len = len(extra)
         _fast_ok = all(t is memoryview or t.__name__ == "socket" for t in extra)
+        if _cqueue is not None:  # what _cqueue.put() may pickle by itself
+            _cqueue.set_fast(_pickle_dumps, extra, _fast_table_len if _fast_ok else -1)
     return _fast_ok
 
 
@@ -755,15 +757,19 @@ class _QueueBase:
         """
         if self._closed:
             self._check_closed()
-        fast = self._fast
-        data = _fast_dumps(obj, self._big_limit, not fast)
-        if data is not None and fast:
-            # the common case in one C call: lock (if free), append, wake, unlock
-            done = _cqueue.put(self._buf, self._base, self._lock, data, self._wc)
-            if done:
+        if self._fast:
+            # the common case in one C call: pickle, lock (if free), append, wake, unlock
+            r = _cqueue.put(self._buf, self._base, self._lock, obj, self._wc, self._big_limit)
+            if r is True:
                 return
-            if done is None and _main_unimportable():  # the pickle mentions __main__
+            if r is _MISS:  # not a plain object (or reducers changed): the checks of _fast_dumps
+                data = _fast_dumps(obj, self._big_limit)
+            elif r is None:
                 data = None
+            else:  # pickled, not queued (lock busy, ring full...), or it mentions __main__
+                data = r if r.find(b"__main__") < 0 or not _main_unimportable() else None
+        else:
+            data = _fast_dumps(obj, self._big_limit)
         records = [(_MSG, data) if data is not None else self._encode_slow(obj)]
         try:
             self._put_records(records, block, timeout)
