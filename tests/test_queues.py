@@ -414,6 +414,24 @@ def test_full_pool_falls_back_to_own_segments_in_order():
     assert all(q._h[queues._POOL0 + i] == queues._P_FREE for i in range(queues._NPOOL))
 
 
+def _fail_on_load():
+    raise RuntimeError("cannot be unpickled here")
+
+
+class _FailsOnLoad:
+    def __reduce__(self):
+        return _fail_on_load, ()
+
+
+def test_get_many_that_fails_to_unpickle_gives_back_the_pool_slots():
+    q = gilfree.Queue()
+    q.put_many([os.urandom(200_000), _FailsOnLoad(), os.urandom(200_000), os.urandom(200_000)])
+    with pytest.raises(RuntimeError, match="cannot be unpickled"):
+        q.get_many(10, timeout=5)
+    assert all(q._h[queues._POOL0 + i] == queues._P_FREE for i in range(queues._NPOOL))
+    assert q.empty()
+
+
 def test_pool_slot_of_a_dead_process_is_taken_back():
     q = gilfree.Queue()
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
@@ -529,6 +547,25 @@ def _hold_lock_and_die(q):
     q._lock.acquire()
     q._h[queues._COUNT] += 5  # derived state left wrong, as by a death half-way through a put
     os._exit(0)  # dies holding the queue lock
+
+
+def _consume_pooled_and_die(q):
+    q._lock.acquire()
+    q._take_record()  # consumed: committed, but its slot is not marked as being read yet
+    os._exit(0)  # dies holding the queue lock
+
+
+def test_pool_slot_of_a_holder_that_died_in_between_is_freed_by_the_repair(ctx):
+    q = ctx.Queue()
+    blobs = [os.urandom(300_000), os.urandom(300_000)]
+    q.put_many(blobs)
+    assert [q._h[queues._POOL0 + i] for i in range(2)] == [queues._P_QUEUED] * 2
+    p = ctx.Process(target=_consume_pooled_and_die, args=(q,))
+    p.start()
+    p.join(10)
+    assert q.get(timeout=10) == blobs[1]  # the first one is the message the dead consumer had
+    assert all(q._h[queues._POOL0 + i] == queues._P_FREE for i in range(queues._NPOOL))
+    assert q.empty()
 
 
 def test_lock_holder_death_is_taken_over_and_repaired(ctx):

@@ -535,11 +535,14 @@ class _QueueBase:
     def _repair(self) -> None:
         """Make the derived state agree with the records after a holder died (lock held).
 
-        Recounts the messages, finds the spill segment producers should append to, and seals a spill
-        chain that records in the ring follow.  Idempotent; costs a walk over the queued records.
+        Recounts the messages, finds the spill segment producers should append to, seals a spill
+        chain that records in the ring follow, and frees the pool slots marked queued that no record
+        names (the holder died between marking a slot and committing its record, or between consuming
+        a record and marking its slot as being read).  Idempotent; costs a walk over the queued records.
         """
         h = self._h
         count = 0
+        pooled: set[int] = set()  # the pool slots that queued records name
 
         def walk_chain(seq: int, pos: int) -> tuple[int, int]:
             """Count the chain's records from (seq, pos): (count, last segment's seq)."""
@@ -553,6 +556,8 @@ class _QueueBase:
                     if kind == _LINK:
                         nxt = struct.unpack_from("<Q", seg, pos + 8)[0]
                         break
+                    if kind == _POOL:
+                        pooled.add(struct.unpack_from("<Q", seg, pos + 8)[0])
                     n_msgs += 1
                     pos += 8 + _pad(n)
                 if not nxt:
@@ -579,10 +584,15 @@ class _QueueBase:
                 c, open_chain = walk_chain(seq, _S_HDR)
                 count += c
             else:
+                if kind == _POOL:
+                    pooled.add(struct.unpack_from("<Q", self._ring_payload(pos, 8))[0])
                 count += 1
             pos += 8 + _pad(n)
         h[_WSEG] = open_chain if open_chain and not self._segs_sealed(open_chain) else 0
         h[_COUNT] = count
+        for slot in range(_NPOOL):
+            if h[_POOL0 + slot] == _P_QUEUED and slot not in pooled:
+                h[_POOL0 + slot] = _P_FREE
         util.debug(f"queue {self._prefix[3:-1]}: repaired after a holder died ({count} messages)")
 
     # -- pickling -------------------------------------------------------------------------------
@@ -878,7 +888,7 @@ class _QueueBase:
             if obj is not _MISS:
                 return obj
         rec = self._get_records(1, block, timeout)[0]
-        return _pickle_loads(rec) if type(rec) is bytes else self._decode(*rec)
+        return _pickle_loads(rec) if type(rec) is bytes else self._decode(rec[0], rec[1])
 
     def get_many(self, max_items: int = 1000, timeout: float | None = None, *, block: bool = True) -> list[Any]:
         """Remove and return up to ``max_items`` items (at least one) with one round of locking.
@@ -888,11 +898,29 @@ class _QueueBase:
         self._check_closed()
         if max_items < 1:
             raise ValueError("max_items must be at least 1")
-        loads, decode = _pickle_loads, self._decode
-        return [loads(r) if type(r) is bytes else decode(*r) for r in self._get_records(max_items, block, timeout)]
+        records = self._get_records(max_items, block, timeout)
+        loads, decode = _pickle_loads, self._decode_record
+        try:
+            return [loads(r) if type(r) is bytes else decode(r) for r in records]
+        except BaseException:  # the batch is lost: give back what its undecoded records hold
+            for r in records:
+                if type(r) is list and r[2]:
+                    self._abandon(r[0], r[1])
+            raise
+
+    def _decode_record(self, record: list[Any]) -> Any:
+        record[2] = False  # [kind, payload, pending]: _decode gives back what it holds, whatever happens
+        return self._decode(record[0], record[1])
+
+    def _abandon(self, kind: int, payload: Any) -> None:
+        """Give back what a consumed record that will not be decoded holds (its segment or pool slot)."""
+        if kind == _BIG:
+            _shm_unlink(bytes(payload).decode("ascii"))
+        elif kind == _POOL:
+            self._pool_release(struct.unpack_from("<Q", payload)[0])
 
     def _get_records(self, max_items: int, block: bool, timeout: float | None) -> list[Any]:
-        """Consume up to ``max_items`` records: pickled messages (bytes) or (kind, payload) tuples."""
+        """Consume up to ``max_items`` records: pickled messages (bytes) or [kind, payload, True] lists."""
         deadline = None
         if block and timeout is not None:
             if timeout < 0:
@@ -912,7 +940,7 @@ class _QueueBase:
                     rec = take()
                     if rec is None:
                         break
-                    out.append(rec[1] if rec[0] == _MSG else rec)
+                    out.append(rec[1] if rec[0] == _MSG else [rec[0], rec[1], True])
                 if out:
                     if self._maxsize:
                         self._wake(_NF)
