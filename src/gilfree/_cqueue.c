@@ -22,8 +22,9 @@
  *                                          stop at anything else (a LINK, a big or pool message, the
  *                                          end of a spill segment).  Returns a list of payloads.
  *   dumps_batch(list, dump, clear, ...)    pickle a put_many batch with one Pickler (no lock).
- *   wait(buf, off, seen, timeout)          set the sleeper flag next to the sequence word at `off`,
- *                                          sleep in FUTEX_WAIT while it still reads `seen` (GIL released).
+ *   wait(buf, off, seen, timeout)          poll the sequence word at `off` for up to 20 us (several
+ *                                          CPUs), then set the sleeper flag next to it and sleep in
+ *                                          FUTEX_WAIT while it still reads `seen` (GIL released).
  *   wake(buf, off)                         bump the sequence; FUTEX_WAKE all only if the flag was set.
  *
  * Where this runs: any thread of any process that maps the queue.  Only wait() blocks.
@@ -54,6 +55,28 @@ enum { H_MAGIC, H_CAP, H_HEAD, H_TAIL, H_COUNT, H_WSEG, H_RCUR, H_RBASE, H_NEXT_
 #define S_SEALED 1
 #define MAGIC 0x6766517565756532ULL
 
+/* How long wait() polls before it sleeps: 0 on a single CPU (the waker cannot run meanwhile). */
+static long long spin_ns = 0;
+#define SPIN_NS 20000
+
+static inline void
+cpu_relax(void)
+{
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield");
+#endif
+}
+
+static long long
+now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (long long)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
 static inline uint64_t
 pad8(uint64_t n)
 {
@@ -64,7 +87,8 @@ static void
 do_wake(uint32_t *seq)
 {
     __atomic_add_fetch(seq, 1, __ATOMIC_SEQ_CST);
-    if (__atomic_exchange_n(seq + 1, 0, __ATOMIC_SEQ_CST))
+    /* a load first: most calls find no sleeper, and then need no second locked instruction */
+    if (__atomic_load_n(seq + 1, __ATOMIC_SEQ_CST) && __atomic_exchange_n(seq + 1, 0, __ATOMIC_SEQ_CST))
         syscall(SYS_futex, seq, FUTEX_WAKE, INT_MAX, NULL, NULL, 0);
 }
 
@@ -538,7 +562,7 @@ wait(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     uint32_t *seq, seen;
     double timeout;
     struct timespec ts, *pts = NULL;
-    int err = 0;
+    int err = 0, changed = 0;
     if (nargs != 4) {
         PyErr_SetString(PyExc_TypeError, "wait(buffer, offset, seen, timeout)");
         return NULL;
@@ -556,10 +580,27 @@ wait(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     }
     if ((seq = word(args[0], args[1], &view)) == NULL)
         return NULL;
-    __atomic_store_n(seq + 1, 1, __ATOMIC_SEQ_CST); /* a sleeper: wakers must make the system call */
     Py_BEGIN_ALLOW_THREADS
-    if (syscall(SYS_futex, seq, FUTEX_WAIT, seen, pts, NULL, 0) == -1)
-        err = errno;
+    /* Poll first, for a few microseconds (several CPUs only): a producer that is running puts its next
+       message sooner than a futex sleep and wake-up take, and while we poll it makes no system call. */
+    if (spin_ns > 0) {
+        long long start = now_ns();
+        unsigned i;
+        for (i = 1;; i++) {
+            if (__atomic_load_n(seq, __ATOMIC_ACQUIRE) != seen) {
+                changed = 1;
+                break;
+            }
+            cpu_relax();
+            if ((i & 63) == 0 && now_ns() - start > spin_ns)
+                break;
+        }
+    }
+    if (!changed) {
+        __atomic_store_n(seq + 1, 1, __ATOMIC_SEQ_CST); /* a sleeper: wakers must make the system call */
+        if (syscall(SYS_futex, seq, FUTEX_WAIT, seen, pts, NULL, 0) == -1)
+            err = errno;
+    }
     Py_END_ALLOW_THREADS
     PyBuffer_Release(&view);
     if (err == EINTR && PyErr_CheckSignals() < 0)
@@ -709,6 +750,7 @@ PyInit__cqueue(void)
     }
     if (five == NULL && (five = PyLong_FromLong(5)) == NULL)
         return NULL;
+    spin_ns = sysconf(_SC_NPROCESSORS_ONLN) > 1 ? SPIN_NS : 0;
     m = PyModule_Create(&cqueue_module);
     if (m == NULL)
         return NULL;

@@ -2,35 +2,51 @@
 
 ::
 
-    producers (any process/thread)            shared memory                          consumers
-    ------------------------------            -------------                          ---------
-    put(obj): pickle here (raises here)  +-----------------------------------+
-      small: lock, write record at tail, | header (Block, inherited)         |   get(): lock; record at
-        tail += len  (the commit), wake  |  head tail count wseg rcur rbase  |    head: copy out,
-      ring full (unbounded queue):       |  next_seq maxsize unfinished ...  |    head += len (commit),
-        records go to a spill segment    |  futex words: not-empty/not-full/ |    wake; unpickle after
-        "gfq<id>_<n>", reached through a |  all-done (sequence + sleeper flag)|    the lock is released
-        LINK record in the ring          | ring (cap bytes, circular):       |
-      big (> cap/8, or an out-of-band    |  [len|kind|payload...][len|kind.. |   LINK: follow the chain
-        buffer >= 1 MiB): written to its +-----------------------------------+    of spill segments, then
-        own segment "gfq<id>_b<rand>"        |LINK(n)            |BIG(name)       back to the ring
-        outside the lock; the ring           v                   v
-        carries its name              spill segment n:       big segment: pickle + buffers
-                                      [used|sealed|records.. LINK(n+1)?]   (mapped, used, unlinked
-                                                                            by the consumer)
+    producers (any process/thread)             shared memory                         consumers
+    ------------------------------             -------------                         ---------
+    put(obj): pickle here (raises here)   +------------------------------------+
+      small: lock, write record at tail,  | header (Block, inherited)          |  get(): lock; record at
+        tail += len  (the commit), wake   |  head tail count wseg rcur rbase   |   head: copy out,
+      ring full (unbounded queue):        |  next_seq maxsize unfinished ...   |   head += len (commit),
+        records go to a spill segment     |  futex words: not-empty/not-full/  |   wake; unpickle after
+        "gfq<id>_<n>", reached through a  |   all-done (sequence+sleeper flag) |   the lock is released
+        LINK record in the ring           |  pool: 8 slot states (free, queued, |  LINK: follow the chain
+      big (> cap/8), no out-of-band       |   pid+writing, pid+reading)        |   of spill segments, then
+        buffer, <= 4 MiB: claim a pool    | ring (cap bytes, circular):        |   back to the ring
+        slot (lock), write the pickle to  |  [len|kind|payload...][len|kind..  |  POOL: mark the slot
+        segment "gfq<id>_p<slot>" (no     +------------------------------------+   pid+reading (lock),
+        lock), publish a POOL record           |LINK(n)      |POOL(slot,len)  |BIG   unpickle from its
+      other big: written to its own            v             v                v      segment, free it
+        segment "gfq<id>_b<rand>" outside  spill segment n:  pool segment:   big segment: pickle +
+        the lock; a BIG record carries     [used|sealed|     the pickle      buffers (mapped, used,
+        its name                            records..        (kept mapped,   unlinked by the
+                                            LINK(n+1)?]       reused)         consumer)
 
 Every record is ``[u32 payload length][u32 kind][payload, padded to 8]``; kinds are a pickled message
-(MSG), the name of a big message's segment (BIG) and the number of the next spill segment (LINK).
+(MSG), the name of a big message's segment (BIG), the number of the next spill segment (LINK) and a
+pool slot with the pickle's length (POOL).
 
 *Producer* (any process or thread that calls ``put``): pickles the object in the caller, so an
 unpicklable object raises there and nothing is published; takes the queue lock; appends the record;
 publishes it with one 8-byte store (``tail``, or ``used`` of the spill segment being written);
 updates the message count; wakes sleepers only if one announced itself.  Nothing stays behind in the
 process: a child that put data and returns can be joined at once, and the data is in shared memory.
+For a plain object (tuple, int, str...) all of this is one call into :mod:`gilfree._cqueue`, which
+pickles, tries the lock (through :mod:`gilfree._csync`'s C API) and appends; ``put_many`` pickles the
+batch with one Pickler and appends it with one call.
 
 *Consumer* (any caller of ``get``): takes the lock, copies the record out, consumes it with one
 8-byte store (``head``, or the read cursor ``rcur`` in a spill segment), releases the lock and
 unpickles.  It unlinks spill and big segments it has finished.
+
+*Big messages* travel outside the ring, in one copy each way.  Those without out-of-band buffers
+(bytes, str, most objects) use the queue's pool of up to 8 segments, kept mapped and reused, so a
+message costs no segment creation, page faults or unmapping: the producer claims a free slot under
+the lock (state ``pid|writing``), writes the pickle with no lock held, and under the lock marks it
+``queued`` then commits the POOL record; the consumer commits its take, marks the slot
+``pid|reading``, releases the lock, unpickles straight from the segment and frees the slot with one
+store.  Out-of-band buffers (numpy arrays...) stay zero-copy in their own segment, which the
+unpickled object keeps alive; so do big messages when the pool is taken or larger than 4 MiB.
 
 *Crash safety.*  The lock is a robust :class:`~gilfree.synchronize.Lock` in takeover mode: if its
 holder dies, the next process that waits for it takes it over and, before anything else, runs
@@ -40,9 +56,14 @@ what follows it (the count, which spill segment is open, sealing a spill segment
 that the repair recomputes by walking the records.  The one non-idempotent step, leaving a spill chain
 for the ring, is written as an assignment (``head = rbase + LINK``) so that doing it twice is harmless.
 So a process killed at any instruction loses at most the message it was handling (unpublished, or
-consumed but not yet returned), and never leaves a torn or duplicated message.  Segments orphaned by
-a death (created, not yet published; consumed, not yet unlinked) are removed by the queue's creator
-when it lets go of the queue, or at its exit: every segment name starts with the queue's prefix.
+consumed but not yet returned), and never leaves a torn or duplicated message.  Pool slots keep this:
+a slot is marked ``queued`` *before* its record is committed and marked ``reading`` *after* its
+record is consumed, so no record ever names a slot that someone may claim; a death between the two
+stores leaves a slot ``queued`` that no record names, which the repair frees; a death while writing
+or reading a slot leaves the dead pid in it, and a producer that finds no free slot takes such a slot
+back.  Segments orphaned by a death (created, not yet published; consumed, not yet unlinked) are
+removed by the queue's creator when it lets go of the queue, or at its exit: every segment name
+starts with the queue's prefix.
 
 *Waiting.*  Each condition (not empty, not full, all tasks done) is a 32-bit sequence number bumped
 under the lock by whoever may have changed it, plus a flag a sleeper sets before it sleeps on the
@@ -54,7 +75,7 @@ extension (or with ``GILFREE_PURE_QUEUE=1``) sleepers poll the sequence with a g
 The design follows the classic single-lock bounded buffer with sequence-number futexes (as in
 faster-fifo's and Boost.Interprocess's message queues); what differs: no fixed capacity in bytes
 (spill segments), records published by a single store so that death at any point is recoverable,
-large messages out of the ring, and a robust lock instead of a pthread mutex.
+large messages out of the ring (in reused segments), and a robust lock instead of a pthread mutex.
 
 Like the stdlib's, queues reach other processes only by inheritance (``Process`` arguments).
 
