@@ -524,6 +524,89 @@ def test_sigkilled_consumers_lose_at_most_one_message_each(ctx):
     gc.collect()
 
 
+_MIXED_SIZES = (8, 100, 3000, 20_000, 200_000)  # ring 64 KiB: ring, spill, pool (> 8 KiB) messages
+
+
+def _mixed_producer(q, pid, n):
+    rng = random.Random(pid)
+    for i in range(n):
+        body = rng.randbytes(rng.choice(_MIXED_SIZES))
+        m = (pid, i, zlib.crc32(body), body)
+        q.put_many([m]) if i % 3 == 0 else q.put(m)
+        if i % 20 == 0:
+            time.sleep(0.001)
+
+
+def _mixed_consumer(q, results):
+    rng = random.Random()
+    while True:
+        try:
+            ms = q.get_many(rng.choice((1, 5)), timeout=0.5) if rng.random() < 0.5 else [q.get(timeout=0.5)]
+        except queue.Empty:
+            continue
+        nones = 0
+        for m in ms:
+            if m is None:
+                nones += 1
+                continue
+            pid, i, crc, body = m
+            results.put((pid, i, zlib.crc32(body) == crc))
+        if nones:
+            for _ in range(nones - 1):
+                q.put(None)
+            return
+
+
+def test_sigkilled_producers_and_consumers_with_pooled_messages(ctx):
+    """Producers and consumers killed at random while messages of every kind (ring, spill, pool) flow."""
+    n = 300
+    q = ctx.Queue(ring_size=1 << 16)
+    results = ctx.Queue()
+    producers = [ctx.Process(target=_mixed_producer, args=(q, k, n)) for k in range(3)]
+    consumers = [ctx.Process(target=_mixed_consumer, args=(q, results)) for _ in range(3)]
+    for p in producers + consumers:
+        p.start()
+    rng = random.Random(11)
+    consumer_kills, killed_producers, collected = 0, set(), []
+    deadline = time.monotonic() + 4
+    while time.monotonic() < deadline and any(p.is_alive() for p in producers):
+        time.sleep(rng.uniform(0.0, 0.03))
+        k = rng.randrange(3)
+        if rng.random() < 0.1 and k not in killed_producers and producers[k].is_alive():
+            producers[k].kill()
+            producers[k].join(5)
+            killed_producers.add(k)
+        else:
+            consumers[k].kill()
+            consumers[k].join(5)
+            consumer_kills += 1
+            consumers[k] = ctx.Process(target=_mixed_consumer, args=(q, results))
+            consumers[k].start()
+        try:
+            collected += results.get_many(10_000, block=False)
+        except queue.Empty:
+            pass
+    _join_all(producers, 30)
+    for _ in consumers:
+        q.put(None)
+    _join_all(consumers)
+    assert [c.exitcode for c in consumers] == [0] * 3
+    while not results.empty():
+        collected += results.get_many(10_000, timeout=5)
+    keys = [(pid, i) for pid, i, _ in collected]
+    assert len(keys) == len(set(keys)), "a message was delivered twice"
+    assert all(ok for _, _, ok in collected), "a torn message"
+    lost = 0
+    for k in range(3):
+        got = [i for pid, i in keys if pid == k]
+        sent = (max(got) + 1 if got else 0) if k in killed_producers else n
+        lost += sent - len(got)
+    assert 0 <= lost <= consumer_kills + len(killed_producers), (lost, consumer_kills, killed_producers)
+    assert q.empty(), q
+    del q, results
+    gc.collect()
+
+
 def test_sigkilled_producer_leaves_a_prefix_of_its_messages(ctx):
     q = ctx.Queue(ring_size=1 << 16)
     p = ctx.Process(target=_stress_producer, args=(q, 0, 10**9, 0))
