@@ -266,6 +266,35 @@ def test_put_follows_reducers_registered_later():
     assert q.get_many(10, timeout=5) == [("__main__", 2), ("__main__",), b"__main__"]
 
 
+@pytest.mark.parametrize("impl", [gilfree, std_mp])
+def test_put_get_argument_forms(impl):
+    q = impl.Queue()
+    q.put(1)
+    q.put(2, False)
+    q.put(3, True, 5)
+    q.put(4, block=False)
+    q.put(5, timeout=5)
+    q.put(obj=6)
+    q.put_nowait(7)
+    got = [q.get(), q.get(True), q.get(True, 5), q.get(block=True), q.get(timeout=5), q.get_nowait()]
+    got.append(q.get(False))
+    assert got == [1, 2, 3, 4, 5, 6, 7]
+    for bad_put in (lambda: q.put(), lambda: q.put(1, True, 1, 2), lambda: q.put(1, color=2)):
+        with pytest.raises(TypeError):
+            bad_put()
+    with pytest.raises(TypeError):
+        q.get(True, 1, 2)
+    with pytest.raises(TypeError):
+        q.get(color=1)
+    with pytest.raises(queue.Empty):
+        q.get(timeout=0.01)
+    q.close()
+    with pytest.raises(ValueError):
+        q.put(1)
+    with pytest.raises(ValueError):
+        q.get()
+
+
 def test_qsize_exact_right_after_put():
     q = gilfree.Queue()
     for i in range(100):
@@ -601,7 +630,8 @@ def test_sigkilled_producers_and_consumers_with_pooled_messages(ctx):
         got = [i for pid, i in keys if pid == k]
         sent = (max(got) + 1 if got else 0) if k in killed_producers else n
         lost += sent - len(got)
-    assert 0 <= lost <= consumer_kills + len(killed_producers), (lost, consumer_kills, killed_producers)
+    # a consumer killed after get_many returned loses that batch (up to 5 here), a producer the one it held
+    assert 0 <= lost <= 5 * consumer_kills + len(killed_producers), (lost, consumer_kills, killed_producers)
     assert q.empty(), q
     del q, results
     gc.collect()

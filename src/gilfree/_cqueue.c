@@ -32,6 +32,7 @@
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <structmember.h>
 #include <errno.h>
 #include <limits.h>
 #include <linux/futex.h>
@@ -384,7 +385,7 @@ mentions_main(const char *p, Py_ssize_t n)
 /* What put() may pickle by itself: set by set_fast() from queues.py (the C pickler's dumps, and the
    package's table of extra reducers with the size it had when queues.py found that none of them can
    change a pickle; ok_size -1: never). */
-static PyObject *fast_dumps = NULL, *fast_extra = NULL;
+static PyObject *fast_dumps = NULL, *fast_extra = NULL, *fast_loads = NULL, *str_pickled = NULL;
 static Py_ssize_t fast_ok_size = -1;
 static PyObject *five = NULL; /* the pickle protocol */
 
@@ -407,26 +408,20 @@ set_fast(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     Py_RETURN_NONE;
 }
 
-/* put(buf, base, lock, obj, spill, limit): see the header.  True: queued.  MISS: nothing done (not
-   pickled here).  None: dumps failed or the pickle is longer than `limit` (the package's pickler must
-   do it).  bytes: the pickle, not queued (the lock was busy, the Python path must append it, or it
-   names __main__). */
+/* The common case of put: pickle a plain object, try the lock, append, wake, unlock.  True: queued.
+   MISS: nothing done (not a plain object, or reducers changed).  None: dumps failed or the pickle is
+   longer than `limit` (the package's pickler must do it).  bytes: the pickle, not queued (the lock was
+   busy, the Python path must append it, or it names __main__).  NULL: an exception. */
 static PyObject *
-put(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+fast_put(uint64_t *h, PyObject *lock, PyObject *obj, PyObject *spill_cache, Py_ssize_t limit)
 {
-    Py_buffer view, sv;
-    uint64_t *h, maxsize;
+    Py_buffer sv;
+    uint64_t maxsize;
     unsigned char *seg = NULL;
-    PyObject *obj, *data, *callargs[2];
-    PyTypeObject *t;
-    Py_ssize_t limit, n;
+    PyObject *data, *callargs[2];
+    PyTypeObject *t = Py_TYPE(obj);
+    Py_ssize_t n;
     int done = 0, r;
-    if (nargs != 6) {
-        PyErr_SetString(PyExc_TypeError, "put(buffer, base, lock, obj, spill, limit)");
-        return NULL;
-    }
-    obj = args[3];
-    t = Py_TYPE(obj);
     /* the types _fast_dumps() pickles without looking further (anything else: the Python path) */
     if (!(t == &PyTuple_Type || t == &PyLong_Type || t == &PyUnicode_Type || t == &PyFloat_Type ||
           t == &PyBool_Type || obj == Py_None || t == &PyComplex_Type) ||
@@ -434,9 +429,6 @@ put(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         Py_INCREF(miss);
         return miss;
     }
-    limit = PyLong_AsSsize_t(args[5]);
-    if (limit == -1 && PyErr_Occurred())
-        return NULL;
     callargs[0] = obj;
     callargs[1] = five;
     data = PyObject_Vectorcall(fast_dumps, callargs, 2, NULL);
@@ -452,25 +444,20 @@ put(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     n = PyBytes_GET_SIZE(data);
     if (mentions_main(PyBytes_AS_STRING(data), n))
         return data; /* the caller decides whether a receiver can import __main__ */
-    if (parse_base(args, &view, &h) < 0) {
-        Py_DECREF(data);
-        return NULL;
-    }
-    r = lock_api->try_acquire(args[2]);
+    r = lock_api->try_acquire(lock);
     if (r == 1) {
         maxsize = h[H_MAXSIZE];
         if (!maxsize || h[H_COUNT] < maxsize) {
             if (h[H_WSEG] != 0)
-                seg = spill(args[4], h[H_WSEG], &sv);
+                seg = spill(spill_cache, h[H_WSEG], &sv);
             done = append_one(h, PyBytes_AS_STRING(data), (uint64_t)n, seg, seg ? sv.len : 0);
             if (seg != NULL)
                 PyBuffer_Release(&sv);
             if (done)
                 do_wake((uint32_t *)h + NE_WORD);
         }
-        r = lock_api->release(args[2]);
+        r = lock_api->release(lock);
     }
-    PyBuffer_Release(&view);
     if (r < 0) {
         Py_DECREF(data);
         return NULL;
@@ -481,30 +468,21 @@ put(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     Py_RETURN_TRUE;
 }
 
+/* The common case of get: try the lock, take the small message at the head, unlock, unpickle it.
+   MISS: nothing taken (the lock was busy, the queue is empty, or the Python path must do it). */
 static PyObject *
-get(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+fast_get(uint64_t *h, PyObject *lock, PyObject *spill_cache)
 {
-    Py_buffer view;
-    uint64_t *h;
     PyObject *out, *item, *obj;
     int r;
-    if (nargs != 5) {
-        PyErr_SetString(PyExc_TypeError, "get(buffer, base, lock, spill, loads)");
-        return NULL;
-    }
-    if (parse_base(args, &view, &h) < 0)
-        return NULL;
     out = PyList_New(0);
-    if (out == NULL) {
-        PyBuffer_Release(&view);
+    if (out == NULL)
         return NULL;
-    }
-    r = lock_api->try_acquire(args[2]);
+    r = lock_api->try_acquire(lock);
     if (r == 1) {
-        take_records(h, args[3], 1, out);
-        r = lock_api->release(args[2]);
+        take_records(h, spill_cache, 1, out);
+        r = lock_api->release(lock);
     }
-    PyBuffer_Release(&view);
     out = hand_over(out);
     if (out == NULL)
         return NULL;
@@ -518,10 +496,188 @@ get(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     if (r < 0) /* the message is taken: return it, the release error is lost */
         PyErr_Clear();
     item = PyList_GET_ITEM(out, 0);
-    obj = PyObject_Vectorcall(args[4], &item, 1, NULL);
+    obj = PyObject_Vectorcall(fast_loads, &item, 1, NULL);
     Py_DECREF(out);
     return obj;
 }
+
+/* _cqueue.Core: the C base of queues._QueueBase.  It holds what put() and get() need (the header,
+   the lock, the spill segments cached by the Python side) so that the common call is one C method
+   with no Python frame; anything else goes to the Python methods _put_py / _get_py. */
+typedef struct {
+    PyObject_HEAD
+    Py_buffer view;
+    int has_view;
+    uint64_t *h;
+    PyObject *lock; /* _lock */
+    PyObject *wc;   /* _wc: (seq, mapping) of the spill segment written here last */
+    PyObject *rc;   /* _rc: (seq, mapping) of the spill segment read here last */
+    Py_ssize_t limit; /* _big_limit */
+    char closed;      /* _closed */
+} Core;
+
+static void
+Core_dealloc(Core *self)
+{
+    if (self->has_view) {
+        PyBuffer_Release(&self->view);
+        self->has_view = 0;
+    }
+    Py_CLEAR(self->lock);
+    Py_CLEAR(self->wc);
+    Py_CLEAR(self->rc);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *
+Core_init_core(Core *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_buffer view;
+    uint64_t *h;
+    Py_ssize_t base;
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "_core_init(buffer, base, lock)");
+        return NULL;
+    }
+    base = PyLong_AsSsize_t(args[1]);
+    if (base == -1 && PyErr_Occurred())
+        return NULL;
+    if ((h = header(args[0], base, &view)) == NULL)
+        return NULL;
+    if (self->has_view)
+        PyBuffer_Release(&self->view);
+    self->view = view; /* kept: the header stays mapped while the queue lives */
+    self->has_view = 1;
+    self->h = h;
+    Py_INCREF(args[2]);
+    Py_XSETREF(self->lock, args[2]);
+    Py_RETURN_NONE;
+}
+
+/* Is this call put(obj) / put(obj, block) / put(obj, block, timeout), keywords block= and timeout=
+   included?  Their values do not matter to the fast path: it succeeds only without waiting. */
+static int
+plain_call(PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames, Py_ssize_t npos, Py_ssize_t nmax)
+{
+    Py_ssize_t i, nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
+    if (nargs < npos || nargs + nkw > nmax)
+        return 0;
+    for (i = 0; i < nkw; i++) {
+        PyObject *k = PyTuple_GET_ITEM(kwnames, i);
+        if (!PyUnicode_Check(k) || (PyUnicode_CompareWithASCIIString(k, "block") != 0 &&
+                                    PyUnicode_CompareWithASCIIString(k, "timeout") != 0))
+            return 0;
+    }
+    return 1;
+}
+
+static PyObject *str_put_py = NULL, *str_get_py = NULL;
+
+static PyObject *
+Core_put(Core *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf), nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0, i;
+    PyObject *r, *callargs[8], *result;
+    if (self->h != NULL && !self->closed && plain_call(args, nargs, kwnames, 1, 3)) {
+        r = fast_put(self->h, self->lock, args[0], self->wc, self->limit);
+        if (r == NULL)
+            return NULL;
+        if (r == Py_True) {
+            Py_DECREF(r);
+            Py_RETURN_NONE;
+        }
+    }
+    else {
+        Py_INCREF(miss);
+        r = miss;
+    }
+    /* the Python path: self._put_py(*args, _pickled=r, **kwargs) */
+    if (nargs + nkw > 6) {
+        Py_DECREF(r);
+        PyErr_SetString(PyExc_TypeError, "put() takes at most 3 arguments");
+        return NULL;
+    }
+    {
+        PyObject *names = PyTuple_New(nkw + 1);
+        if (names == NULL) {
+            Py_DECREF(r);
+            return NULL;
+        }
+        callargs[0] = (PyObject *)self;
+        for (i = 0; i < nargs + nkw; i++)
+            callargs[1 + i] = args[i];
+        callargs[1 + nargs + nkw] = r;
+        for (i = 0; i < nkw; i++) {
+            Py_INCREF(PyTuple_GET_ITEM(kwnames, i));
+            PyTuple_SET_ITEM(names, i, PyTuple_GET_ITEM(kwnames, i));
+        }
+        Py_INCREF(str_pickled);
+        PyTuple_SET_ITEM(names, nkw, str_pickled);
+        result = PyObject_VectorcallMethod(str_put_py, callargs, 1 + nargs, names);
+        Py_DECREF(names);
+    }
+    Py_DECREF(r);
+    return result;
+}
+
+static PyObject *
+Core_get(Core *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    PyObject *r, *callargs[4];
+    Py_ssize_t i, nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
+    if (self->h != NULL && !self->closed && plain_call(args, nargs, kwnames, 0, 2)) {
+        r = fast_get(self->h, self->lock, self->rc);
+        if (r != miss)
+            return r;
+        Py_DECREF(r);
+    }
+    if (nargs + nkw > 3) {
+        PyErr_SetString(PyExc_TypeError, "get() takes at most 2 arguments");
+        return NULL;
+    }
+    callargs[0] = (PyObject *)self;
+    for (i = 0; i < nargs + nkw; i++)
+        callargs[1 + i] = args[i];
+    return PyObject_VectorcallMethod(str_get_py, callargs, 1 + nargs, kwnames);
+}
+
+static PyMethodDef Core_methods[] = {
+    {"_core_init", (PyCFunction)(void (*)(void))Core_init_core, METH_FASTCALL,
+     "_core_init(buffer, base, lock): the queue header at `base` in `buffer` (kept), and its lock"},
+    {"put", (PyCFunction)(void (*)(void))Core_put, METH_FASTCALL | METH_KEYWORDS,
+     "put($self, /, obj, block=True, timeout=None)\n--\n\n"
+     "Put ``obj`` in the queue, waiting (if ``block``, up to ``timeout``) while a bounded queue is full.\n\n"
+     "``obj`` is pickled here: an object that cannot be pickled raises ``gilfree.PicklingError`` in the\n"
+     "caller and nothing is queued.  Raises ``queue.Full`` if no room was found in time."},
+    {"get", (PyCFunction)(void (*)(void))Core_get, METH_FASTCALL | METH_KEYWORDS,
+     "get($self, /, block=True, timeout=None)\n--\n\n"
+     "Remove and return the oldest item, waiting (if ``block``, up to ``timeout``) while the queue is\n"
+     "empty.\n\nRaises ``queue.Empty`` if nothing came in time."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyMemberDef Core_members[] = {
+    {"_lock", T_OBJECT_EX, offsetof(Core, lock), 0, "the queue lock"},
+    {"_wc", T_OBJECT, offsetof(Core, wc), 0, "(seq, mapping) of the spill segment written here last, or None"},
+    {"_rc", T_OBJECT, offsetof(Core, rc), 0, "(seq, mapping) of the spill segment read here last, or None"},
+    {"_big_limit", T_PYSSIZET, offsetof(Core, limit), 0, "longest pickle that travels in the ring"},
+    {"_closed", T_BOOL, offsetof(Core, closed), 0, "close() was called in this process"},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PyTypeObject CoreType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "gilfree._cqueue.Core",
+    .tp_doc = "The C base of gilfree's queues: put() and get() in one call in the common case.",
+    .tp_basicsize = sizeof(Core),
+    .tp_itemsize = 0,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE,
+    .tp_new = PyType_GenericNew,
+    .tp_dealloc = (destructor)Core_dealloc,
+    .tp_methods = Core_methods,
+    .tp_members = Core_members,
+};
 
 static uint32_t *
 word(PyObject *obj, PyObject *off_obj, Py_buffer *view)
@@ -704,18 +860,11 @@ static PyMethodDef module_methods[] = {
      "has None)"},
     {"put_batch", (PyCFunction)(void (*)(void))put_batch, METH_FASTCALL,
      "put_batch(buffer, base, list_of_bytes, start, spill) -> int: append small pickled messages from "
-     "index `start` on, as put does (queue lock held); the index of the first one left to the Python path"},
-    {"put", (PyCFunction)(void (*)(void))put, METH_FASTCALL,
-     "put(buffer, base, lock, obj, spill, limit) -> True (queued), MISS (nothing done), None (needs the "
-     "package's pickler) or the pickle (not queued): pickle a plain object and append it, the queue lock "
-     "taken and released here if free"},
+     "index `start` on, as Core.put does (queue lock held); the index of the first one left to the Python path"},
     {"set_fast", (PyCFunction)(void (*)(void))set_fast, METH_FASTCALL,
-     "set_fast(dumps, extra_reducers, ok_size): put() pickles with dumps while the dict has that size"},
-    {"get", (PyCFunction)(void (*)(void))get, METH_FASTCALL,
-     "get(buffer, base, lock, spill, loads) -> loads(payload) of the first small message, with the lock "
-     "taken and released here, or MISS (the lock was busy, or the Python path must do it)"},
+     "set_fast(dumps, extra_reducers, ok_size): Core.put pickles with dumps while the dict has that size"},
     {"take_small", (PyCFunction)(void (*)(void))take_small, METH_FASTCALL,
-     "take_small(buffer, base, max_items) -> list[bytes]: consume small messages at the head (lock held)"},
+     "take_small(buffer, base, max_items, spill) -> list[bytes]: consume small messages at the head (lock held)"},
     {"wait", (PyCFunction)(void (*)(void))wait, METH_FASTCALL,
      "wait(buffer, offset, seen, timeout) -> bool: sleep while the sequence word reads `seen`; "
      "timeout < 0: no limit; False on timeout"},
@@ -750,6 +899,21 @@ PyInit__cqueue(void)
     }
     if (five == NULL && (five = PyLong_FromLong(5)) == NULL)
         return NULL;
+    if (str_pickled == NULL && ((str_pickled = PyUnicode_InternFromString("_pickled")) == NULL ||
+                                (str_put_py = PyUnicode_InternFromString("_put_py")) == NULL ||
+                                (str_get_py = PyUnicode_InternFromString("_get_py")) == NULL))
+        return NULL;
+    if (fast_loads == NULL) {
+        PyObject *pickle = PyImport_ImportModule("_pickle");
+        if (pickle == NULL)
+            return NULL;
+        fast_loads = PyObject_GetAttrString(pickle, "loads");
+        Py_DECREF(pickle);
+        if (fast_loads == NULL)
+            return NULL;
+    }
+    if (PyType_Ready(&CoreType) < 0)
+        return NULL;
     spin_ns = sysconf(_SC_NPROCESSORS_ONLN) > 1 ? SPIN_NS : 0;
     m = PyModule_Create(&cqueue_module);
     if (m == NULL)
@@ -761,6 +925,12 @@ PyInit__cqueue(void)
     Py_INCREF(miss);
     if (PyModule_AddObject(m, "MISS", miss) < 0) {
         Py_DECREF(miss);
+        Py_DECREF(m);
+        return NULL;
+    }
+    Py_INCREF(&CoreType);
+    if (PyModule_AddObject(m, "Core", (PyObject *)&CoreType) < 0) {
+        Py_DECREF(&CoreType);
         Py_DECREF(m);
         return NULL;
     }

@@ -275,7 +275,11 @@ def _sweep_when_safe(prefix: str) -> None:
         _sweep(prefix)
 
 
-class _QueueBase:
+#: The C base of the queues (put and get in one call in the common case), or object.
+_Core: Any = _cqueue.Core if _cqueue is not None else object
+
+
+class _QueueBase(_Core):  # type: ignore[misc, valid-type]
     """The shared machinery of :class:`Queue`, :class:`JoinableQueue` and :class:`SimpleQueue`."""
 
     _joinable = False
@@ -325,6 +329,8 @@ class _QueueBase:
         self._buf = block.arena.buffer
         self._base = block.offset
         self._fast = _cqueue is not None
+        if self._fast:
+            self._core_init(self._buf, self._base, lock)
 
     def __getstate__(self) -> Any:
         reduction.assert_spawning(self)
@@ -780,27 +786,37 @@ class _QueueBase:
         if self._closed:
             raise ValueError(f"Queue {self!r} is closed")
 
-    def put(self, obj: Any, block: bool = True, timeout: float | None = None) -> None:
-        """Put ``obj`` in the queue, waiting (if ``block``, up to ``timeout``) while a bounded queue is full.
+    if _cqueue is None:  # with the C extension, put and get are _cqueue.Core's (same docstrings)
 
-        ``obj`` is pickled here: an object that cannot be pickled raises ``gilfree.PicklingError`` in the
-        caller and nothing is queued.  Raises ``queue.Full`` if no room was found in time.
+        def put(self, obj: Any, block: bool = True, timeout: float | None = None) -> None:
+            """Put ``obj`` in the queue, waiting (if ``block``, up to ``timeout``) while a bounded queue is full.
+
+            ``obj`` is pickled here: an object that cannot be pickled raises ``gilfree.PicklingError`` in
+            the caller and nothing is queued.  Raises ``queue.Full`` if no room was found in time.
+            """
+            self._put_py(obj, block, timeout)
+
+        def get(self, block: bool = True, timeout: float | None = None) -> Any:
+            """Remove and return the oldest item, waiting (if ``block``, up to ``timeout``) while the queue is empty.
+
+            Raises ``queue.Empty`` if nothing came in time.
+            """
+            return self._get_py(block, timeout)
+
+    def _put_py(self, obj: Any, block: bool = True, timeout: float | None = None, _pickled: Any = _MISS) -> None:
+        """put() but its common case (``Core.put``: plain objects, free lock, room in the ring).
+
+        ``_pickled``: what that common case left: MISS (nothing), None (needs the package's pickler) or
+        the pickle, not queued (the lock was busy, the ring full, or it mentions ``__main__``).
         """
         if self._closed:
             self._check_closed()
-        if self._fast:
-            # the common case in one C call: pickle, lock (if free), append, wake, unlock
-            r = _cqueue.put(self._buf, self._base, self._lock, obj, self._wc, self._big_limit)
-            if r is True:
-                return
-            if r is _MISS:  # not a plain object (or reducers changed): the checks of _fast_dumps
-                data = _fast_dumps(obj, self._big_limit)
-            elif r is None:
-                data = None
-            else:  # pickled, not queued (lock busy, ring full...), or it mentions __main__
-                data = r if r.find(b"__main__") < 0 or not _main_unimportable() else None
-        else:
+        if _pickled is _MISS:  # not a plain object (or reducers changed): the checks of _fast_dumps
             data = _fast_dumps(obj, self._big_limit)
+        elif _pickled is None:
+            data = None
+        else:
+            data = _pickled if _pickled.find(b"__main__") < 0 or not _main_unimportable() else None
         records = [(_MSG, data) if data is not None else self._encode_slow(obj)]
         try:
             self._put_records(records, block, timeout)
@@ -897,17 +913,10 @@ class _QueueBase:
             if not block or not self._sleep(_NF, seen, deadline):
                 raise Full
 
-    def get(self, block: bool = True, timeout: float | None = None) -> Any:
-        """Remove and return the oldest item, waiting (if ``block``, up to ``timeout``) while the queue is empty.
-
-        Raises ``queue.Empty`` if nothing came in time.
-        """
+    def _get_py(self, block: bool = True, timeout: float | None = None) -> Any:
+        """get() but its common case (``Core.get``: a small message at the head, the lock free)."""
         if self._closed:
             self._check_closed()
-        if self._fast:  # the common case in one C call: lock (if free), take, unlock, unpickle
-            obj = _cqueue.get(self._buf, self._base, self._lock, self._rc, _pickle_loads)
-            if obj is not _MISS:
-                return obj
         rec = self._get_records(1, block, timeout)[0]
         return _pickle_loads(rec) if type(rec) is bytes else self._decode(rec[0], rec[1])
 
