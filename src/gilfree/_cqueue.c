@@ -6,18 +6,22 @@
  * `spill` is the caller's cached (seq, mapping) of a spill segment, or None: a record goes to / comes
  * from a spill segment here only if it is the one the header names.
  *
- *   put(buf, base, lock, data, spill)      try the queue lock (no wait: gilfree._csync's capsule
- *                                          _C_API); if producers append to the ring, or to the open
- *                                          spill segment that `spill` maps, the record fits, and a
- *                                          bounded queue has room: write [len|MSG|data], publish it
- *                                          with one store (tail, or the segment's `used`), count it,
- *                                          wake "not empty" sleepers if one announced itself; unlock.
- *                                          False (nothing changed): the Python path must do it.
+ *   Core.put(obj, block, timeout)          (Core is the C base class of the queues, holding the header,
+ *                                          the lock and the spill caches.)  For a plain object
+ *                                          (tuple, int, str, float, bool, None, complex): pickle it;
+ *                                          take the queue lock if it is free or frees up within ~100
+ *                                          polls (gilfree._csync's capsule _C_API); if producers
+ *                                          append to the ring, or to the open spill segment that
+ *                                          `spill` maps, the record fits, and a bounded queue has
+ *                                          room: write [len|MSG|data], publish it with one store
+ *                                          (tail, or the segment's `used`), count it, wake "not empty"
+ *                                          sleepers if one announced itself; unlock.  Anything else:
+ *                                          the Python method _put_py, given what was done.
  *   put_batch(buf, base, list, i, spill)   the same for list[i:], the caller holding the lock; one
  *                                          wake-up; returns the index of the first record left over.
- *   get(buf, base, lock, spill, loads)     try the lock; consume the MSG record at the head (one store
- *                                          of head, or of the read cursor rcur in a spill segment);
- *                                          unlock; return loads(payload), or MISS.
+ *   Core.get(block, timeout)               take the lock as put does; consume the MSG record at the
+ *                                          head (one store of head, or of the read cursor rcur in a
+ *                                          spill segment); unlock; unpickle it.  Anything else: _get_py.
  *   take_small(buf, base, max, spill)      the caller holds the lock: consume up to `max` MSG records;
  *                                          stop at anything else (a LINK, a big or pool message, the
  *                                          end of a spill segment).  Returns a list of payloads.
@@ -59,6 +63,7 @@ enum { H_MAGIC, H_CAP, H_HEAD, H_TAIL, H_COUNT, H_WSEG, H_RCUR, H_RBASE, H_NEXT_
 /* How long wait() polls before it sleeps: 0 on a single CPU (the waker cannot run meanwhile). */
 static long long spin_ns = 0;
 #define SPIN_NS 20000
+#define LOCK_SPIN 100 /* polls of a taken queue lock before put/get leave it to the Python path */
 
 static inline void
 cpu_relax(void)
@@ -408,6 +413,19 @@ set_fast(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     Py_RETURN_NONE;
 }
 
+/* Take the queue lock if it is free, or becomes free within a microsecond or two (several CPUs): its
+   holder only copies bytes, and the Python path that waits for it costs several times more. */
+static int
+try_lock(PyObject *lock)
+{
+    int r = lock_api->try_acquire(lock), i;
+    for (i = 0; r == 0 && spin_ns > 0 && i < LOCK_SPIN; i++) {
+        cpu_relax();
+        r = lock_api->try_acquire(lock);
+    }
+    return r;
+}
+
 /* The common case of put: pickle a plain object, try the lock, append, wake, unlock.  True: queued.
    MISS: nothing done (not a plain object, or reducers changed).  None: dumps failed or the pickle is
    longer than `limit` (the package's pickler must do it).  bytes: the pickle, not queued (the lock was
@@ -444,7 +462,7 @@ fast_put(uint64_t *h, PyObject *lock, PyObject *obj, PyObject *spill_cache, Py_s
     n = PyBytes_GET_SIZE(data);
     if (mentions_main(PyBytes_AS_STRING(data), n))
         return data; /* the caller decides whether a receiver can import __main__ */
-    r = lock_api->try_acquire(lock);
+    r = try_lock(lock);
     if (r == 1) {
         maxsize = h[H_MAXSIZE];
         if (!maxsize || h[H_COUNT] < maxsize) {
@@ -478,7 +496,7 @@ fast_get(uint64_t *h, PyObject *lock, PyObject *spill_cache)
     out = PyList_New(0);
     if (out == NULL)
         return NULL;
-    r = lock_api->try_acquire(lock);
+    r = try_lock(lock);
     if (r == 1) {
         take_records(h, spill_cache, 1, out);
         r = lock_api->release(lock);

@@ -31,9 +31,10 @@ unpicklable object raises there and nothing is published; takes the queue lock; 
 publishes it with one 8-byte store (``tail``, or ``used`` of the spill segment being written);
 updates the message count; wakes sleepers only if one announced itself.  Nothing stays behind in the
 process: a child that put data and returns can be joined at once, and the data is in shared memory.
-For a plain object (tuple, int, str...) all of this is one call into :mod:`gilfree._cqueue`, which
-pickles, tries the lock (through :mod:`gilfree._csync`'s C API) and appends; ``put_many`` pickles the
-batch with one Pickler and appends it with one call.
+For a plain object (tuple, int, str...) ``put`` is a method of the C base class
+``_cqueue.Core`` that pickles, takes the lock if it is free or frees up within a few polls (through
+:mod:`gilfree._csync`'s C API) and appends, with no Python frame; ``get`` likewise.  ``put_many``
+pickles the batch with one Pickler and appends it with one call.
 
 *Consumer* (any caller of ``get``): takes the lock, copies the record out, consumes it with one
 8-byte store (``head``, or the read cursor ``rcur`` in a spill segment), releases the lock and
