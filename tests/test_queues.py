@@ -295,6 +295,53 @@ def test_put_get_argument_forms(impl):
         q.get()
 
 
+def _plain(rng, depth=0):
+    kind = rng.randrange(8 if depth < 5 else 7)
+    if kind == 0:
+        return rng.choice((None, True, False))
+    if kind == 1:
+        bits = rng.choice((7, 8, 9, 16, 17, 31, 32, 33, 63, 64, 65, 100))
+        return rng.randrange(-(2**bits), 2**bits)
+    if kind == 2:
+        return rng.choice((0.0, -0.0, 1.5, -2.25e300, 5e-324, float("inf"), float("-inf"), float("nan"), rng.random()))
+    if kind == 3:
+        return "".join(chr(rng.choice((rng.randrange(32, 127), rng.randrange(128, 0x10FFFF))))
+                       for _ in range(rng.choice((0, 1, 5, 255, 256, 300))))
+    if kind == 4:
+        return "\ud800 lone surrogate"
+    if kind == 5:
+        return rng.randbytes(rng.choice((0, 3, 255, 256, 400)))
+    if kind == 6:
+        return complex(1, 2)
+    return tuple(_plain(rng, depth + 1) for _ in range(rng.choice((0, 1, 2, 3, 4, 7))))
+
+
+def _same(a, b):
+    return type(a) is type(b) and (
+        all(_same(x, y) for x, y in zip(a, b)) and len(a) == len(b) if type(a) is tuple else repr(a) == repr(b)
+    )
+
+
+@pytest.mark.skipif(queues._cqueue is None, reason="the C extension")
+def test_the_c_pickle_of_plain_data_reads_back_the_same():
+    import pickle
+
+    rng = random.Random(5)
+    written = 0
+    for _ in range(3000):
+        obj = _plain(rng)
+        data = queues._cqueue.mini_dumps(obj)
+        if data is not None:
+            written += 1
+            assert _same(pickle.loads(data), obj), obj
+    assert written > 1000
+    q = gilfree.Queue()
+    objs = [_plain(rng) for _ in range(300)]
+    for obj in objs:
+        q.put(obj)
+    assert all(_same(a, b) for a, b in zip(q.get_many(1000, timeout=5), objs))
+
+
 def test_qsize_exact_right_after_put():
     q = gilfree.Queue()
     for i in range(100):

@@ -426,6 +426,154 @@ try_lock(PyObject *lock)
     return r;
 }
 
+/* A pickle (protocol 5) of plain data, written here without a Pickler: None, bool, int (64 bits),
+   float, str, bytes, and tuples of them (16 levels at most), `cap` bytes at most.  The opcodes are
+   the ones pickle writes for these types, without the memo (immutable data: sharing does not show)
+   and without a frame; pickle.loads reads them back to equal objects of the same types.  Returns the
+   length, or -1: not plain data, too long, or an str that is not UTF-8 (dumps() does those).
+   Creating and freeing a Pickler (what dumps() does) costs more than the whole put otherwise. */
+#define MINI_MAX 1024
+#define MINI_DEPTH 16
+
+static int
+mini_save(PyObject *o, unsigned char *b, Py_ssize_t cap, Py_ssize_t *pos, int depth)
+{
+    PyTypeObject *t = Py_TYPE(o);
+    Py_ssize_t p = *pos, n, i;
+#define NEED(k)                 \
+    do {                        \
+        if (p + (k) > cap)      \
+            return -1;          \
+    } while (0)
+    if (o == Py_None) {
+        NEED(1);
+        b[p++] = 'N'; /* NONE */
+    }
+    else if (o == Py_True || o == Py_False) {
+        NEED(1);
+        b[p++] = o == Py_True ? 0x88 : 0x89; /* NEWTRUE, NEWFALSE */
+    }
+    else if (t == &PyLong_Type) {
+        int overflow;
+        long long v = PyLong_AsLongLongAndOverflow(o, &overflow);
+        uint64_t u = (uint64_t)v;
+        if (overflow || (v == -1 && PyErr_Occurred())) {
+            PyErr_Clear();
+            return -1;
+        }
+        if (v >= 0 && v <= 0xff) {
+            NEED(2);
+            b[p++] = 'K'; /* BININT1 */
+            b[p++] = (unsigned char)v;
+        }
+        else if (v >= 0 && v <= 0xffff) {
+            NEED(3);
+            b[p++] = 'M'; /* BININT2 */
+            b[p++] = (unsigned char)(v & 0xff);
+            b[p++] = (unsigned char)(v >> 8);
+        }
+        else if (v >= -0x80000000LL && v <= 0x7fffffffLL) {
+            NEED(5);
+            b[p++] = 'J'; /* BININT: 4 bytes, little-endian, signed */
+            for (i = 0; i < 4; i++)
+                b[p++] = (unsigned char)(u >> (8 * i));
+        }
+        else {
+            NEED(10);
+            b[p++] = 0x8a; /* LONG1: length, then little-endian two's complement */
+            b[p++] = 8;
+            for (i = 0; i < 8; i++)
+                b[p++] = (unsigned char)(u >> (8 * i));
+        }
+    }
+    else if (t == &PyFloat_Type) {
+        double d = PyFloat_AS_DOUBLE(o);
+        uint64_t bits;
+        memcpy(&bits, &d, 8);
+        NEED(9);
+        b[p++] = 'G'; /* BINFLOAT: big-endian IEEE 754 */
+        for (i = 7; i >= 0; i--)
+            b[p++] = (unsigned char)(bits >> (8 * i));
+    }
+    else if (t == &PyUnicode_Type || t == &PyBytes_Type) {
+        const char *data;
+        if (t == &PyUnicode_Type) {
+            data = PyUnicode_AsUTF8AndSize(o, &n);
+            if (data == NULL) { /* lone surrogates: dumps() writes them with surrogatepass */
+                PyErr_Clear();
+                return -1;
+            }
+        }
+        else {
+            data = PyBytes_AS_STRING(o);
+            n = PyBytes_GET_SIZE(o);
+        }
+        if (n < 256) {
+            NEED(2 + n);
+            b[p++] = t == &PyUnicode_Type ? 0x8c : 'C'; /* SHORT_BINUNICODE, SHORT_BINBYTES */
+            b[p++] = (unsigned char)n;
+        }
+        else {
+            NEED(5 + n);
+            b[p++] = t == &PyUnicode_Type ? 'X' : 'B'; /* BINUNICODE, BINBYTES: 4-byte length */
+            for (i = 0; i < 4; i++)
+                b[p++] = (unsigned char)((uint64_t)n >> (8 * i));
+        }
+        memcpy(b + p, data, (size_t)n);
+        p += n;
+    }
+    else if (t == &PyTuple_Type) {
+        n = PyTuple_GET_SIZE(o);
+        if (depth >= MINI_DEPTH)
+            return -1;
+        if (n == 0) {
+            NEED(1);
+            b[p++] = ')'; /* EMPTY_TUPLE */
+        }
+        else {
+            if (n > 3) {
+                NEED(1);
+                b[p++] = '('; /* MARK */
+            }
+            for (i = 0; i < n; i++)
+                if (mini_save(PyTuple_GET_ITEM(o, i), b, cap, &p, depth + 1) < 0)
+                    return -1;
+            NEED(1);
+            b[p++] = n == 1 ? 0x85 : n == 2 ? 0x86 : n == 3 ? 0x87 : 't'; /* TUPLE1/2/3, TUPLE */
+        }
+    }
+    else {
+        return -1;
+    }
+#undef NEED
+    *pos = p;
+    return 0;
+}
+
+static Py_ssize_t
+mini_pickle(PyObject *obj, unsigned char *b, Py_ssize_t cap)
+{
+    Py_ssize_t pos = 2;
+    if (cap < 4)
+        return -1;
+    b[0] = 0x80; /* PROTO 5 */
+    b[1] = 5;
+    if (mini_save(obj, b, cap - 1, &pos, 0) < 0)
+        return -1;
+    b[pos++] = '.'; /* STOP */
+    return pos;
+}
+
+static PyObject *
+mini_dumps(PyObject *module, PyObject *obj)
+{
+    unsigned char buf[MINI_MAX];
+    Py_ssize_t n = mini_pickle(obj, buf, MINI_MAX);
+    if (n < 0)
+        Py_RETURN_NONE;
+    return PyBytes_FromStringAndSize((char *)buf, n);
+}
+
 /* The common case of put: pickle a plain object, try the lock, append, wake, unlock.  True: queued.
    MISS: nothing done (not a plain object, or reducers changed).  None: dumps failed or the pickle is
    longer than `limit` (the package's pickler must do it).  bytes: the pickle, not queued (the lock was
@@ -435,8 +583,9 @@ fast_put(uint64_t *h, PyObject *lock, PyObject *obj, PyObject *spill_cache, Py_s
 {
     Py_buffer sv;
     uint64_t maxsize;
-    unsigned char *seg = NULL;
-    PyObject *data, *callargs[2];
+    unsigned char *seg = NULL, small[MINI_MAX];
+    const char *bytes;
+    PyObject *data = NULL, *callargs[2];
     PyTypeObject *t = Py_TYPE(obj);
     Py_ssize_t n;
     int done = 0, r;
@@ -447,28 +596,35 @@ fast_put(uint64_t *h, PyObject *lock, PyObject *obj, PyObject *spill_cache, Py_s
         Py_INCREF(miss);
         return miss;
     }
-    callargs[0] = obj;
-    callargs[1] = five;
-    data = PyObject_Vectorcall(fast_dumps, callargs, 2, NULL);
-    if (data == NULL || !PyBytes_Check(data) || PyBytes_GET_SIZE(data) > limit) {
-        if (data == NULL) {
-            if (!PyErr_ExceptionMatches(PyExc_Exception))
-                return NULL;
-            PyErr_Clear(); /* the package's pickler explains, or pickles by value */
-        }
-        Py_XDECREF(data);
-        Py_RETURN_NONE; /* a big message, or dumps failed: the package's pickler must do it */
+    n = mini_pickle(obj, small, limit < MINI_MAX ? limit : MINI_MAX);
+    if (n >= 0) {
+        bytes = (const char *)small; /* plain data: no class to import, no __main__ to look for */
     }
-    n = PyBytes_GET_SIZE(data);
-    if (mentions_main(PyBytes_AS_STRING(data), n))
-        return data; /* the caller decides whether a receiver can import __main__ */
+    else {
+        callargs[0] = obj;
+        callargs[1] = five;
+        data = PyObject_Vectorcall(fast_dumps, callargs, 2, NULL);
+        if (data == NULL || !PyBytes_Check(data) || PyBytes_GET_SIZE(data) > limit) {
+            if (data == NULL) {
+                if (!PyErr_ExceptionMatches(PyExc_Exception))
+                    return NULL;
+                PyErr_Clear(); /* the package's pickler explains, or pickles by value */
+            }
+            Py_XDECREF(data);
+            Py_RETURN_NONE; /* a big message, or dumps failed: the package's pickler must do it */
+        }
+        n = PyBytes_GET_SIZE(data);
+        bytes = PyBytes_AS_STRING(data);
+        if (mentions_main(bytes, n))
+            return data; /* the caller decides whether a receiver can import __main__ */
+    }
     r = try_lock(lock);
     if (r == 1) {
         maxsize = h[H_MAXSIZE];
         if (!maxsize || h[H_COUNT] < maxsize) {
             if (h[H_WSEG] != 0)
                 seg = spill(spill_cache, h[H_WSEG], &sv);
-            done = append_one(h, PyBytes_AS_STRING(data), (uint64_t)n, seg, seg ? sv.len : 0);
+            done = append_one(h, bytes, (uint64_t)n, seg, seg ? sv.len : 0);
             if (seg != NULL)
                 PyBuffer_Release(&sv);
             if (done)
@@ -476,14 +632,15 @@ fast_put(uint64_t *h, PyObject *lock, PyObject *obj, PyObject *spill_cache, Py_s
         }
         r = lock_api->release(lock);
     }
-    if (r < 0) {
-        Py_DECREF(data);
-        return NULL;
+    if (r < 0 || done) {
+        Py_XDECREF(data);
+        if (r < 0)
+            return NULL;
+        Py_RETURN_TRUE;
     }
-    if (!done)
-        return data;
-    Py_DECREF(data);
-    Py_RETURN_TRUE;
+    if (data == NULL) /* not queued: the Python path appends the pickle */
+        data = PyBytes_FromStringAndSize(bytes, n);
+    return data;
 }
 
 /* The common case of get: try the lock, take the small message at the head, unlock, unpickle it.
@@ -809,10 +966,19 @@ dumps_batch(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     for (i = 0; i < n; i++) {
         PyObject *item, *r, *data = NULL;
         Py_ssize_t k;
+        unsigned char small[MINI_MAX];
         if (i >= PyList_GET_SIZE(items)) { /* the list shrank while pickling */
             Py_INCREF(Py_None);
             PyList_SET_ITEM(out, i, Py_None);
             missing = 1;
+            continue;
+        }
+        /* plain data: the pickle is written here (see mini_pickle), no Pickler call */
+        k = mini_pickle(PyList_GET_ITEM(items, i), small, limit < MINI_MAX ? limit : MINI_MAX);
+        if (k >= 0) {
+            if ((data = PyBytes_FromStringAndSize((char *)small, k)) == NULL)
+                goto error;
+            PyList_SET_ITEM(out, i, data);
             continue;
         }
         if (PyList_SetSlice(sink, 0, PyList_GET_SIZE(sink), NULL) < 0)
@@ -879,6 +1045,8 @@ static PyMethodDef module_methods[] = {
     {"put_batch", (PyCFunction)(void (*)(void))put_batch, METH_FASTCALL,
      "put_batch(buffer, base, list_of_bytes, start, spill) -> int: append small pickled messages from "
      "index `start` on, as Core.put does (queue lock held); the index of the first one left to the Python path"},
+    {"mini_dumps", (PyCFunction)mini_dumps, METH_O,
+     "mini_dumps(obj) -> bytes or None: the pickle Core.put writes for plain data (None if not plain)"},
     {"set_fast", (PyCFunction)(void (*)(void))set_fast, METH_FASTCALL,
      "set_fast(dumps, extra_reducers, ok_size): Core.put pickles with dumps while the dict has that size"},
     {"take_small", (PyCFunction)(void (*)(void))take_small, METH_FASTCALL,
