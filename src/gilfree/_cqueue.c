@@ -1038,7 +1038,47 @@ error:
     return NULL;
 }
 
+/* [loads(r) if type(r) is bytes else decode(r) for r in records]: get_many's unpickling, without
+   the Python loop.  An exception stops it (the caller gives back what undecoded records hold). */
+static PyObject *
+loads_all(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    PyObject *records, *out;
+    Py_ssize_t i, n;
+    if (nargs != 3 || !PyList_Check(args[0])) {
+        PyErr_SetString(PyExc_TypeError, "loads_all(records, loads, decode)");
+        return NULL;
+    }
+    records = args[0];
+    n = PyList_GET_SIZE(records);
+    if ((out = PyList_New(n)) == NULL)
+        return NULL;
+    for (i = 0; i < n; i++) {
+        PyObject *r = PyList_GET_ITEM(records, i), *obj;
+        Py_INCREF(r);
+        obj = PyObject_Vectorcall(PyBytes_CheckExact(r) ? args[1] : args[2], &r, 1, NULL);
+        Py_DECREF(r);
+        if (obj == NULL) {
+            for (; i < n; i++) { /* fill the rest so that the list can be freed */
+                Py_INCREF(Py_None);
+                PyList_SET_ITEM(out, i, Py_None);
+            }
+            Py_DECREF(out);
+            return NULL;
+        }
+        PyList_SET_ITEM(out, i, obj);
+        if (PyList_GET_SIZE(records) != n) {
+            Py_DECREF(out);
+            PyErr_SetString(PyExc_RuntimeError, "records changed while decoding");
+            return NULL;
+        }
+    }
+    return out;
+}
+
 static PyMethodDef module_methods[] = {
+    {"loads_all", (PyCFunction)(void (*)(void))loads_all, METH_FASTCALL,
+     "loads_all(records, loads, decode) -> [loads(r) if type(r) is bytes else decode(r) for r in records]"},
     {"dumps_batch", (PyCFunction)(void (*)(void))dumps_batch, METH_FASTCALL,
      "dumps_batch(list, dump, clear_memo, sink_list, limit) -> (list of bytes or None, mentions __main__, "
      "has None)"},

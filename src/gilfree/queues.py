@@ -932,6 +932,8 @@ class _QueueBase(_Core):  # type: ignore[misc, valid-type]
         records = self._get_records(max_items, block, timeout)
         loads, decode = _pickle_loads, self._decode_record
         try:
+            if self._fast:
+                return _cqueue.loads_all(records, loads, decode)  # type: ignore[no-any-return]
             return [loads(r) if type(r) is bytes else decode(r) for r in records]
         except BaseException:  # the batch is lost: give back what its undecoded records hold
             for r in records:
