@@ -49,7 +49,7 @@
 /* header words: keep in step with queues.py */
 enum { H_MAGIC, H_CAP, H_HEAD, H_TAIL, H_COUNT, H_WSEG, H_RCUR, H_RBASE, H_NEXT_SEQ, H_MAXSIZE,
        H_UNFINISHED, H_QID, H_FLAGS };
-#define HDR 192 /* header bytes before the ring: keep in step with queues.py */
+#define HDR 256 /* header bytes before the ring: keep in step with queues.py */
 #define F_JOINABLE 1u
 #define NE_WORD 26 /* u32 index of the "not empty" sequence; its flag follows */
 #define NF_WORD 28

@@ -10,9 +10,9 @@
       ring full (unbounded queue):        |  next_seq maxsize unfinished ...   |   head += len (commit),
         records go to a spill segment     |  futex words: not-empty/not-full/  |   wake; unpickle after
         "gfq<id>_<n>", reached through a  |   all-done (sequence+sleeper flag) |   the lock is released
-        LINK record in the ring           |  pool: 8 slot states (free, queued, |  LINK: follow the chain
-      big (> cap/8), no out-of-band       |   pid+writing, pid+reading)        |   of spill segments, then
-        buffer, <= 4 MiB: claim a pool    | ring (cap bytes, circular):        |   back to the ring
+        LINK record in the ring           |  pool: 16 slot states (free,       |  LINK: follow the chain
+      big (> cap/8), no out-of-band       |   queued, pid+writing, pid+reading)|   of spill segments, then
+        buffer, <= 2 MiB: claim a pool    | ring (cap bytes, circular):        |   back to the ring
         slot (lock), write the pickle to  |  [len|kind|payload...][len|kind..  |  POOL: mark the slot
         segment "gfq<id>_p<slot>" (no     +------------------------------------+   pid+reading (lock),
         lock), publish a POOL record           |LINK(n)      |POOL(slot,len)  |BIG   unpickle from its
@@ -41,13 +41,14 @@ pickles the batch with one Pickler and appends it with one call.
 unpickles.  It unlinks spill and big segments it has finished.
 
 *Big messages* travel outside the ring, in one copy each way.  Those without out-of-band buffers
-(bytes, str, most objects) use the queue's pool of up to 8 segments, kept mapped and reused, so a
+(bytes, str, most objects) use the queue's pool of up to 16 segments, kept mapped and reused, so a
 message costs no segment creation, page faults or unmapping: the producer claims a free slot under
 the lock (state ``pid|writing``), writes the pickle with no lock held, and under the lock marks it
 ``queued`` then commits the POOL record; the consumer commits its take, marks the slot
 ``pid|reading``, releases the lock, unpickles straight from the segment and frees the slot with one
 store.  Out-of-band buffers (numpy arrays...) stay zero-copy in their own segment, which the
-unpickled object keeps alive; so do big messages when the pool is taken or larger than 4 MiB.
+unpickled object keeps alive; so do big messages larger than 2 MiB, and those that find every slot
+taken (after waiting up to 2 ms if a consumer is reading one, which it frees in a moment).
 
 *Crash safety.*  The lock is a robust :class:`~gilfree.synchronize.Lock` in takeover mode: if its
 holder dies, the next process that waits for it takes it over and, before anything else, runs
@@ -128,19 +129,21 @@ WAIT_SLICE = 0.5
 #: Size of a spill segment (records that do not fit in a full ring of an unbounded queue).
 SPILL_SIZE = 4 << 20
 #: Big messages up to this size without out-of-band buffers go through the queue's pool of reused
-#: segments (at most 8 of them, so the pool keeps at most 8 x this much shared memory).
-POOL_MAX = 4 << 20
+#: segments (at most 16 of them, so the pool keeps at most 16 x this much shared memory).
+POOL_MAX = 2 << 20
+#: How long a big put waits for a pool slot that a consumer is reading before it takes a one-off segment.
+POOL_WAIT = 0.002
 
 # header words (u64)
 _MAGIC, _CAP, _HEAD, _TAIL, _COUNT, _WSEG, _RCUR, _RBASE, _NEXT_SEQ, _MAXSIZE, _UNFINISHED, _QID, _FLAGS = range(13)
 _F_JOINABLE = 1
 # futex words (u32 index into the same header): sequence, sleeper flag
 _NE, _NF, _DONE = 26, 28, 30  # bytes 104-127: after the u64 words 0-12
-# the big-message segment pool: one u64 state word per slot (u64 words 16-23, bytes 128-191)
-_POOL0, _NPOOL = 16, 8
+# the big-message segment pool: one u64 state word per slot (u64 words 16-31, bytes 128-255)
+_POOL0, _NPOOL = 16, 16
 _P_FREE, _P_QUEUED = 0, 1  # other states: pid << 8 | _P_WRITING or _P_READING
 _P_WRITING, _P_READING = 2, 3
-_HDR = 192
+_HDR = 256
 _MAGIC_VALUE = 0x6766517565756532  # "gfQueue2"
 # record kinds
 _MSG, _BIG, _LINK, _POOL = 1, 2, 3, 4
@@ -667,22 +670,38 @@ class _QueueBase(_Core):  # type: ignore[misc, valid-type]
         return struct.pack("<QQ", slot, total)
 
     def _pool_claim(self) -> int | None:
-        """A free pool slot, marked as being written by this process; None if all are taken."""
+        """A free pool slot, marked as being written by this process; None if all are taken.
+
+        When none is free but a consumer is reading one (it frees it in a moment), waits for up to
+        POOL_WAIT: cheaper than a one-off segment.  When all are queued, nobody is reading: no wait.
+        """
         h, me = self._h, os.getpid() << 8
-        self._acquire(True, None)
-        try:
-            for slot in range(_NPOOL):
-                if h[_POOL0 + slot] == _P_FREE:
-                    h[_POOL0 + slot] = me | _P_WRITING
-                    return slot
-            for slot in range(_NPOOL):  # a process died writing or reading a slot: take it back
-                state = h[_POOL0 + slot]
-                if state & 0xFF in (_P_WRITING, _P_READING) and not synchronize._pid_alive(state >> 8):
-                    h[_POOL0 + slot] = me | _P_WRITING
-                    return slot
-            return None
-        finally:
-            self._lock.release()
+        deadline = 0.0
+        while True:
+            self._acquire(True, None)
+            try:
+                for slot in range(_NPOOL):
+                    if h[_POOL0 + slot] == _P_FREE:
+                        h[_POOL0 + slot] = me | _P_WRITING
+                        return slot
+                reading = False
+                for slot in range(_NPOOL):  # a process died writing or reading a slot: take it back
+                    state = h[_POOL0 + slot]
+                    if state & 0xFF in (_P_WRITING, _P_READING):
+                        if not synchronize._pid_alive(state >> 8):
+                            h[_POOL0 + slot] = me | _P_WRITING
+                            return slot
+                        reading = reading or state & 0xFF == _P_READING
+            finally:
+                self._lock.release()
+            now = time.monotonic()
+            if not deadline:
+                deadline = now + POOL_WAIT
+            if not reading or now > deadline:
+                return None
+            while now < deadline and _P_FREE not in h[_POOL0 : _POOL0 + _NPOOL]:
+                time.sleep(20e-6)
+                now = time.monotonic()
 
     def _pool_publish(self, payload: Any) -> None:
         """A slot's message is about to be committed (lock held): from now on the record owns it."""
