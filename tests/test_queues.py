@@ -241,6 +241,109 @@ def test_unpicklable_put_raises_in_caller():
     assert q.get(timeout=5) == "still usable"
 
 
+class _Celsius:
+    def __init__(self, v):
+        self.v = v
+
+
+def test_put_follows_reducers_registered_later():
+    from gilfree import reduction
+
+    q = gilfree.Queue()
+    q.put((1, "a"))  # the C path pickles plain objects by itself from here on
+    assert q.get(timeout=5) == (1, "a")
+    reduction.register(_Celsius, lambda c: (float, (c.v,)))
+    try:
+        q.put((_Celsius(3.5), "x"))
+        assert q.get(timeout=5) == (3.5, "x")
+        q.put_many([(_Celsius(1.0),), 2])
+        assert q.get_many(10, timeout=5) == [(1.0,), 2]
+    finally:
+        reduction._extra_reducers.pop(_Celsius)
+        reduction._table_copyreg_len = -1
+    q.put(("__main__", 2))  # a pickle that names __main__ (as a string): the receiver decides nothing
+    q.put_many([("__main__",), b"__main__"])
+    assert q.get_many(10, timeout=5) == [("__main__", 2), ("__main__",), b"__main__"]
+
+
+@pytest.mark.parametrize("impl", [gilfree, std_mp])
+def test_put_get_argument_forms(impl):
+    q = impl.Queue()
+    q.put(1)
+    q.put(2, False)
+    q.put(3, True, 5)
+    q.put(4, block=False)
+    q.put(5, timeout=5)
+    q.put(obj=6)
+    q.put_nowait(7)
+    got = [q.get(), q.get(True), q.get(True, 5), q.get(block=True), q.get(timeout=5)]
+    if impl is std_mp:
+        time.sleep(0.2)  # its feeder thread must have written the rest before a non-blocking get
+    got += [q.get_nowait(), q.get(False)]
+    assert got == [1, 2, 3, 4, 5, 6, 7]
+    for bad_put in (lambda: q.put(), lambda: q.put(1, True, 1, 2), lambda: q.put(1, color=2)):
+        with pytest.raises(TypeError):
+            bad_put()
+    with pytest.raises(TypeError):
+        q.get(True, 1, 2)
+    with pytest.raises(TypeError):
+        q.get(color=1)
+    with pytest.raises(queue.Empty):
+        q.get(timeout=0.01)
+    q.close()
+    with pytest.raises(ValueError):
+        q.put(1)
+    with pytest.raises(ValueError):
+        q.get()
+
+
+def _plain(rng, depth=0):
+    kind = rng.randrange(8 if depth < 5 else 7)
+    if kind == 0:
+        return rng.choice((None, True, False))
+    if kind == 1:
+        bits = rng.choice((7, 8, 9, 16, 17, 31, 32, 33, 63, 64, 65, 100))
+        return rng.randrange(-(2**bits), 2**bits)
+    if kind == 2:
+        return rng.choice((0.0, -0.0, 1.5, -2.25e300, 5e-324, float("inf"), float("-inf"), float("nan"), rng.random()))
+    if kind == 3:
+        return "".join(chr(rng.choice((rng.randrange(32, 127), rng.randrange(128, 0x10FFFF))))
+                       for _ in range(rng.choice((0, 1, 5, 255, 256, 300))))
+    if kind == 4:
+        return "\ud800 lone surrogate"
+    if kind == 5:
+        return rng.randbytes(rng.choice((0, 3, 255, 256, 400)))
+    if kind == 6:
+        return complex(1, 2)
+    return tuple(_plain(rng, depth + 1) for _ in range(rng.choice((0, 1, 2, 3, 4, 7))))
+
+
+def _same(a, b):
+    return type(a) is type(b) and (
+        all(_same(x, y) for x, y in zip(a, b)) and len(a) == len(b) if type(a) is tuple else repr(a) == repr(b)
+    )
+
+
+@pytest.mark.skipif(queues._cqueue is None, reason="the C extension")
+def test_the_c_pickle_of_plain_data_reads_back_the_same():
+    import pickle
+
+    rng = random.Random(5)
+    written = 0
+    for _ in range(3000):
+        obj = _plain(rng)
+        data = queues._cqueue.mini_dumps(obj)
+        if data is not None:
+            written += 1
+            assert _same(pickle.loads(data), obj), obj
+    assert written > 1000
+    q = gilfree.Queue()
+    objs = [_plain(rng) for _ in range(300)]
+    for obj in objs:
+        q.put(obj)
+    assert all(_same(a, b) for a, b in zip(q.get_many(1000, timeout=5), objs))
+
+
 def test_qsize_exact_right_after_put():
     q = gilfree.Queue()
     for i in range(100):
@@ -356,6 +459,70 @@ def test_large_numpy_arrays_and_bytes(ctx):
     assert _segments(q) == [] and _segments(out) == []
 
 
+def _pool_names(q) -> list[str]:
+    return sorted(n for n in _segments(q) if n[len(q._prefix)] == "p")
+
+
+def _put_blobs(q, blobs):
+    for b in blobs:
+        q.put(b)
+
+
+def test_big_messages_reuse_the_pool_segments(ctx):
+    q = ctx.Queue()
+    blobs = [os.urandom(300_000 + 1000 * i) for i in range(40)]  # > ring/8: big, <= POOL_MAX: pooled
+    p = ctx.Process(target=_put_blobs, args=(q, blobs))
+    p.start()
+    got = [q.get(timeout=10) for _ in blobs]
+    p.join(10)
+    assert got == blobs
+    assert 1 <= len(_pool_names(q)) <= queues._NPOOL
+    assert [n for n in _segments(q) if n not in _pool_names(q)] == []  # no one-off segment left
+    assert all(q._h[queues._POOL0 + i] == queues._P_FREE for i in range(queues._NPOOL))
+
+
+def test_full_pool_falls_back_to_own_segments_in_order():
+    q = gilfree.Queue()
+    blobs = [os.urandom(200_000) for _ in range(queues._NPOOL + 5)]
+    for b in blobs:
+        q.put(b)
+    states = [q._h[queues._POOL0 + i] for i in range(queues._NPOOL)]
+    assert states == [queues._P_QUEUED] * queues._NPOOL
+    assert q.get_many(100, timeout=5) == blobs
+    assert all(q._h[queues._POOL0 + i] == queues._P_FREE for i in range(queues._NPOOL))
+
+
+def _fail_on_load():
+    raise RuntimeError("cannot be unpickled here")
+
+
+class _FailsOnLoad:
+    def __reduce__(self):
+        return _fail_on_load, ()
+
+
+def test_get_many_that_fails_to_unpickle_gives_back_the_pool_slots():
+    q = gilfree.Queue()
+    q.put_many([os.urandom(200_000), _FailsOnLoad(), os.urandom(200_000), os.urandom(200_000)])
+    with pytest.raises(RuntimeError, match="cannot be unpickled"):
+        q.get_many(10, timeout=5)
+    assert all(q._h[queues._POOL0 + i] == queues._P_FREE for i in range(queues._NPOOL))
+    assert q.empty()
+
+
+def test_pool_slot_of_a_dead_process_is_taken_back():
+    q = gilfree.Queue()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    for i in range(queues._NPOOL):  # every slot held by a process that died writing or reading it
+        q._h[queues._POOL0 + i] = (int(dead) << 8) | (queues._P_WRITING if i % 2 else queues._P_READING)
+    blob = os.urandom(500_000)
+    q.put(blob)
+    assert q._h[queues._POOL0 + 0] == queues._P_QUEUED  # taken back, not a one-off segment
+    assert q.get(timeout=5) == blob
+    assert q._h[queues._POOL0 + 0] == queues._P_FREE
+
+
 def test_unread_segments_are_removed_with_the_queue():
     q = gilfree.Queue(ring_size=4096)
     q.put(os.urandom(100_000))
@@ -435,6 +602,90 @@ def test_sigkilled_consumers_lose_at_most_one_message_each(ctx):
     gc.collect()
 
 
+_MIXED_SIZES = (8, 100, 3000, 20_000, 200_000)  # ring 64 KiB: ring, spill, pool (> 8 KiB) messages
+
+
+def _mixed_producer(q, pid, n):
+    rng = random.Random(pid)
+    for i in range(n):
+        body = rng.randbytes(rng.choice(_MIXED_SIZES))
+        m = (pid, i, zlib.crc32(body), body)
+        q.put_many([m]) if i % 3 == 0 else q.put(m)
+        if i % 20 == 0:
+            time.sleep(0.001)
+
+
+def _mixed_consumer(q, results):
+    rng = random.Random()
+    while True:
+        try:
+            ms = q.get_many(rng.choice((1, 5)), timeout=0.5) if rng.random() < 0.5 else [q.get(timeout=0.5)]
+        except queue.Empty:
+            continue
+        nones = 0
+        for m in ms:
+            if m is None:
+                nones += 1
+                continue
+            pid, i, crc, body = m
+            results.put((pid, i, zlib.crc32(body) == crc))
+        if nones:
+            for _ in range(nones - 1):
+                q.put(None)
+            return
+
+
+def test_sigkilled_producers_and_consumers_with_pooled_messages(ctx):
+    """Producers and consumers killed at random while messages of every kind (ring, spill, pool) flow."""
+    n = 300
+    q = ctx.Queue(ring_size=1 << 16)
+    results = ctx.Queue()
+    producers = [ctx.Process(target=_mixed_producer, args=(q, k, n)) for k in range(3)]
+    consumers = [ctx.Process(target=_mixed_consumer, args=(q, results)) for _ in range(3)]
+    for p in producers + consumers:
+        p.start()
+    rng = random.Random(11)
+    consumer_kills, killed_producers, collected = 0, set(), []
+    deadline = time.monotonic() + 4
+    while time.monotonic() < deadline and any(p.is_alive() for p in producers):
+        time.sleep(rng.uniform(0.0, 0.03))
+        k = rng.randrange(3)
+        if rng.random() < 0.1 and k not in killed_producers and producers[k].is_alive():
+            producers[k].kill()
+            producers[k].join(5)
+            killed_producers.add(k)
+        else:
+            consumers[k].kill()
+            consumers[k].join(5)
+            consumer_kills += 1
+            consumers[k] = ctx.Process(target=_mixed_consumer, args=(q, results))
+            consumers[k].start()
+        try:
+            collected += results.get_many(10_000, block=False)
+        except queue.Empty:
+            pass
+    _join_all(producers, 30)
+    for _ in consumers:
+        q.put(None)
+    _join_all(consumers)
+    assert [c.exitcode for c in consumers] == [0] * 3
+    while not results.empty():
+        collected += results.get_many(10_000, timeout=5)
+    keys = [(pid, i) for pid, i, _ in collected]
+    assert len(keys) == len(set(keys)), "a message was delivered twice"
+    assert all(ok for _, _, ok in collected), "a torn message"
+    lost = 0
+    for k in range(3):
+        got = [i for pid, i in keys if pid == k]
+        sent = (max(got) + 1 if got else 0) if k in killed_producers else n
+        lost += sent - len(got)
+    # a consumer killed after get_many returned loses that batch (up to 5 here), a producer the one it held
+    assert 0 <= lost <= 5 * consumer_kills + len(killed_producers), (lost, consumer_kills, killed_producers)
+    assert q.empty(), q
+    del q, results
+    gc.collect()
+
+
 def test_sigkilled_producer_leaves_a_prefix_of_its_messages(ctx):
     q = ctx.Queue(ring_size=1 << 16)
     p = ctx.Process(target=_stress_producer, args=(q, 0, 10**9, 0))
@@ -458,6 +709,25 @@ def _hold_lock_and_die(q):
     q._lock.acquire()
     q._h[queues._COUNT] += 5  # derived state left wrong, as by a death half-way through a put
     os._exit(0)  # dies holding the queue lock
+
+
+def _consume_pooled_and_die(q):
+    q._lock.acquire()
+    q._take_record()  # consumed: committed, but its slot is not marked as being read yet
+    os._exit(0)  # dies holding the queue lock
+
+
+def test_pool_slot_of_a_holder_that_died_in_between_is_freed_by_the_repair(ctx):
+    q = ctx.Queue()
+    blobs = [os.urandom(300_000), os.urandom(300_000)]
+    q.put_many(blobs)
+    assert [q._h[queues._POOL0 + i] for i in range(2)] == [queues._P_QUEUED] * 2
+    p = ctx.Process(target=_consume_pooled_and_die, args=(q,))
+    p.start()
+    p.join(10)
+    assert q.get(timeout=10) == blobs[1]  # the first one is the message the dead consumer had
+    assert all(q._h[queues._POOL0 + i] == queues._P_FREE for i in range(queues._NPOOL))
+    assert q.empty()
 
 
 def test_lock_holder_death_is_taken_over_and_repaired(ctx):

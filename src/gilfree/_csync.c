@@ -76,6 +76,15 @@ typedef struct {
 
 #define GF_MAGIC 0x67665331u /* "gfS1" */
 
+/* What other extensions may call (the capsule gilfree._csync._C_API; keep in step with _cqueue.c):
+   a non-blocking acquire and a release of a (non-recursive) SemBlock, without argument parsing. */
+#define GF_LOCK_CAPI_VERSION 1
+typedef struct {
+    int version;
+    int (*try_acquire)(PyObject *lock); /* 1 acquired, 0 busy, -1 exception */
+    int (*release)(PyObject *lock);     /* 0, or -1 exception */
+} gf_lock_capi;
+
 /* getpid() is a system call in current glibc; the pid is cached and refreshed in a forked child. */
 static int cached_pid = 0;
 
@@ -335,6 +344,8 @@ SemBlock_dealloc(SemBlock *self)
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
+static PyTypeObject SemBlockType; /* defined below */
+
 static int
 check_ready(SemBlock *self)
 {
@@ -505,6 +516,48 @@ SemBlock_acquire(SemBlock *self, PyObject *args, PyObject *kwds)
     if (!PyArg_ParseTupleAndKeywords(args, kwds, "|pO", kwlist, &blocking, &timeout_obj))
         return NULL;
     return do_acquire(self, blocking, timeout_obj);
+}
+
+/* For other extensions (the queue's C path, through the capsule _csync._C_API): acquire without
+   waiting a SemBlock that is not recursive.  1: acquired, 0: taken by someone else, -1: an exception
+   (not a SemBlock, or a recursive lock).  What acquire(False) does, without parsing arguments. */
+static int
+capi_try_acquire(PyObject *obj)
+{
+    SemBlock *self = (SemBlock *)obj;
+    gf_block *b;
+    int me;
+    if (!PyObject_TypeCheck(obj, &SemBlockType)) {
+        PyErr_SetString(PyExc_TypeError, "not a SemBlock");
+        return -1;
+    }
+    if (check_ready(self) < 0)
+        return -1;
+    b = self->b;
+    if (b->kind == GF_RECURSIVE) {
+        PyErr_SetString(PyExc_TypeError, "a recursive lock");
+        return -1;
+    }
+    if (!try_take(b))
+        return 0;
+    me = my_pid();
+    self->recovered_pid = 0;
+    record_holder(b, me);
+    set_lock_owner(b, me, (uint64_t)PyThread_get_thread_ident());
+    return 1;
+}
+
+static PyObject *SemBlock_release(SemBlock *self, PyObject *Py_UNUSED(ignored));
+
+/* release(), for other extensions: 0, or -1 with an exception. */
+static int
+capi_release(PyObject *obj)
+{
+    PyObject *r = SemBlock_release((SemBlock *)obj, NULL);
+    if (r == NULL)
+        return -1;
+    Py_DECREF(r);
+    return 0;
 }
 
 static PyObject *
@@ -780,5 +833,14 @@ PyInit__csync(void)
     PyModule_AddIntConstant(m, "SEMAPHORE", GF_SEMAPHORE);
     PyModule_AddIntConstant(m, "RECURSIVE", GF_RECURSIVE);
     PyModule_AddIntConstant(m, "SLICE_MS", (long)(GF_SLICE_NS / 1000000));
+    {
+        static gf_lock_capi capi = {GF_LOCK_CAPI_VERSION, capi_try_acquire, capi_release};
+        PyObject *capsule = PyCapsule_New(&capi, "gilfree._csync._C_API", NULL);
+        if (capsule == NULL || PyModule_AddObject(m, "_C_API", capsule) < 0) {
+            Py_XDECREF(capsule);
+            Py_DECREF(m);
+            return NULL;
+        }
+    }
     return m;
 }

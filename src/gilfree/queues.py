@@ -2,35 +2,53 @@
 
 ::
 
-    producers (any process/thread)            shared memory                          consumers
-    ------------------------------            -------------                          ---------
-    put(obj): pickle here (raises here)  +-----------------------------------+
-      small: lock, write record at tail, | header (Block, inherited)         |   get(): lock; record at
-        tail += len  (the commit), wake  |  head tail count wseg rcur rbase  |    head: copy out,
-      ring full (unbounded queue):       |  next_seq maxsize unfinished ...  |    head += len (commit),
-        records go to a spill segment    |  futex words: not-empty/not-full/ |    wake; unpickle after
-        "gfq<id>_<n>", reached through a |  all-done (sequence + sleeper flag)|    the lock is released
-        LINK record in the ring          | ring (cap bytes, circular):       |
-      big (> cap/8, or an out-of-band    |  [len|kind|payload...][len|kind.. |   LINK: follow the chain
-        buffer >= 1 MiB): written to its +-----------------------------------+    of spill segments, then
-        own segment "gfq<id>_b<rand>"        |LINK(n)            |BIG(name)       back to the ring
-        outside the lock; the ring           v                   v
-        carries its name              spill segment n:       big segment: pickle + buffers
-                                      [used|sealed|records.. LINK(n+1)?]   (mapped, used, unlinked
-                                                                            by the consumer)
+    producers (any process/thread)             shared memory                         consumers
+    ------------------------------             -------------                         ---------
+    put(obj): pickle here (raises here)   +------------------------------------+
+      small: lock, write record at tail,  | header (Block, inherited)          |  get(): lock; record at
+        tail += len  (the commit), wake   |  head tail count wseg rcur rbase   |   head: copy out,
+      ring full (unbounded queue):        |  next_seq maxsize unfinished ...   |   head += len (commit),
+        records go to a spill segment     |  futex words: not-empty/not-full/  |   wake; unpickle after
+        "gfq<id>_<n>", reached through a  |   all-done (sequence+sleeper flag) |   the lock is released
+        LINK record in the ring           |  pool: 16 slot states (free,       |  LINK: follow the chain
+      big (> cap/8), no out-of-band       |   queued, pid+writing, pid+reading)|   of spill segments, then
+        buffer, <= 2 MiB: claim a pool    | ring (cap bytes, circular):        |   back to the ring
+        slot (lock), write the pickle to  |  [len|kind|payload...][len|kind..  |  POOL: mark the slot
+        segment "gfq<id>_p<slot>" (no     +------------------------------------+   pid+reading (lock),
+        lock), publish a POOL record           |LINK(n)      |POOL(slot,len)  |BIG   unpickle from its
+      other big: written to its own            v             v                v      segment, free it
+        segment "gfq<id>_b<rand>" outside  spill segment n:  pool segment:   big segment: pickle +
+        the lock; a BIG record carries     [used|sealed|     the pickle      buffers (mapped, used,
+        its name                            records..        (kept mapped,   unlinked by the
+                                            LINK(n+1)?]       reused)         consumer)
 
 Every record is ``[u32 payload length][u32 kind][payload, padded to 8]``; kinds are a pickled message
-(MSG), the name of a big message's segment (BIG) and the number of the next spill segment (LINK).
+(MSG), the name of a big message's segment (BIG), the number of the next spill segment (LINK) and a
+pool slot with the pickle's length (POOL).
 
 *Producer* (any process or thread that calls ``put``): pickles the object in the caller, so an
 unpicklable object raises there and nothing is published; takes the queue lock; appends the record;
 publishes it with one 8-byte store (``tail``, or ``used`` of the spill segment being written);
 updates the message count; wakes sleepers only if one announced itself.  Nothing stays behind in the
 process: a child that put data and returns can be joined at once, and the data is in shared memory.
+For a plain object (tuple, int, str...) ``put`` is a method of the C base class
+``_cqueue.Core`` that pickles, takes the lock if it is free or frees up within a few polls (through
+:mod:`gilfree._csync`'s C API) and appends, with no Python frame; ``get`` likewise.  ``put_many``
+pickles the batch with one Pickler and appends it with one call.
 
 *Consumer* (any caller of ``get``): takes the lock, copies the record out, consumes it with one
 8-byte store (``head``, or the read cursor ``rcur`` in a spill segment), releases the lock and
 unpickles.  It unlinks spill and big segments it has finished.
+
+*Big messages* travel outside the ring, in one copy each way.  Those without out-of-band buffers
+(bytes, str, most objects) use the queue's pool of up to 16 segments, kept mapped and reused, so a
+message costs no segment creation, page faults or unmapping: the producer claims a free slot under
+the lock (state ``pid|writing``), writes the pickle with no lock held, and under the lock marks it
+``queued`` then commits the POOL record; the consumer commits its take, marks the slot
+``pid|reading``, releases the lock, unpickles straight from the segment and frees the slot with one
+store.  Out-of-band buffers (numpy arrays...) stay zero-copy in their own segment, which the
+unpickled object keeps alive; so do big messages larger than 2 MiB, and those that find every slot
+taken (after waiting up to 2 ms if a consumer is reading one, which it frees in a moment).
 
 *Crash safety.*  The lock is a robust :class:`~gilfree.synchronize.Lock` in takeover mode: if its
 holder dies, the next process that waits for it takes it over and, before anything else, runs
@@ -40,9 +58,14 @@ what follows it (the count, which spill segment is open, sealing a spill segment
 that the repair recomputes by walking the records.  The one non-idempotent step, leaving a spill chain
 for the ring, is written as an assignment (``head = rbase + LINK``) so that doing it twice is harmless.
 So a process killed at any instruction loses at most the message it was handling (unpublished, or
-consumed but not yet returned), and never leaves a torn or duplicated message.  Segments orphaned by
-a death (created, not yet published; consumed, not yet unlinked) are removed by the queue's creator
-when it lets go of the queue, or at its exit: every segment name starts with the queue's prefix.
+consumed but not yet returned), and never leaves a torn or duplicated message.  Pool slots keep this:
+a slot is marked ``queued`` *before* its record is committed and marked ``reading`` *after* its
+record is consumed, so no record ever names a slot that someone may claim; a death between the two
+stores leaves a slot ``queued`` that no record names, which the repair frees; a death while writing
+or reading a slot leaves the dead pid in it, and a producer that finds no free slot takes such a slot
+back.  Segments orphaned by a death (created, not yet published; consumed, not yet unlinked) are
+removed by the queue's creator when it lets go of the queue, or at its exit: every segment name
+starts with the queue's prefix.
 
 *Waiting.*  Each condition (not empty, not full, all tasks done) is a 32-bit sequence number bumped
 under the lock by whoever may have changed it, plus a flag a sleeper sets before it sleeps on the
@@ -54,7 +77,7 @@ extension (or with ``GILFREE_PURE_QUEUE=1``) sleepers poll the sequence with a g
 The design follows the classic single-lock bounded buffer with sequence-number futexes (as in
 faster-fifo's and Boost.Interprocess's message queues); what differs: no fixed capacity in bytes
 (spill segments), records published by a single store so that death at any point is recoverable,
-large messages out of the ring, and a robust lock instead of a pthread mutex.
+large messages out of the ring (in reused segments), and a robust lock instead of a pthread mutex.
 
 Like the stdlib's, queues reach other processes only by inheritance (``Process`` arguments).
 
@@ -91,6 +114,7 @@ def _load_cqueue() -> Any:
 
 #: The C hot path, or None: the pure-Python path (no compiler, or GILFREE_PURE_QUEUE=1).
 _cqueue: Any = _load_cqueue()
+_MISS = _cqueue.MISS if _cqueue is not None else object()
 
 __all__ = ["Queue", "SimpleQueue", "JoinableQueue", "Empty", "Full"]
 
@@ -104,16 +128,25 @@ NOWAIT_LOCK_TIMEOUT = 0.005
 WAIT_SLICE = 0.5
 #: Size of a spill segment (records that do not fit in a full ring of an unbounded queue).
 SPILL_SIZE = 4 << 20
+#: Big messages up to this size without out-of-band buffers go through the queue's pool of reused
+#: segments (at most 16 of them, so the pool keeps at most 16 x this much shared memory).
+POOL_MAX = 2 << 20
+#: How long a big put waits for a pool slot that a consumer is reading before it takes a one-off segment.
+POOL_WAIT = 0.002
 
 # header words (u64)
 _MAGIC, _CAP, _HEAD, _TAIL, _COUNT, _WSEG, _RCUR, _RBASE, _NEXT_SEQ, _MAXSIZE, _UNFINISHED, _QID, _FLAGS = range(13)
 _F_JOINABLE = 1
 # futex words (u32 index into the same header): sequence, sleeper flag
 _NE, _NF, _DONE = 26, 28, 30  # bytes 104-127: after the u64 words 0-12
-_HDR = 128
-_MAGIC_VALUE = 0x6766517565756531  # "gfQueue1"
+# the big-message segment pool: one u64 state word per slot (u64 words 16-31, bytes 128-255)
+_POOL0, _NPOOL = 16, 16
+_P_FREE, _P_QUEUED = 0, 1  # other states: pid << 8 | _P_WRITING or _P_READING
+_P_WRITING, _P_READING = 2, 3
+_HDR = 256
+_MAGIC_VALUE = 0x6766517565756532  # "gfQueue2"
 # record kinds
-_MSG, _BIG, _LINK = 1, 2, 3
+_MSG, _BIG, _LINK, _POOL = 1, 2, 3, 4
 _LINK_LEN = 16
 _REC = struct.Struct("<II")
 # spill segment header (u64 words): bytes used (records end here), sealed (1: nothing more comes)
@@ -162,7 +195,7 @@ _fast_ok = False
 _main_seen: tuple[Any, bool] = (None, False)
 
 
-def _fast_dumps(obj: Any, limit: int) -> bytes | None:
+def _fast_dumps(obj: Any, limit: int, scan_main: bool = True) -> bytes | None:
     """``obj`` pickled by the C pickler alone, or None where :func:`reduction.dump_chunks` must do it.
 
     That is: when it fails (tier 2 and the error explanation are there), when a reducer registered with
@@ -170,11 +203,8 @@ def _fast_dumps(obj: Any, limit: int) -> bytes | None:
     imported by a receiver, and for large buffers (which travel out of band).  The C pickler uses
     copyreg's table as the package's pickler does; several times cheaper than a Pickler per message.
     """
-    global _fast_table_len, _fast_ok, _main_seen
-    extra = reduction._extra_reducers
-    if len(extra) != _fast_table_len:  # only types that plain pickling refuses anyway
-        _fast_table_len = len(extra)
-        _fast_ok = all(t is memoryview or t.__name__ == "socket" for t in extra)
+    if len(reduction._extra_reducers) != _fast_table_len:
+        _fast_dumps_ok()
     if not _fast_ok:
         return None
     t = type(obj)
@@ -188,12 +218,45 @@ def _fast_dumps(obj: Any, limit: int) -> bytes | None:
         data = _pickle_dumps(obj, 5)
     except Exception:
         return None
+    if len(data) > limit:
+        return None
+    if scan_main and data.find(b"__main__") >= 0 and _main_unimportable():  # find: `in` tries int() first
+        return None
+    return data
+
+
+class _Sink:
+    """Where a batch's Pickler writes: each pickle arrives as one chunk (or a few, for a large one)."""
+
+    __slots__ = ("chunks", "write")
+
+    def __init__(self) -> None:
+        self.chunks: list[bytes] = []
+        self.write = self.chunks.append
+
+
+_Pickler = reduction.pickle.Pickler
+
+
+def _fast_dumps_ok() -> bool:
+    """Whether the C pickler alone pickles as :func:`reduction.dump_chunks` would (no reducer in the way)."""
+    global _fast_table_len, _fast_ok
+    extra = reduction._extra_reducers
+    if len(extra) != _fast_table_len:  # only types that plain pickling refuses anyway
+        _fast_table_len = len(extra)
+        _fast_ok = all(t is memoryview or t.__name__ == "socket" for t in extra)
+        if _cqueue is not None:  # what _cqueue.put() may pickle by itself
+            _cqueue.set_fast(_pickle_dumps, extra, _fast_table_len if _fast_ok else -1)
+    return _fast_ok
+
+
+def _main_unimportable() -> bool:
+    """Whether a receiver could not import ``__main__`` (a pickle that mentions it needs tier 2)."""
+    global _main_seen
     main = sys.modules.get("__main__")
     if main is not _main_seen[0]:
         _main_seen = (main, reduction._main_is_reimportable())
-    if not _main_seen[1] and b"__main__" in data:
-        return None
-    return data
+    return not _main_seen[1]
 
 
 def _sweep(prefix: str) -> None:
@@ -216,7 +279,11 @@ def _sweep_when_safe(prefix: str) -> None:
         _sweep(prefix)
 
 
-class _QueueBase:
+#: The C base of the queues (put and get in one call in the common case), or object.
+_Core: Any = _cqueue.Core if _cqueue is not None else object
+
+
+class _QueueBase(_Core):  # type: ignore[misc, valid-type]
     """The shared machinery of :class:`Queue`, :class:`JoinableQueue` and :class:`SimpleQueue`."""
 
     _joinable = False
@@ -257,11 +324,17 @@ class _QueueBase:
         self._big_limit = self._cap // 8
         self._prefix = f"gfq{self._h[_QID]:08x}_"
         self._segs: dict[int, mmap.mmap] = {}  # spill segments mapped by this process
+        # (seq, segment) of the spill segment last written / read here, for the C hot path
+        self._wc: tuple[int, mmap.mmap] | None = None
+        self._rc: tuple[int, mmap.mmap] | None = None
+        self._pool: dict[int, mmap.mmap] = {}  # pool segments mapped by this process
         self._closed = False
         self._tlock = threading.Lock()  # the pure-Python wait path sleeps; nothing else needs it
         self._buf = block.arena.buffer
         self._base = block.offset
         self._fast = _cqueue is not None
+        if self._fast:
+            self._core_init(self._buf, self._base, lock)
 
     def __getstate__(self) -> Any:
         reduction.assert_spawning(self)
@@ -349,6 +422,8 @@ class _QueueBase:
     def _forget_segs(self, below: int) -> None:
         for seq in [s for s in self._segs if s < below]:
             del self._segs[seq]
+        if self._wc is not None and self._wc[0] < below:
+            self._wc = None
 
     # -- records --------------------------------------------------------------------------------
     def _ring_write(self, pos: int, kind: int, data: Any) -> None:
@@ -401,6 +476,7 @@ class _QueueBase:
                 h[_WSEG] = seq
         else:
             seg = self._seg(wseg)
+            self._wc = (wseg, seg)
             used = struct.unpack_from("<Q", seg, 0)[0]
             if used + size + _LINK_LEN <= len(seg):
                 _REC.pack_into(seg, used, len(data), kind)
@@ -429,16 +505,25 @@ class _QueueBase:
         struct.pack_into("<QQ", seg, 0, _S_HDR + size, 0)
         self._forget_segs(h[_WSEG])
         self._segs[seq] = seg
+        self._wc = (seq, seg)
         return seq
 
     def _take(self) -> tuple[int, bytes] | None:
         """Consume the first record (lock held): (kind, payload), or None if the queue is empty."""
+        rec = self._take_record()
+        if rec is not None and rec[0] == _POOL:
+            # after the commit: a death in between leaks the slot, never lets it be reused too early
+            self._h[_POOL0 + struct.unpack_from("<Q", rec[1])[0]] = (os.getpid() << 8) | _P_READING
+        return rec
+
+    def _take_record(self) -> tuple[int, bytes] | None:
         h = self._h
         while True:
             rcur = h[_RCUR]
             if rcur:
                 seq, rpos = rcur >> 32, rcur & 0xFFFFFFFF
                 seg = self._seg(seq)
+                self._rc = (seq, seg)
                 used, sealed = struct.unpack_from("<QQ", seg, 0)
                 if rpos < used:
                     n, kind = _REC.unpack_from(seg, rpos)
@@ -474,16 +559,21 @@ class _QueueBase:
 
     def _drop_seg(self, seq: int) -> None:
         self._segs.pop(seq, None)
+        if self._rc is not None and self._rc[0] == seq:
+            self._rc = None
         _shm_unlink(f"{self._prefix}{seq}")
 
     def _repair(self) -> None:
         """Make the derived state agree with the records after a holder died (lock held).
 
-        Recounts the messages, finds the spill segment producers should append to, and seals a spill
-        chain that records in the ring follow.  Idempotent; costs a walk over the queued records.
+        Recounts the messages, finds the spill segment producers should append to, seals a spill
+        chain that records in the ring follow, and frees the pool slots marked queued that no record
+        names (the holder died between marking a slot and committing its record, or between consuming
+        a record and marking its slot as being read).  Idempotent; costs a walk over the queued records.
         """
         h = self._h
         count = 0
+        pooled: set[int] = set()  # the pool slots that queued records name
 
         def walk_chain(seq: int, pos: int) -> tuple[int, int]:
             """Count the chain's records from (seq, pos): (count, last segment's seq)."""
@@ -497,6 +587,8 @@ class _QueueBase:
                     if kind == _LINK:
                         nxt = struct.unpack_from("<Q", seg, pos + 8)[0]
                         break
+                    if kind == _POOL:
+                        pooled.add(struct.unpack_from("<Q", seg, pos + 8)[0])
                     n_msgs += 1
                     pos += 8 + _pad(n)
                 if not nxt:
@@ -523,29 +615,128 @@ class _QueueBase:
                 c, open_chain = walk_chain(seq, _S_HDR)
                 count += c
             else:
+                if kind == _POOL:
+                    pooled.add(struct.unpack_from("<Q", self._ring_payload(pos, 8))[0])
                 count += 1
             pos += 8 + _pad(n)
         h[_WSEG] = open_chain if open_chain and not self._segs_sealed(open_chain) else 0
         h[_COUNT] = count
+        for slot in range(_NPOOL):
+            if h[_POOL0 + slot] == _P_QUEUED and slot not in pooled:
+                h[_POOL0 + slot] = _P_FREE
         util.debug(f"queue {self._prefix[3:-1]}: repaired after a holder died ({count} messages)")
 
     # -- pickling -------------------------------------------------------------------------------
     def _encode(self, obj: Any) -> tuple[int, Any]:
         """(kind, record payload) for ``obj``; a big message is written to its own segment here."""
         data = _fast_dumps(obj, self._big_limit)
-        if data is not None and len(data) <= self._big_limit:
+        if data is not None:
             return _MSG, data
+        return self._encode_slow(obj)
+
+    def _encode_slow(self, obj: Any) -> tuple[int, Any]:
+        """:meth:`_encode` by the package's pickler: reducers, tier 2, out-of-band buffers, big messages."""
         chunks, oob = reduction.dump_chunks(obj, OOB_MIN)
         if not oob:
             if len(chunks) == 1:
                 data = chunks[0]
                 if len(data) <= self._big_limit:
                     return _MSG, data
-            else:
-                total = sum(memoryview(c).nbytes for c in chunks)
-                if total <= self._big_limit:
-                    return _MSG, b"".join(chunks)
+            total = sum(memoryview(c).nbytes for c in chunks)
+            if total <= self._big_limit:
+                return _MSG, b"".join(chunks)
+            if total <= POOL_MAX:
+                payload = self._write_pool(chunks, total)
+                if payload is not None:
+                    return _POOL, payload
         return _BIG, self._write_big(chunks, oob)
+
+    # -- the pool of big-message segments --------------------------------------------------------
+    def _write_pool(self, chunks: list[Any], total: int) -> bytes | None:
+        """Claim a pool slot, write the pickle there (lock not held): the POOL record's payload, or None."""
+        slot = self._pool_claim()
+        if slot is None:
+            return None
+        try:
+            seg = self._pool_map(slot, total, grow=True)
+            pos = 0
+            for c in chunks:
+                v = memoryview(c).cast("B")
+                seg[pos : pos + v.nbytes] = v
+                pos += v.nbytes
+        except BaseException:
+            self._pool_release(slot)
+            raise
+        return struct.pack("<QQ", slot, total)
+
+    def _pool_claim(self) -> int | None:
+        """A free pool slot, marked as being written by this process; None if all are taken.
+
+        When none is free but a consumer is reading one (it frees it in a moment), waits for up to
+        POOL_WAIT: cheaper than a one-off segment.  When all are queued, nobody is reading: no wait.
+        """
+        h, me = self._h, os.getpid() << 8
+        deadline = 0.0
+        while True:
+            self._acquire(True, None)
+            try:
+                for slot in range(_NPOOL):
+                    if h[_POOL0 + slot] == _P_FREE:
+                        h[_POOL0 + slot] = me | _P_WRITING
+                        return slot
+                reading = False
+                for slot in range(_NPOOL):  # a process died writing or reading a slot: take it back
+                    state = h[_POOL0 + slot]
+                    if state & 0xFF in (_P_WRITING, _P_READING):
+                        if not synchronize._pid_alive(state >> 8):
+                            h[_POOL0 + slot] = me | _P_WRITING
+                            return slot
+                        reading = reading or state & 0xFF == _P_READING
+            finally:
+                self._lock.release()
+            now = time.monotonic()
+            if not deadline:
+                deadline = now + POOL_WAIT
+            if not reading or now > deadline:
+                return None
+            while now < deadline and _P_FREE not in h[_POOL0 : _POOL0 + _NPOOL]:
+                time.sleep(20e-6)
+                now = time.monotonic()
+
+    def _pool_publish(self, payload: Any) -> None:
+        """A slot's message is about to be committed (lock held): from now on the record owns it."""
+        self._h[_POOL0 + struct.unpack_from("<Q", payload)[0]] = _P_QUEUED
+
+    def _pool_release(self, slot: int) -> None:
+        """The slot's owner (its writer or reader) is done with it: one store, no lock needed."""
+        self._h[_POOL0 + slot] = _P_FREE
+
+    def _pool_map(self, slot: int, size: int, grow: bool = False) -> mmap.mmap:
+        """Pool segment ``slot`` mapped here, at least ``size`` bytes long (the writer grows it)."""
+        seg = self._pool.get(slot)
+        if seg is not None and len(seg) >= size:
+            return seg
+        name = f"{self._prefix}p{slot}"
+        fd = _posixshmem.shm_open("/" + name, os.O_CREAT | os.O_RDWR, mode=0o600)
+        try:
+            length = os.fstat(fd).st_size
+            if length < size and grow:
+                length = (size + (1 << 18) - 1) & ~((1 << 18) - 1)
+                os.ftruncate(fd, length)
+            new = mmap.mmap(fd, length)
+        finally:
+            os.close(fd)
+        if len(new) < size:
+            new.close()
+            raise ValueError(f"queue pool segment {name} is shorter than its message")
+        old = self._pool.pop(slot, None)
+        if old is not None:
+            try:
+                old.close()
+            except BufferError:
+                pass
+        self._pool[slot] = new
+        return new
 
     def _write_big(self, chunks: list[Any], oob: list[Any]) -> bytes:
         views = [memoryview(c).cast("B") for c in chunks]
@@ -575,10 +766,19 @@ class _QueueBase:
         seg.close()
         return name.encode("ascii")
 
-    @staticmethod
-    def _decode(kind: int, payload: Any) -> Any:
+    def _decode(self, kind: int, payload: Any) -> Any:
         if kind == _MSG:
             return _pickle_loads(payload)
+        if kind == _POOL:
+            slot, n = struct.unpack("<QQ", payload)
+            try:
+                view = memoryview(self._pool_map(slot, n))[:n]
+                try:
+                    return reduction.loads(view)  # no out-of-band buffer: nothing keeps the slot
+                finally:
+                    view.release()
+            finally:
+                self._pool_release(slot)
         name = bytes(payload).decode("ascii")
         seg = _shm_attach(name)
         _shm_unlink(name)  # the mapping stays valid; nobody else will look for this name
@@ -606,27 +806,42 @@ class _QueueBase:
         if self._closed:
             raise ValueError(f"Queue {self!r} is closed")
 
-    def put(self, obj: Any, block: bool = True, timeout: float | None = None) -> None:
-        """Put ``obj`` in the queue, waiting (if ``block``, up to ``timeout``) while a bounded queue is full.
+    if _cqueue is None:  # with the C extension, put and get are _cqueue.Core's (same docstrings)
 
-        ``obj`` is pickled here: an object that cannot be pickled raises ``gilfree.PicklingError`` in the
-        caller and nothing is queued.  Raises ``queue.Full`` if no room was found in time.
+        def put(self, obj: Any, block: bool = True, timeout: float | None = None) -> None:
+            """Put ``obj`` in the queue, waiting (if ``block``, up to ``timeout``) while a bounded queue is full.
+
+            ``obj`` is pickled here: an object that cannot be pickled raises ``gilfree.PicklingError`` in
+            the caller and nothing is queued.  Raises ``queue.Full`` if no room was found in time.
+            """
+            self._put_py(obj, block, timeout)
+
+        def get(self, block: bool = True, timeout: float | None = None) -> Any:
+            """Remove and return the oldest item, waiting (if ``block``, up to ``timeout``) while the queue is empty.
+
+            Raises ``queue.Empty`` if nothing came in time.
+            """
+            return self._get_py(block, timeout)
+
+    def _put_py(self, obj: Any, block: bool = True, timeout: float | None = None, _pickled: Any = _MISS) -> None:
+        """put() but its common case (``Core.put``: plain objects, free lock, room in the ring).
+
+        ``_pickled``: what that common case left: MISS (nothing), None (needs the package's pickler) or
+        the pickle, not queued (the lock was busy, the ring full, or it mentions ``__main__``).
         """
         if self._closed:
             self._check_closed()
-        kind, data = self._encode(obj)
-        if kind == _MSG and self._fast and self._lock.acquire(False):
-            try:
-                done = _cqueue.put_small(self._buf, self._base, data)
-            finally:
-                self._lock.release()
-            if done:
-                return
+        if _pickled is _MISS:  # not a plain object (or reducers changed): the checks of _fast_dumps
+            data = _fast_dumps(obj, self._big_limit)
+        elif _pickled is None:
+            data = None
+        else:
+            data = _pickled if _pickled.find(b"__main__") < 0 or not _main_unimportable() else None
+        records = [(_MSG, data) if data is not None else self._encode_slow(obj)]
         try:
-            self._put_records([(kind, data)], block, timeout)
+            self._put_records(records, block, timeout)
         except BaseException:
-            if kind == _BIG:
-                _shm_unlink(bytes(data).decode("ascii"))
+            self._discard(records)
             raise
 
     def put_many(self, items: Iterable[Any], block: bool = True, timeout: float | None = None) -> None:
@@ -636,19 +851,47 @@ class _QueueBase:
         (``ValueError`` if there are more items than ``maxsize``).
         """
         self._check_closed()
-        records = []
+        records: list[Any] = []
         try:
-            for obj in items:
-                records.append(self._encode(obj))
+            records = self._encode_many(items)
             if self._maxsize and len(records) > self._maxsize:
                 raise ValueError(f"put_many of {len(records)} items into a queue of maxsize {self._maxsize}")
             if records:
                 self._put_records(records, block, timeout)
         except BaseException:
-            for kind, data in records:
+            self._discard(records)
+            raise
+
+    def _encode_many(self, items: Iterable[Any]) -> list[Any]:
+        """The records of ``items``: a list of pickled messages (bytes, kind MSG) or (kind, payload)."""
+        items = items if type(items) is list else list(items)
+        if not _fast_dumps_ok():
+            return [self._encode_slow(obj) for obj in items]
+        if self._fast:
+            sink = _Sink()
+            pickler = _Pickler(sink, 5)
+            datas, main, missing = _cqueue.dumps_batch(
+                items, pickler.dump, pickler.clear_memo, sink.chunks, self._big_limit
+            )
+        else:
+            datas = [_fast_dumps(obj, self._big_limit, False) for obj in items]
+            main, missing = True, None in datas
+        if main and _main_unimportable():
+            datas = [d if d is None or d.find(b"__main__") < 0 else None for d in datas]
+            missing = None in datas
+        if missing:  # failed (the slow path explains, or pickles by value), or big
+            return [d if d is not None else self._encode_slow(obj) for d, obj in zip(datas, items)]
+        return datas
+
+    def _discard(self, records: list[Any]) -> None:
+        """Give back what records that will not be queued hold outside the ring (segments, pool slots)."""
+        for rec in records:
+            if type(rec) is tuple:
+                kind, data = rec
                 if kind == _BIG:
                     _shm_unlink(bytes(data).decode("ascii"))
-            raise
+                elif kind == _POOL:
+                    self._pool_release(struct.unpack("<QQ", data)[0])
 
     def _put_records(self, records: list[tuple[int, Any]], block: bool, timeout: float | None) -> None:
         deadline = None
@@ -663,15 +906,26 @@ class _QueueBase:
                 raise Full
             try:
                 if not self._maxsize or h[_COUNT] + n <= self._maxsize:
-                    fast, slow = self._fast, 0
-                    for kind, data in records:  # put_small counts and wakes for its own records
-                        if not (fast and kind == _MSG and _cqueue.put_small(self._buf, self._base, data)):
+                    slow, i = 0, 0
+                    try:
+                        while i < n:  # the C path counts and wakes for its own records
+                            if self._fast:
+                                i = _cqueue.put_batch(self._buf, self._base, records, i, self._wc)
+                                if i == n:
+                                    break
+                            rec = records[i]
+                            kind, data = (_MSG, rec) if type(rec) is bytes else rec
+                            if kind == _POOL:
+                                self._pool_publish(data)
                             self._append(kind, data)
                             slow += 1
-                    if slow:
-                        if self._joinable:
-                            h[_UNFINISHED] += slow
-                        self._wake(_NE)
+                            i += 1
+                    finally:
+                        del records[:i]  # queued: the caller must not discard them if this raised
+                        if slow:
+                            if self._joinable:
+                                h[_UNFINISHED] += slow
+                            self._wake(_NE)
                     return
                 seen = self._w[_NF]
             finally:
@@ -679,21 +933,12 @@ class _QueueBase:
             if not block or not self._sleep(_NF, seen, deadline):
                 raise Full
 
-    def get(self, block: bool = True, timeout: float | None = None) -> Any:
-        """Remove and return the oldest item, waiting (if ``block``, up to ``timeout``) while the queue is empty.
-
-        Raises ``queue.Empty`` if nothing came in time.
-        """
+    def _get_py(self, block: bool = True, timeout: float | None = None) -> Any:
+        """get() but its common case (``Core.get``: a small message at the head, the lock free)."""
         if self._closed:
             self._check_closed()
-        if self._fast and self._lock.acquire(False):
-            try:
-                got = _cqueue.take_small(self._buf, self._base, 1)
-            finally:
-                self._lock.release()
-            if got:
-                return _pickle_loads(got[0])
-        return self._decode(*self._get_records(1, block, timeout)[0])
+        rec = self._get_records(1, block, timeout)[0]
+        return _pickle_loads(rec) if type(rec) is bytes else self._decode(rec[0], rec[1])
 
     def get_many(self, max_items: int = 1000, timeout: float | None = None, *, block: bool = True) -> list[Any]:
         """Remove and return up to ``max_items`` items (at least one) with one round of locking.
@@ -703,10 +948,31 @@ class _QueueBase:
         self._check_closed()
         if max_items < 1:
             raise ValueError("max_items must be at least 1")
-        decode = self._decode
-        return [decode(k, p) for k, p in self._get_records(max_items, block, timeout)]
+        records = self._get_records(max_items, block, timeout)
+        loads, decode = _pickle_loads, self._decode_record
+        try:
+            if self._fast:
+                return _cqueue.loads_all(records, loads, decode)  # type: ignore[no-any-return]
+            return [loads(r) if type(r) is bytes else decode(r) for r in records]
+        except BaseException:  # the batch is lost: give back what its undecoded records hold
+            for r in records:
+                if type(r) is list and r[2]:
+                    self._abandon(r[0], r[1])
+            raise
 
-    def _get_records(self, max_items: int, block: bool, timeout: float | None) -> list[tuple[int, Any]]:
+    def _decode_record(self, record: list[Any]) -> Any:
+        record[2] = False  # [kind, payload, pending]: _decode gives back what it holds, whatever happens
+        return self._decode(record[0], record[1])
+
+    def _abandon(self, kind: int, payload: Any) -> None:
+        """Give back what a consumed record that will not be decoded holds (its segment or pool slot)."""
+        if kind == _BIG:
+            _shm_unlink(bytes(payload).decode("ascii"))
+        elif kind == _POOL:
+            self._pool_release(struct.unpack_from("<Q", payload)[0])
+
+    def _get_records(self, max_items: int, block: bool, timeout: float | None) -> list[Any]:
+        """Consume up to ``max_items`` records: pickled messages (bytes) or [kind, payload, True] lists."""
         deadline = None
         if block and timeout is not None:
             if timeout < 0:
@@ -716,15 +982,17 @@ class _QueueBase:
             if not self._acquire(block, deadline):
                 raise Empty
             try:
-                out: list[tuple[int, Any]] = []
-                if self._fast:
-                    out = [(_MSG, d) for d in _cqueue.take_small(self._buf, self._base, max_items)]
-                take = self._take
-                while len(out) < max_items:
+                out: list[Any] = []
+                fast, take = self._fast, self._take
+                while True:  # the C path takes small messages; the Python path the rest, one at a time
+                    if fast:
+                        out += _cqueue.take_small(self._buf, self._base, max_items - len(out), self._rc)
+                    if len(out) >= max_items:
+                        break
                     rec = take()
                     if rec is None:
                         break
-                    out.append(rec)
+                    out.append(rec[1] if rec[0] == _MSG else [rec[0], rec[1], True])
                 if out:
                     if self._maxsize:
                         self._wake(_NF)
