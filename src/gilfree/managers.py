@@ -166,6 +166,9 @@ _HDR_LONG = struct.Struct("!Q")
 #: A header no peer sends: written by the server into a request pipe to wake its reader (stop, hang-up).
 _WAKE = _HDR.pack(-2)
 _loads = _pickle.loads
+_get_ident = threading.get_ident
+#: Results that cannot contain a proxy (and always pickle), replied without the thread-local flag.
+_ATOMS = frozenset({type(None), bool, int, float, str, bytes})
 _copyreg_table = copyreg.dispatch_table
 _RECV_SIZE = 1 << 16
 _SMALL = 1 << 16
@@ -1255,16 +1258,19 @@ class Server:
 
     def _reply(self, chan: _Channel, reply: Any, client: _ClientState) -> bool:
         """Send ``reply``; False if the client is gone.  A reply that cannot be pickled becomes a RemoteError."""
-        ctx = _ctx
-        ctx.replying = True
-        try:
+        if type(reply[1]) in _ATOMS:  # no proxy inside: no need to tell BaseProxy.__reduce__
             data = chan.dumps(reply)
-        except Exception as exc:
-            what = "result" if reply[0] == R_OK else "exception"
-            data = reduction.dumps((R_REMOTE, f"the manager could not pickle the {what} "
-                                               f"({type(reply[1]).__name__}) to send it back: {exc}\n"))
-        finally:
-            ctx.replying = False
+        else:
+            ctx = _ctx
+            ctx.replying = True
+            try:
+                data = chan.dumps(reply)
+            except Exception as exc:
+                what = "result" if reply[0] == R_OK else "exception"
+                data = reduction.dumps((R_REMOTE, f"the manager could not pickle the {what} "
+                                                   f"({type(reply[1]).__name__}) to send it back: {exc}\n"))
+            finally:
+                ctx.replying = False
         n = len(data)
         try:
             if n <= _SMALL:
@@ -1330,14 +1336,18 @@ _links_lock = threading.Lock()
 class _Holder:
     """Lives in a thread's local storage; when the thread ends, gives its channel back to the link."""
 
-    __slots__ = ("link", "chan")
+    __slots__ = ("link", "chan", "ident")
 
-    def __init__(self, link: _Link, chan: _Channel) -> None:
+    def __init__(self, link: _Link, chan: _Channel, ident: int) -> None:
         self.link = link
         self.chan = chan
+        self.ident = ident
 
     def __del__(self) -> None:
         chan = self.chan
+        chans = self.link._chans
+        if chans.get(self.ident) is chan:
+            del chans[self.ident]
         if chan.sock is not None and chan.pid == os.getpid() and not chan.busy:
             self.link._free.append(chan)
 
@@ -1352,7 +1362,9 @@ class _Link:
         self._reset()
 
     def _reset(self) -> None:
-        self._local = threading.local()
+        self._local = threading.local()  # holds each thread's _Holder (the thread's end frees its channel)
+        #: thread id -> its channel: what a call looks up (a dict is cheaper than a threading.local)
+        self._chans: dict[int, _Channel] = {}
         self._free: list[_Channel] = []
         self._all: weakref.WeakSet[_Channel] = weakref.WeakSet()
         self._lock = threading.Lock()
@@ -1365,10 +1377,10 @@ class _Link:
     # -- channels ---------------------------------------------------------------------------------
     def channel(self) -> _Channel:
         """This thread's channel, opened (or taken from a finished thread) on first use."""
-        try:
-            return self._local.chan
-        except AttributeError:
-            pass
+        ident = _get_ident()
+        chan = self._chans.get(ident)
+        if chan is not None:
+            return chan
         while True:
             try:
                 chan = self._free.pop()
@@ -1377,8 +1389,8 @@ class _Link:
                 break
             if chan.sock is not None:
                 break
-        self._local.chan = chan
-        self._local.holder = _Holder(self, chan)
+        self._local.holder = _Holder(self, chan, ident)
+        self._chans[ident] = chan
         return chan
 
     def _connect(self) -> _Channel:
@@ -1427,9 +1439,13 @@ class _Link:
             except Exception:
                 pass
         chan.close()
-        if getattr(self._local, "chan", None) is chan:
-            del self._local.chan
-            del self._local.holder  # its __del__ sees a closed channel and does nothing
+        ident = _get_ident()
+        if self._chans.get(ident) is chan:
+            del self._chans[ident]
+            try:
+                del self._local.holder  # its __del__ sees a closed channel: not given to another thread
+            except AttributeError:
+                pass
 
     def close(self) -> None:
         """Close every channel (the manager was shut down)."""
@@ -1440,9 +1456,8 @@ class _Link:
     # -- requests ---------------------------------------------------------------------------------
     def call(self, request: tuple[Any, ...], manager: Any = None) -> Any:
         """Send ``request`` on this thread's channel and return the reply's value (or raise its error)."""
-        try:
-            chan = self._local.chan
-        except AttributeError:
+        chan = self._chans.get(_get_ident())
+        if chan is None:
             chan = self.channel()
         if self.pending or _deferred:
             self._before_call(chan)
@@ -1484,7 +1499,7 @@ class _Link:
         """Drop a reference: now on this thread's idle channel, else with the next request.  Never blocks
         on a connect; safe inside ``__del__`` (even one that runs while this thread is mid-call)."""
         self.pending.append(ident)
-        chan = getattr(self._local, "chan", None)
+        chan = self._chans.get(_get_ident())
         if chan is not None and not chan.busy and chan.sock is not None and chan.pid == os.getpid():
             try:
                 self._flush(chan)
@@ -1697,9 +1712,8 @@ class BaseProxy:
         """Call ``methodname(*args, **kwds)`` on the referent in the server; return the result."""
         # _Link.call, inlined: this is every proxy method's path
         link = self._link
-        try:
-            chan = link._local.chan
-        except AttributeError:
+        chan = link._chans.get(_get_ident())
+        if chan is None:
             chan = link.channel()
         if link.pending or _deferred:
             link._before_call(chan)
