@@ -407,14 +407,18 @@ class _Channel:
         """From now on read frames from pipe ``rfd`` and write them to pipe ``wfd`` (the channel owns both);
         the socket stays open, unused, so that the peer sees this end go away.  A pipe round trip
         costs the kernel about half of a Unix socket's (no socket buffers to allocate per message)."""
-        os.set_blocking(rfd, False)  # this end is ours alone: see _spin_readinto
         rf, wf = io.FileIO(rfd, "rb"), io.FileIO(wfd, "wb")
         self._files = (rf, wf)
+        self._write = wf.write
+        if SPIN <= 0:
+            self._readinto, self._read = rf.readinto, rf.read
+            return
+        os.set_blocking(rfd, False)  # this end is ours alone: see _spin_readinto
         self._pipe_readinto = rf.readinto
         self._poll = select.poll()
         self._poll.register(rfd, select.POLLIN)
         self._spin, self._misses, self._skip = SPIN, 0, 0
-        self._readinto, self._read, self._write = self._spin_readinto, self._pipe_read, wf.write
+        self._readinto, self._read = self._spin_readinto, self._pipe_read
 
     def _spin_readinto(self, view: Any) -> int:
         """Read what the pipe has into ``view``; if it has nothing yet, look again for up to :data:`SPIN`
@@ -423,12 +427,17 @@ class _Channel:
         when both ends look.  Adaptive: after two looks in a row that found nothing (the peer is
         busy, or waits for a CPU) this channel sleeps at once for its next 64 reads."""
         readinto = self._pipe_readinto
-        k = readinto(view)
-        if k is not None:
-            return k
-        if self._skip:
+        poll = self._poll.poll
+        if self._skip:  # not looking for now: poll, then read (two calls, not three)
             self._skip -= 1
-        elif self._spin:
+            poll()
+            k = readinto(view)
+            if k is not None:
+                return k
+        else:
+            k = readinto(view)
+            if k is not None:
+                return k
             end = _perf_counter() + self._spin
             while True:
                 k = readinto(view)
@@ -441,7 +450,6 @@ class _Channel:
             if self._misses >= 2:
                 self._misses = 0
                 self._skip = 64
-        poll = self._poll.poll
         while True:
             poll()
             k = readinto(view)
