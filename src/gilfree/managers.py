@@ -11,13 +11,16 @@
       ▼                                                TLS handshake (TCP, if configured)
     channel ── (CALL, id, name, args, kwds) ──────▶    HMAC-SHA256 both ways, 256-byte frames,
       [4-byte length][pickle]                          deadline -- nothing unpickled before this
-      one sendall, one recv for a small message        HELLO(client id, pid, address used)
-                                                       loop: recv ─ unpickle ─ dispatch ─┐
+      one write, one read for a small message          HELLO(client id, pid, address used)
+      Unix socket: after HELLO, (PIPES) ──────────▶    two pipes made here, client ends sent back
+        frames go over the pipes; a reader looks       (SCM_RIGHTS); the socket stays open, idle
+        for up to 50 us before it sleeps               loop: read ─ unpickle ─ dispatch ─┐
                                                                objects[id] = (obj, exposed,
     result / exception / new proxy  ◀─────────────     method_to_typeid, typeid, refs) │
       (OK, value) | (ERR, exc) | (PROXY, spec)          reply: pickle ◀────────────────┘
-                                                     EOF on a client's last connection:
-    proxy dropped ── (DECREF, ids), no reply ──────▶   every reference it held is released
+                                                     EOF (or hang-up seen on the socket) on a
+    proxy dropped ── (DECREF, ids), no reply ──────▶   client's last connection: every reference
+                                                       it held is released
 
 *Proxy* (:class:`BaseProxy` and subclasses; any process, any thread).  Holds a :class:`Token`
 (typeid, server address, object id) and a *link* to the server.  A call is one typed request
@@ -38,7 +41,14 @@ so the server never sees the client disappear while it still holds proxies.
 
 *Channel* (:class:`_Channel`).  The stdlib's framing (signed 4-byte big-endian length, ``-1`` + 8
 bytes for huge messages) over a TCP, Unix or TLS socket, with buffered reads: a small reply costs one
-``recv``.  During the handshake every read has a deadline and a 256-byte limit; afterwards messages
+``recv_into`` into a buffer the channel keeps.  On a Unix socket the client asks, after HELLO, for
+a pair of pipes (``OP_PIPES``): the server makes them and sends the client's ends over the socket,
+and both sides move their frames to them (a pipe costs the kernel half of what a socket does per
+message).  The socket stays open and idle: the server learns of a client's end from it (the
+epoll watcher) and then wakes the pipe's reader with a header no client sends (it holds a write
+end of the request pipe for this, so the pipe itself never shows EOF).  A pipe's reader looks for
+its message for up to :data:`SPIN` seconds before it sleeps in ``poll``, and stops looking for a
+while after two misses (see :meth:`_Channel._spin_readinto`).  During the handshake every read has a deadline and a 256-byte limit; afterwards messages
 are limited to :data:`MAX_MESSAGE` bytes and memory is allocated as the data arrives, not as a
 length prefix claims.  The handshake is :mod:`gilfree.connection`'s HMAC-SHA256 challenge in both
 directions: nothing an unauthenticated peer sends is unpickled.
@@ -70,7 +80,8 @@ unpickling, TLS, loopback-only and abstract-socket defaults, and a server that e
 
 Where this runs: proxies and managers in any process, on the calling thread; every proxy call blocks
 for one round trip to the server (longer if the method itself blocks there, e.g. ``Queue.get``).  The
-server's threads block in ``recv`` and in the methods they call.
+server's threads block in reads (on pipes: after looking for their message for up to 50 us) and in
+the methods they call.
 """
 
 from __future__ import annotations
