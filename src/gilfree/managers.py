@@ -164,6 +164,9 @@ R_REMOTE = 3  # (R_REMOTE, text): something went wrong in the server itself -> R
 #: Seconds a piped channel looks for a message before it sleeps (see _Channel._spin_readinto);
 #: GILFREE_MANAGER_SPIN_US=0 turns looking off.
 SPIN = float(os.environ.get("GILFREE_MANAGER_SPIN_US", "50")) / 1e6
+#: Reads for which a channel does not look after two looks in a row found nothing (a loaded machine
+#: then pays at most 2 looks per SPIN_SKIP + 2 reads).
+SPIN_SKIP = 256
 
 #: Largest message accepted after authentication (bytes).
 MAX_MESSAGE = 1 << 31
@@ -436,31 +439,34 @@ class _Channel:
         seconds before sleeping in ``poll``.  A process that sleeps is woken on the other core only
         after that core left its idle state: 50-90 us per round trip on an idle 2-core VM, 7 us
         when both ends look.  Adaptive: after two looks in a row that found nothing (the peer is
-        busy, or waits for a CPU) this channel sleeps at once for its next 64 reads."""
+        busy, or waits for a CPU) this channel sleeps at once for its next :data:`SPIN_SKIP` reads (its pipe made
+        blocking for them: one call per read, not a poll and a read)."""
         readinto = self._pipe_readinto
-        poll = self._poll.poll
-        if self._skip:  # not looking for now: poll, then read (two calls, not three)
+        if self._skip:  # not looking for now: the pipe is blocking, one read
             self._skip -= 1
-            poll()
-            k = readinto(view)
-            if k is not None:
-                return k
-        else:
-            k = readinto(view)
-            if k is not None:
-                return k
-            end = _perf_counter() + self._spin
-            while True:
+            if not self._skip:
                 k = readinto(view)
-                if k is not None:
-                    self._misses = 0
-                    return k
-                if _perf_counter() > end:
-                    break
-            self._misses += 1
-            if self._misses >= 2:
+                os.set_blocking(self._files[0].fileno(), False)
+                return k
+            return readinto(view)
+        k = readinto(view)
+        if k is not None:
+            return k
+        end = _perf_counter() + self._spin
+        while True:
+            k = readinto(view)
+            if k is not None:
                 self._misses = 0
-                self._skip = 64
+                return k
+            if _perf_counter() > end:
+                break
+        self._misses += 1
+        if self._misses >= 2:  # stop looking for a while: blocking reads, one call each
+            self._misses = 0
+            self._skip = SPIN_SKIP
+            os.set_blocking(self._files[0].fileno(), True)
+            return readinto(view)
+        poll = self._poll.poll
         while True:
             poll()
             k = readinto(view)
