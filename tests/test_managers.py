@@ -86,6 +86,13 @@ def _child_holds_objects(address, authkey, ready):
     q.get()  # blocks in the server until this process is killed
 
 
+def _child_makes_objects_and_dies(address, authkey):
+    m = SyncManager(address, authkey)
+    m.connect()
+    held = [m.dict({"i": i}) for i in range(5)]  # noqa: F841 - held until the process ends
+    os._exit(0)  # no DECREFs: the server learns it from the hang-up
+
+
 def _child_queue_consumer(q, results):
     while True:
         item = q.get()
@@ -699,6 +706,66 @@ def test_silent_clients_are_dropped_at_the_deadline(served):
 
 
 # -- TLS ---------------------------------------------------------------------------------------------------
+
+def _fds_and_threads(pid: int) -> tuple[int, int]:
+    return len(os.listdir(f"/proc/{pid}/fd")), len(os.listdir(f"/proc/{pid}/task"))
+
+
+def test_unix_clients_use_pipes_and_hostile_frames_on_them_are_harmless():
+    """A Unix-socket client moves to pipes after HELLO; junk sent down the pipe (a bad header, a corrupt
+    pickle, the server's own wake-up header) costs only that connection; connect/close cycles leave
+    no thread or descriptor behind (the server wakes a piped reader when its client hangs up); and the
+    server stops while piped clients are connected."""
+    ctx = gilfree.get_context("fork")
+    r, w = ctx.Pipe(duplex=False)
+    p = ctx.Process(target=_serve_in_child, args=(SyncManager, None, KEY, {}, w))
+    p.start()
+    w.close()
+    address = r.recv()
+    m = SyncManager(address, KEY)
+    m.connect()
+    try:
+        d = m.dict()
+        d["a"] = 1
+        assert m._link()._chans[threading.get_ident()].piped
+        for junk in (struct.pack("!i", -5), struct.pack("!i", 5) + b"\x80\x05garb", managers._WAKE):
+            link = managers._Link(m.address, KEY, None)
+            chan = link.channel()
+            assert chan.piped
+            chan.write_all(junk)
+            if len(junk) > 4:
+                assert managers.reduction.loads(chan.recv_bytes())[0] == managers.R_REMOTE
+            link.close()
+        assert d["a"] == 1
+
+        def cycles(n):
+            for _ in range(n):
+                link = managers._Link(m.address, KEY, None)
+                link.call((managers.OP_SERVICE, "dummy", ()))
+                link.close()
+
+        cycles(20)
+        assert _until(lambda: _fds_and_threads(p.pid) == _fds_and_threads(p.pid))
+        before = _fds_and_threads(p.pid)
+        cycles(200)
+        assert _until(lambda: _fds_and_threads(p.pid) <= before), (before, _fds_and_threads(p.pid))
+        assert m.dict(ok=1)["ok"] == 1
+        # a client that dies: its references go (its pipe shows no EOF; the server is told by the socket)
+        n = m._number_of_objects()
+        c = ctx.Process(target=_child_makes_objects_and_dies, args=(m.address, KEY))
+        c.start()
+        c.join(WAIT)
+        assert _until(lambda: m._number_of_objects() == n)
+        # the server stops with piped clients connected (each thread woken): serve_forever returns
+        m._link().call((managers.OP_SERVICE, "shutdown", ()))
+        p.join(WAIT)
+        assert p.exitcode == 0
+    finally:
+        if p.is_alive():
+            p.kill()
+            p.join()
+        m.shutdown()
+
 
 def _make_certs(tmp: Path) -> dict:
     if shutil.which("openssl") is None:
