@@ -66,7 +66,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any, Callable, Iterable
 
-__all__ = ["Engine", "Task", "Function", "RemoteTraceback", "POLICIES"]
+__all__ = ["Engine", "EngineBase", "Task", "Function", "RemoteTraceback", "POLICIES"]
 
 #: What happens to a task whose worker died: fail it, run it again (``retries`` times), or break the pool.
 POLICIES = ("fail", "retry", "break")
@@ -363,7 +363,77 @@ class _Worker:
         return f"<worker {self.number} pid={self.pid} {state} inflight={len(self.inflight)} done={self.done}>"
 
 
-class Engine:
+class EngineBase:
+    """What every engine shares with its callers: submit, close, terminate, join, state, broken.
+
+    Subclasses set ``_lock``, ``_state``, ``_broken``, ``_pending``, ``_finished``, ``_name`` and
+    ``_thread`` (the one thread that runs their loop) and define ``_wake()``; ``_check_task`` may refuse
+    a task.  The local :class:`Engine` and the cluster engines of :mod:`gilfree.backends` are both this.
+    """
+
+    _lock: threading.Lock
+    _state: str
+    _broken: BaseException | None
+    _pending: collections.deque[Task]
+    _finished: threading.Event
+    _name: str
+    _thread: threading.Thread
+
+    def _wake(self) -> None:
+        raise NotImplementedError
+
+    def _check_task(self, task: Task) -> None:
+        """Raise ValueError for a task this engine cannot run (called under the lock)."""
+
+    def submit(self, tasks: Iterable[Task]) -> None:
+        """Queue tasks; returns at once.  A task whose function could not be pickled fails at once."""
+        failed: list[tuple[Task, BaseException]] = []
+        with self._lock:
+            if self._state != "running":
+                raise ValueError(f"{self._name} not running (it was closed or terminated)")
+            broken = self._broken
+            for task in tasks:
+                self._check_task(task)
+                error = broken or task.function.error
+                if error is not None:
+                    failed.append((task, error))
+                else:
+                    self._pending.append(task)
+        for task, error in failed:
+            task.job._done(task, False, error)
+        if broken is None:
+            self._wake()
+
+    def close(self) -> None:
+        """No more tasks; the workers stop once the queued ones are done."""
+        with self._lock:
+            if self._state == "running":
+                self._state = "closing"
+        self._wake()
+
+    def terminate(self) -> None:
+        """Stop now: stop the work in flight; unfinished tasks fail with BrokenPoolError."""
+        with self._lock:
+            if self._state in ("running", "closing"):
+                self._state = "terminating"
+        self._wake()
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait until the engine's thread has stopped every worker; True if it has."""
+        if threading.current_thread() is self._thread:
+            raise RuntimeError("cannot join the pool from one of its own callbacks")
+        return self._finished.wait(timeout)
+
+    @property
+    def state(self) -> str:
+        return self._state
+
+    @property
+    def broken(self) -> BaseException | None:
+        return self._broken
+
+
+class Engine(EngineBase):
     """Workers, a supervisor thread, and the queue of tasks between them.
 
     ``ctx`` is a gilfree context (process workers) or ``None`` (thread workers).  Thread-safe:
@@ -416,55 +486,8 @@ class Engine:
             util.close_fds(self._wake_r, self._wake_w)
             self._wake_w = -1
             raise
-        self._supervisor = threading.Thread(target=self._run, name=f"gilfree-{name}-supervisor", daemon=True)
-        self._supervisor.start()
-
-    # -- API for the caller threads ---------------------------------------------------------
-    def submit(self, tasks: Iterable[Task]) -> None:
-        """Queue tasks; a task whose function could not be pickled fails at once."""
-        failed: list[tuple[Task, BaseException]] = []
-        with self._lock:
-            if self._state != "running":
-                raise ValueError(f"{self._name} not running (it was closed or terminated)")
-            broken = self._broken
-            for task in tasks:
-                error = broken or task.function.error
-                if error is not None:
-                    failed.append((task, error))
-                else:
-                    self._pending.append(task)
-        for task, error in failed:
-            task.job._done(task, False, error)
-        if broken is None:
-            self._wake()
-
-    def close(self) -> None:
-        """No more tasks; workers stop once the queued ones are done."""
-        with self._lock:
-            if self._state == "running":
-                self._state = "closing"
-        self._wake()
-
-    def terminate(self) -> None:
-        """Stop now: kill the workers; unfinished tasks fail with BrokenPoolError('terminated')."""
-        with self._lock:
-            if self._state in ("running", "closing"):
-                self._state = "terminating"
-        self._wake()
-
-    def join(self, timeout: float | None = None) -> bool:
-        """Wait until the supervisor has stopped every worker; True if it has."""
-        if threading.current_thread() is self._supervisor:
-            raise RuntimeError("cannot join the pool from one of its own callbacks")
-        return self._finished.wait(timeout)
-
-    @property
-    def state(self) -> str:
-        return self._state
-
-    @property
-    def broken(self) -> BaseException | None:
-        return self._broken
+        self._thread = threading.Thread(target=self._run, name=f"gilfree-{name}-supervisor", daemon=True)
+        self._thread.start()
 
     def pids(self) -> list[int]:
         return [w.pid for w in self._workers if w.pid is not None]
@@ -913,25 +936,22 @@ class Engine:
                 worker.process.terminate()
             else:
                 self._stop_worker(worker)
-        deadline = time.monotonic() + 1.0
+        self._reap(1.0, threads=False)  # a busy thread cannot be stopped: do not wait for it
+
+    def _reap(self, seconds: float, threads: bool = True) -> None:
+        """Wait up to ``seconds`` in all for the workers to end, SIGKILL what is left, forget them."""
+        deadline = time.monotonic() + seconds
         for worker in list(self._workers):
             if worker.process is not None:
                 worker.process.join(max(0.0, deadline - time.monotonic()))
                 if worker.process.exitcode is None:
                     worker.process.kill()
+            elif threads and worker.thread is not None:
+                worker.thread.join(max(0.0, deadline - time.monotonic()))
             self._forget_worker(worker)
 
     def _finish(self) -> None:
-        # after close(): wait for the workers told to stop
-        deadline = time.monotonic() + 5
-        for worker in list(self._workers):
-            if worker.process is not None:
-                worker.process.join(max(0.0, deadline - time.monotonic()))
-                if worker.process.exitcode is None:
-                    worker.process.kill()
-            elif worker.thread is not None:
-                worker.thread.join(max(0.0, deadline - time.monotonic()))
-            self._forget_worker(worker)
+        self._reap(5.0)  # after close(): the workers told to stop
         with self._lock:
             self._state = "closed"
         with self._wake_lock:

@@ -53,7 +53,7 @@ import uuid
 
 from .. import reduction, util
 from .._errors import BrokenPoolError
-from .._workers import Task
+from .._workers import EngineBase, Task
 from . import _task
 
 TYPE_CHECKING = False
@@ -168,7 +168,7 @@ class _Record:
         self.handle: Any = None
 
 
-class ClusterEngine:
+class ClusterEngine(EngineBase):
     """The local engine's interface (``submit``, ``close``, ``terminate``, ``join``, ``state``,
     ``broken``, ``pids``) over a Ray or Dask cluster.  Thread-safe: :meth:`submit`, :meth:`close`
     and :meth:`terminate` may be called from any thread and never block on the cluster.
@@ -198,60 +198,18 @@ class ClusterEngine:
         except BaseException:
             backend.disconnect()
             raise
-        self._dispatcher = threading.Thread(target=self._run, name=f"gilfree-{name}-{backend.name}-dispatcher",
-                                            daemon=True)
-        self._dispatcher.start()
+        self._thread = threading.Thread(target=self._run, name=f"gilfree-{name}-{backend.name}-dispatcher",
+                                        daemon=True)
+        self._thread.start()
 
-    # -- the local engine's API (caller threads) ----------------------------------------------
-    def submit(self, tasks: Iterable[Task]) -> None:
-        """Queue tasks; returns at once.  A task whose function could not be pickled fails at once."""
-        failed: list[tuple[Task, BaseException]] = []
-        with self._lock:
-            if self._state != "running":
-                raise ValueError(f"{self._name} not running (it was closed or terminated)")
-            broken = self._broken
-            for task in tasks:
-                if task.timeout is not None:
-                    raise ValueError(f"task_timeout={task.timeout} is not supported with backend="
-                                     f"{self._backend.name!r}; leave it None")
-                error = broken or task.function.error
-                if error is not None:
-                    failed.append((task, error))
-                else:
-                    self._pending.append(task)
-        for task, error in failed:
-            task.job._done(task, False, error)
-        if broken is None:
-            self._events.put((_WAKE,))
-
-    def close(self) -> None:
-        """No more tasks; the engine leaves the cluster once the queued ones are done."""
-        with self._lock:
-            if self._state == "running":
-                self._state = "closing"
+    # -- the local engine's API (caller threads): submit/close/terminate/join from EngineBase ------
+    def _wake(self) -> None:
         self._events.put((_WAKE,))
 
-    def terminate(self) -> None:
-        """Stop now: cancel the tasks in flight (running ones included) and fail every unfinished
-        task with BrokenPoolError."""
-        with self._lock:
-            if self._state in ("running", "closing"):
-                self._state = "terminating"
-        self._events.put((_WAKE,))
-
-    def join(self, timeout: float | None = None) -> bool:
-        """Wait until the engine has left the cluster; True if it has."""
-        if threading.current_thread() is self._dispatcher:
-            raise RuntimeError("cannot join the pool from one of its own callbacks")
-        return self._finished.wait(timeout)
-
-    @property
-    def state(self) -> str:
-        return self._state
-
-    @property
-    def broken(self) -> BaseException | None:
-        return self._broken
+    def _check_task(self, task: Task) -> None:
+        if task.timeout is not None:
+            raise ValueError(f"task_timeout={task.timeout} is not supported with backend="
+                             f"{self._backend.name!r}; leave it None")
 
     @property
     def backend(self) -> Backend:
