@@ -320,7 +320,8 @@ def dumps_small(obj: Any) -> bytes | None:
         st.busy = False
         file.seek(0)
         file.truncate()
-    if data is not None and b"__main__" in data and not _main_is_reimportable():
+    # the cached answer first; `find`, not `in`: `bytes in bytes` first tries the operand as an int
+    if data is not None and not _main_is_reimportable() and data.find(b"__main__") != -1:
         return None
     return data
 
