@@ -102,3 +102,18 @@ def session_shm(sessions: set[int]) -> set[str]:
             if path.startswith("/dev/shm/"):
                 names.add(path[len("/dev/shm/") :].removesuffix(" (deleted)"))
     return names
+
+
+_CRASH_POINT = re.compile(r'(?:GF_CRASH_POINT|_crash\.hit)\(\s*"([a-z0-9_.]+)"\s*\)')
+
+
+def crash_points(prefix: str = "") -> list[str]:
+    """Every crash point named in gilfree's sources (C and Python) whose name starts with ``prefix``.
+
+    Read from the sources, so that a point added to the code is tested without anyone listing it.
+    """
+    names: set[str] = set()
+    for path in sorted(Path(SRC, "gilfree").rglob("*")):
+        if path.suffix in (".py", ".c", ".h") and path.name != "_crash.h":
+            names.update(_CRASH_POINT.findall(path.read_text()))
+    return sorted(n for n in names if n.startswith(prefix))

@@ -36,6 +36,7 @@
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include "_crash.h"
 #include <structmember.h>
 #include <errno.h>
 #include <limits.h>
@@ -1077,6 +1078,7 @@ loads_all(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 }
 
 static PyMethodDef module_methods[] = {
+    GF_CRASH_METHODS
     {"loads_all", (PyCFunction)(void (*)(void))loads_all, METH_FASTCALL,
      "loads_all(records, loads, decode) -> [loads(r) if type(r) is bytes else decode(r) for r in records]"},
     {"dumps_batch", (PyCFunction)(void (*)(void))dumps_batch, METH_FASTCALL,
@@ -1108,6 +1110,7 @@ PyMODINIT_FUNC
 PyInit__cqueue(void)
 {
     PyObject *m;
+    gf_crash_from_env();
     PyObject *csync = PyImport_ImportModule("gilfree._csync"), *capsule;
     if (csync == NULL)
         return NULL;

@@ -31,6 +31,7 @@
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include "_crash.h"
 #include <errno.h>
 #include <limits.h>
 #include <pthread.h>
@@ -802,6 +803,7 @@ module_pid_alive(PyObject *module, PyObject *arg)
 }
 
 static PyMethodDef module_methods[] = {
+    GF_CRASH_METHODS
     {"set_classes", set_classes, METH_VARARGS, "set_classes(error, warning): raised / warned for a dead holder"},
     {"pid_alive", module_pid_alive, METH_O, "pid_alive(pid): the process runs (is neither gone nor a zombie)"},
     {NULL, NULL, 0, NULL},
@@ -819,6 +821,7 @@ PyInit__csync(void)
     if (PyType_Ready(&SemBlockType) < 0)
         return NULL;
     refresh_pid();
+    gf_crash_from_env();
     pthread_atfork(NULL, NULL, refresh_pid);
     m = PyModule_Create(&csync_module);
     if (m == NULL)
