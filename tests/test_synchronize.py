@@ -1031,13 +1031,13 @@ def test_condition_with_more_sleepers_than_recorded_slots():
 
 
 def test_condition_starts_clean_in_reused_memory():
-    dirty = [_shm.Block(4 * gilfree.synchronize.SLEEPER_SLOTS) for _ in range(40)]
+    dirty = [_shm.Block(gilfree._csync.COND_SIZE) for _ in range(40)]
     for block in dirty:
         block.memoryview()[:] = b"\x7f" * block.requested  # pids of processes that do not exist
     del dirty, block
     gc.collect()
     conds = [gilfree.Condition() for _ in range(40)]
-    assert all(c._sleepers.tolist() == [0] * gilfree.synchronize.SLEEPER_SLOTS for c in conds)
+    assert all(c._cv._sleepers() == [] and c._cv._waiting() == 0 for c in conds)
     cond = conds[-1]
     t, result = in_thread(lambda: (cond.acquire(), cond.wait(WAIT), cond.release())[1])
     until(lambda: waiters(cond) == 1)

@@ -5,13 +5,17 @@ a block in an anonymous shared-memory arena (:mod:`gilfree._shm`) driven by the 
 :mod:`gilfree._csync`.  No named semaphore is created, so nothing can leak into ``/dev/shm``, and
 ``with lock:`` runs entirely in C (the class *is* the C type, subclassed).
 
-Robust: each acquisition records its holder, and a waiter that has slept for a slice (0.1 s) checks
-whether a recorded holder has died.  If so it raises :class:`~gilfree.OwnerDiedError` naming the pid
-instead of blocking forever -- or, for a lock created with ``on_owner_death="takeover"``, it takes
-the dead holder's place and is told with an :class:`~gilfree.OwnerDiedWarning`.  Holder records
-describe "who holds what" only while the acquirer is also the releaser; the first release by a
-process that holds nothing (a semaphore used as a signal, a lock handed from one process to another)
-switches the check off for that lock, so it never reports a death that did not cost anything.
+Robust: a lock's word holds its owner (pid and thread), written by the same atomic step that takes
+it, and a counting semaphore journals the one operation in flight, so a process killed at any
+instruction leaves a state a waiter recognises (docs/design.md, "Lock protocols").  A waiter that
+has slept for a slice (0.1 s) checks whether the holder has died.  If so it raises
+:class:`~gilfree.OwnerDiedError` naming the pid instead of blocking forever -- or, for a lock created
+with ``on_owner_death="takeover"``, it takes the dead holder's place and is told with an
+:class:`~gilfree.OwnerDiedWarning`.  Holder records describe "who holds what" only while the acquirer
+is also the releaser; the first release by a process that holds nothing (a semaphore used as a
+signal, a lock handed from one process to another) switches the check off for that lock, so it
+never reports a death that did not cost anything.  A ``Condition`` gives each sleeper its own slot,
+so ``notify`` never waits for a sleeper and is never spent on a dead one.
 
 Like the stdlib's, these objects reach another process only by inheritance: as ``Process``
 arguments (or attributes of such arguments), never through a pipe or queue.
@@ -40,8 +44,8 @@ except ImportError:  # pragma: no cover - exercised only on machines without a C
 __all__ = ["Lock", "RLock", "Semaphore", "BoundedSemaphore", "Condition", "Event", "Barrier", "SEM_VALUE_MAX"]
 
 SEM_VALUE_MAX = 2**31 - 1
-#: How many sleepers of one Condition are recorded (and so found if they die while waiting).
-SLEEPER_SLOTS = 64
+#: How many sleepers of one Condition have a slot (and so are found if they die while waiting).
+SLEEPER_SLOTS = _csync.COND_SLOTS if _csync is not None else 128
 #: How long a blocked waiter sleeps before it checks whether the holder is still alive.
 OWNER_CHECK_INTERVAL = (_csync.SLICE_MS if _csync is not None else 100) / 1000
 
@@ -52,6 +56,8 @@ _MODES = {"raise": 0, "takeover": 1, "repair": 2}
 if _csync is not None:
     _csync.set_classes(OwnerDiedError, OwnerDiedWarning)
     _Base: Any = _csync.SemBlock
+    _CondBlock: Any = _csync.CondBlock
+    _COND_SIZE: int = _csync.COND_SIZE
     _pid_alive: Callable[[int], bool] = _csync.pid_alive
 else:  # pragma: no cover
 
@@ -180,47 +186,48 @@ class RLock(SemLock):
 class Condition:
     """A condition variable shared between processes (``threading.Condition``'s API).
 
-    Built, as in the stdlib, from the lock and three semaphores used as signals: the number of
-    sleepers, the number of woken sleepers, and the one sleepers wait on.  Robust as the locks are:
-    each sleeper also writes its pid in a table, and a ``notify`` that waits for a woken sleeper
-    to report checks every slice whether a sleeper has died; a dead one is counted as a sleeper
-    whose wait timed out.  (The stdlib's ``notify`` -- and so ``Event.set`` -- waits forever for a
-    sleeper that was killed.)  Sleepers beyond the table's :data:`SLEEPER_SLOTS` are not
-    recorded: all works as before for them, but their deaths are not noticed.
+    Each sleeper has a slot (its pid and state) in a block of shared memory, and ``wait`` is one C
+    call (:class:`gilfree._csync.CondBlock`) that takes a slot, releases the lock, sleeps on its
+    own slot and takes the lock back, so no signal handler runs between those steps.  ``notify(n)``
+    marks the ``n`` oldest sleepers that are alive as notified and wakes each; it never waits for
+    a sleeper (the stdlib's ``notify`` -- and so ``Event.set`` -- waits for each woken sleeper to
+    report, forever if it was killed).  A sleeper found dead is counted as a wait that timed out.
+    Sleepers beyond the table's :data:`SLEEPER_SLOTS` wait on a shared generation counter, and a
+    ``notify`` that reaches them wakes them all (the one case of more than ``n`` woken).
     """
 
     def __init__(self, lock: Lock | RLock | None = None, *, ctx: Any = None) -> None:
         self._lock = lock if lock is not None else RLock()
-        self._sleeping_count = Semaphore(0)
-        self._woken_count = Semaphore(0)
-        self._wait_semaphore = Semaphore(0)
-        self._sleepers_block = _shm.Block(4 * SLEEPER_SLOTS)
+        self._cv_block = _shm.Block(_COND_SIZE)
+        self._cv = _CondBlock(self._cv_block.arena.buffer, self._cv_block.offset, True)
         self._bind()
-        self._sleepers_block.memoryview()[:] = bytes(4 * SLEEPER_SLOTS)  # a reused block holds old data
 
     def _bind(self) -> None:
         self.acquire = self._lock.acquire
         self.release = self._lock.release
-        self._sleepers = self._sleepers_block.memoryview().cast("i")  # pid per sleeper, 0: free
 
     def __getstate__(self) -> tuple[Any, ...]:
         reduction.assert_spawning(self)
-        return (self._lock, self._sleeping_count, self._woken_count, self._wait_semaphore, self._sleepers_block)
+        return (self._lock, self._cv_block)
 
     def __setstate__(self, state: tuple[Any, ...]) -> None:
-        (self._lock, self._sleeping_count, self._woken_count, self._wait_semaphore,
-         self._sleepers_block) = state
+        self._lock, self._cv_block = state
+        self._cv = _CondBlock(self._cv_block.arena.buffer, self._cv_block.offset, False)
         self._bind()
 
     def __enter__(self) -> bool:
         return self._lock.__enter__()
 
-    def __exit__(self, *args: Any) -> None:
-        self._lock.__exit__(*args)
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        # after a wait() whose lock could not be taken back (its holder died: OwnerDiedError), the
+        # lock is not ours to release: let that error through instead of masking it
+        if exc_type is not None and not self._lock._is_mine():
+            return
+        self._lock.__exit__(exc_type, exc, tb)
 
     def __repr__(self) -> str:
         try:
-            waiters = self._sleeping_count._get_value() - self._woken_count._get_value()
+            waiters = self._cv._waiting()
         except Exception:
             waiters = "unknown"
         return f"<{type(self).__name__}({self._lock}, {waiters})>"
@@ -229,56 +236,14 @@ class Condition:
         """Release the lock, wait for a notify (or the timeout), re-acquire; True if notified."""
         if not self._lock._is_mine():
             raise AssertionError("must acquire() condition before using wait()")
-        self._sleeping_count.release()
-        sleepers = self._sleepers
-        try:  # the lock is held: no other sleeper takes a slot meanwhile
-            slot = sleepers.tolist().index(0)
-        except ValueError:
-            slot = -1
-        else:  # (after counting ourselves: a sleeper written off has always been counted)
-            sleepers[slot] = os.getpid()
-        depth = self._lock._count()
-        for _ in range(depth):
-            self._lock.release()
-        try:
-            return self._wait_semaphore.acquire(True, timeout)
-        finally:
-            if slot >= 0:
-                sleepers[slot] = 0
-            self._woken_count.release()
-            for _ in range(depth):
-                self._lock.acquire()
+        return self._cv.wait(self._lock, timeout)
 
     def notify(self, n: int = 1) -> None:
         """Wake up to ``n`` waiters (the lock must be held)."""
         if not self._lock._is_mine():
             raise AssertionError("lock is not owned")
-        if self._wait_semaphore.acquire(False):
-            raise AssertionError("notify: the wait semaphore should be zero")
-        # sleepers that timed out since the last notify have woken without being notified:
-        # forget them
-        while self._woken_count.acquire(False):
-            if not self._sleeping_count.acquire(False):
-                raise AssertionError("notify: sleeping count out of step with woken count")
-        woken = 0
-        while woken < n and self._sleeping_count.acquire(False):
-            self._wait_semaphore.release()
-            woken += 1
-        if woken:
-            for _ in range(woken):  # each notified sleeper reports that it woke
-                while not self._woken_count.acquire(True, OWNER_CHECK_INTERVAL):
-                    self._write_off_dead_sleepers()
-            while self._wait_semaphore.acquire(False):  # sleepers that timed out meanwhile
-                pass
-
-    def _write_off_dead_sleepers(self) -> None:
-        """Report for each sleeper that died waiting, as if its wait had timed out."""
-        sleepers = self._sleepers
-        me = os.getpid()
-        for slot, pid in enumerate(sleepers.tolist()):
-            if pid and pid != me and not _pid_alive(pid):
-                sleepers[slot] = 0
-                self._woken_count.release()
+        if n > 0:
+            self._cv.notify(n)
 
     def notify_all(self) -> None:
         self.notify(SEM_VALUE_MAX)
@@ -306,23 +271,24 @@ class Condition:
 
 
 class Event:
-    """A flag processes can set, clear and wait for (``threading.Event``'s API)."""
+    """A flag processes can set, clear and wait for (``threading.Event``'s API).
+
+    The flag is a semaphore whose value is 0 or 1, changed only under the condition's lock and each
+    time by one step (``release`` when it is 0, ``acquire`` when it is 1), so a process killed in
+    ``set`` or ``clear`` leaves it either as it was or as asked.
+    """
 
     def __init__(self, *, ctx: Any = None) -> None:
         self._cond = Condition(Lock())
         self._flag = Semaphore(0)
 
     def is_set(self) -> bool:
-        with self._cond:
-            if self._flag.acquire(False):
-                self._flag.release()
-                return True
-            return False
+        return self._flag._get_value() > 0
 
     def set(self) -> None:
         with self._cond:
-            self._flag.acquire(False)
-            self._flag.release()
+            if self._flag._get_value() == 0:
+                self._flag.release()
             self._cond.notify_all()
 
     def clear(self) -> None:
@@ -332,14 +298,10 @@ class Event:
     def wait(self, timeout: float | None = None) -> bool:
         """Wait until the flag is set (or the timeout passes); return the flag."""
         with self._cond:
-            if self._flag.acquire(False):
-                self._flag.release()
+            if self._flag._get_value():
                 return True
             self._cond.wait(timeout)
-            if self._flag.acquire(False):
-                self._flag.release()
-                return True
-            return False
+            return self._flag._get_value() > 0
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} at {id(self):#x} {'set' if self.is_set() else 'unset'}>"
