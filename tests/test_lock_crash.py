@@ -315,6 +315,30 @@ def test_semaphore_death_while_repairing_another_death(ctx, kind):
     assert sem.get_value() == 1
 
 
+@pytest.mark.parametrize("point", ["sem.acquire.taken", "sem.release.given"])
+def test_semaphore_live_process_stopped_between_two_steps(ctx, point):
+    # a live process frozen with the journal set: others must neither take it for dead nor spin
+    # forever holding the GIL (found by the breaker: acquire(timeout) ignored its timeout)
+    sem = ctx.Semaphore(2)
+    stopped = start_stopped(ctx, stop_acquiring, point, sem)
+    try:
+        t0 = time.monotonic()
+        assert not sem.acquire(False)
+        assert not sem.acquire(timeout=0.3)
+        assert time.monotonic() - t0 < 1.5, "the waits ignored their timeouts"
+        released = []
+        t = threading.Thread(target=lambda: released.append(sem.release()), daemon=True)
+        t.start()  # waits (without the GIL) until the frozen step is finished
+        t.join(0.3)
+        assert t.is_alive() and not released
+    finally:
+        resume_and_join(stopped)
+    t.join(BOUND)
+    assert released == [None]
+    assert sem.get_value() == 3  # 2, plus the release above (a Semaphore has no maximum)
+    assert drain(sem) == 3
+
+
 # -- Condition ---------------------------------------------------------------------------------
 
 def sleeper_thread(cond, results, timeout=BOUND * 2):

@@ -469,8 +469,10 @@ repair(gf_block *b, uint32_t entry)
 }
 
 /* The journal of `w` is set: another operation is between its two steps.  Wait for it a moment;
-   if it stays, and its process is dead, finish it. */
-static void
+   if it stays, and its process is dead, finish it.  1: it stays and its process lives (preempted,
+   or stopped by SIGSTOP between two instructions): the caller must not spin on, holding the GIL
+   and ignoring its timeout, but wait as for a busy semaphore. */
+static int
 settle(gf_block *b, uint64_t w)
 {
     uint32_t entry = waux(w);
@@ -478,12 +480,28 @@ settle(gf_block *b, uint64_t w)
     for (i = 0; i < GF_SPIN; i++) {
         cpu_relax();
         if (waux(load_word(b)) != entry)
-            return;
+            return 0;
     }
-    if (!pid_alive((int)(entry >> 8)))
+    sched_yield();
+    if (waux(load_word(b)) != entry)
+        return 0;
+    if (!pid_alive((int)(entry >> 8))) {
         repair(b, entry);
-    else
-        sched_yield();
+        return 0;
+    }
+    return 1;
+}
+
+/* Sleep a little without the GIL (a journal held by a stalled live process); -1 on a signal's
+   exception. */
+static int
+pause_briefly(void)
+{
+    struct timespec ts = {0, 200000};
+    Py_BEGIN_ALLOW_THREADS
+    nanosleep(&ts, NULL);
+    Py_END_ALLOW_THREADS
+    return PyErr_CheckSignals();
 }
 
 /* Claim a holder slot for `me` (pid|PENDING); -1 if the table is full (tracking stops). */
@@ -517,7 +535,8 @@ unclaim_slot(gf_block *b, int slot, int me)
     __atomic_compare_exchange_n(&b->holders[slot], &expected, 0, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);
 }
 
-/* Take one unit without waiting: 1 taken, 0 none free. */
+/* Take one unit without waiting: 1 taken, 0 none free, 2 busy (the journal names a live process
+   stalled between two steps). */
 static int
 sem_try(gf_block *b, int me)
 {
@@ -525,7 +544,11 @@ sem_try(gf_block *b, int me)
     uint64_t w = load_word(b), next;
     for (;;) {
         if (waux(w)) {
-            settle(b, w);
+            if (settle(b, w)) {
+                if (slot >= 0)
+                    unclaim_slot(b, slot, me);
+                return 2;
+            }
             w = load_word(b);
             continue;
         }
@@ -590,7 +613,8 @@ sem_release(gf_block *b, int me)
     w = load_word(b);
     for (;;) {
         if (waux(w)) {
-            settle(b, w);
+            if (settle(b, w) && pause_briefly() < 0)
+                return -1; /* interrupted: nothing was released */
             w = load_word(b);
             continue;
         }
@@ -665,13 +689,15 @@ sem_wait(SemBlock *self, long long deadline, int me, int *taken, int *dead_out)
     for (;;) {
         uint64_t w;
         long long slice = GF_SLICE_NS, now;
-        int err, dead;
-        if (sem_try(b, me))
+        int err, dead, r = sem_try(b, me);
+        if (r == 1)
             return GF_TOOK;
         w = load_word(b);
-        if (waux(w) || (wval(w) & ~GF_W) > 0)
+        if (r == 2) /* stalled journal: look again in a moment, honouring the deadline and signals */
+            slice = 1000000;
+        else if (waux(w) || (wval(w) & ~GF_W) > 0)
             continue;
-        if (!(wval(w) & GF_W)) {
+        else if (!(wval(w) & GF_W)) {
             uint64_t with_w = pack(wval(w) | GF_W, 0);
             if (!cas_word(b, &w, with_w))
                 continue;
@@ -689,7 +715,7 @@ sem_wait(SemBlock *self, long long deadline, int me, int *taken, int *dead_out)
         Py_END_ALLOW_THREADS
         if (PyErr_CheckSignals() < 0)
             return -1;
-        if (err == ETIMEDOUT && (dead = sem_dead_holder(b)) != 0) {
+        if (r == 0 && err == ETIMEDOUT && (dead = sem_dead_holder(b)) != 0) {
             if (self->mode >= 1) {
                 if ((*taken = sem_take_over(b, dead, me)) != 0) {
                     self->recovered_pid = dead;
@@ -844,7 +870,7 @@ acquire_block(SemBlock *self, int blocking, long long deadline)
         r = lock_wait(self, deadline, me, tid, &dead);
     }
     else {
-        if (sem_try(b, me)) {
+        if (sem_try(b, me) == 1) {
             self->recovered_pid = 0;
             return 1;
         }
