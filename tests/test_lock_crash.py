@@ -13,6 +13,7 @@ docs/design.md ("Lock protocols: states and crash points") has the state table t
 
 from __future__ import annotations
 
+import multiprocessing as std_mp
 import os
 import random
 import signal
@@ -78,11 +79,70 @@ def die_in_cond_wait(point, cond, timeout):
     os._exit(3)
 
 
+def hold_then_die_releasing(sem, ready, go):
+    sem.acquire()
+    ready.set()
+    go.wait(BOUND * 3)
+    _crash.arm("sem.release.given")
+    sem.release()
+    os._exit(3)
+
+
+def die_setting_event(point, event):
+    _crash.arm(point)
+    event.set()
+    os._exit(3)
+
+
 def die_notifying(point, cond):
     _crash.arm(point)
     with cond:
         cond.notify()
     os._exit(3)
+
+
+def stop_checking_then_acquire(point, lock, result):
+    # waits for a lock held by someone else; stops inside its dead-holder check (after reading)
+    _crash.arm(point, action="stop")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", OwnerDiedWarning)
+        try:
+            ok = lock.acquire(timeout=BOUND * 2)
+        except OwnerDiedError as e:
+            result.value = -e.pid
+            os._exit(0)
+    result.value = 1 if ok and not lock.recovered_from else 2
+    if ok:
+        lock.release()
+    os._exit(0)
+
+
+def release_and_exit(lock, go):
+    go.wait(BOUND * 3)
+    lock.release()
+    os._exit(0)
+
+
+def hold_in_a_thread_then_leave_main(lock, flag):
+    import ctypes
+
+    def hold():
+        with lock:
+            flag.value = 1
+            time.sleep(2)
+            flag.value = 2
+
+    threading.Thread(target=hold).start()
+    while flag.value != 1:
+        time.sleep(0.01)
+    ctypes.CDLL(None).pthread_exit(None)  # the main thread leaves; `hold` goes on
+
+
+def event_waiter(event, out):
+    try:
+        out.put(("returned", event.wait()))
+    except OwnerDiedError as e:
+        out.put(("died", e.pid))
 
 
 # -- helpers -----------------------------------------------------------------------------------
@@ -411,9 +471,182 @@ def test_condition_notifier_dies_after_marking_a_sleeper(ctx):
     assert results[0].pid == pid
 
 
+# -- found by the breaker (each failed on the first version of the new protocol) ------------------
+
+def test_holder_that_released_and_exited_during_the_check_is_not_reported(ctx):
+    # the waiter read owner P, P released and exited normally, the waiter found P dead: it reported
+    # OwnerDiedError(P) (or took over) although nobody died holding the lock
+    lock = ctx.Lock(on_owner_death="takeover")
+    go = ctx.Event()
+    owner = ctx.Process(target=release_and_exit, args=(lock, go))
+    lock.acquire()
+    owner.start()  # fork: inherits nothing of ours but the lock; it releases the lock we hold
+    result = ctx.RawValue("i", 0)
+    waiter = start_stopped(ctx, stop_checking_then_acquire, "lock.check.read", lock, result)
+    go.set()
+    owner.join(BOUND)
+    assert owner.exitcode == 0
+    resume_and_join(waiter)
+    assert result.value == 1, f"waiter ended with {result.value} (negative: OwnerDiedError(pid), 2: took over)"
+
+
+def test_semaphore_release_by_a_dying_holder_during_a_scan_invents_no_unit(ctx):
+    # a waiter scanning the holder table found the slot of a process that had just released (count
+    # raised, journal set) and died before erasing its slot: it took over a unit that was free
+    sem = ctx.BoundedSemaphore(2, on_owner_death="takeover")
+    dying = ctx.Event()
+    sem.acquire()  # the parent holds one unit; the victim will hold the other
+    holder_ready = ctx.Event()
+    victim = ctx.Process(target=hold_then_die_releasing, args=(sem, holder_ready, dying))
+    victim.start()
+    assert holder_ready.wait(BOUND)
+    result = ctx.RawValue("i", 0)
+    waiter = start_stopped(ctx, stop_checking_then_acquire, "sem.check.scan", sem, result)
+    dying.set()
+    victim.join(BOUND)
+    assert victim.exitcode == KILLED
+    resume_and_join(waiter)
+    assert result.value == 1, f"waiter ended with {result.value} (2: took over a unit that was free)"
+    sem.release()
+    assert sem.get_value() == 2
+    with pytest.raises(ValueError):
+        sem.release()
+
+
+def test_event_setter_killed_while_notifying_wakes_every_waiter(ctx):
+    event = ctx.Event()
+    out = ctx.Queue()
+    waiters = [ctx.Process(target=event_waiter, args=(event, out)) for _ in range(2)]
+    for p in waiters:
+        p.start()
+    until(lambda: event._cond._cv._waiting() == 2, timeout=BOUND * 3)
+    setter = run_victim(ctx, die_setting_event, "cond.notify.marked", event)  # one marked, one not
+    got = sorted(out.get(timeout=BOUND) for _ in waiters)
+    for p in waiters:
+        p.join(BOUND)
+        assert p.exitcode == 0
+    # both return: the lock's holder died in set(), so taking it back raises for both
+    assert got == [("died", setter), ("died", setter)]
+
+
+def test_barrier_with_more_parties_than_condition_slots(ctx):
+    parties = gilfree.synchronize.SLEEPER_SLOTS + 8
+    barrier = ctx.Barrier(parties, timeout=BOUND * 5)
+    errors = []
+
+    def party():
+        try:
+            for _ in range(3):
+                barrier.wait()
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=party, daemon=True) for _ in range(parties)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(BOUND * 6)
+    assert not errors and not any(t.is_alive() for t in threads)
+
+
+def test_condition_overflow_notify_does_not_wake_a_later_sleeper(ctx):
+    cond = ctx.Condition()
+    n = gilfree.synchronize.SLEEPER_SLOTS + 4
+    results = []
+    threads = [sleeper_thread(cond, results) for _ in range(n)]
+    until(lambda: cond._cv._waiting() == n)
+    with cond:
+        cond.notify_all()
+    for t in threads:
+        t.join(BOUND)
+    assert results == [True] * n
+    late = []
+    t = sleeper_thread(cond, late, timeout=0.3)
+    t.join(BOUND)
+    assert late == [False], "a sleeper that started after the notify was woken by it"
+
+
+def test_semaphore_tracks_again_once_its_holders_fit_the_table(ctx):
+    # holders beyond the table turned death checks off for the life of the semaphore
+    n = 60
+    sem = ctx.BoundedSemaphore(n)
+    for _ in range(n):  # threads of one process hold one record each: more than the table
+        assert sem.acquire(False)
+    assert not sem._tracking()
+    for _ in range(n):
+        sem.release()
+    assert sem._tracking(), "a whole bounded semaphore should trust its records again"
+    pid = run_victim(ctx, die_acquiring, "sem.acquire.recorded", sem)
+    assert sem._dead_holder() == pid  # what a blocked waiter finds after its slice
+    assert sem.get_value() == n - 1
+
+
+def test_live_thread_of_a_process_whose_main_thread_left_is_not_taken_over(ctx):
+    lock = ctx.Lock(on_owner_death="takeover")
+    flag = ctx.RawValue("i", 0)
+    p = ctx.Process(target=hold_in_a_thread_then_leave_main, args=(lock, flag))
+    p.start()
+    until(lambda: flag.value == 1)
+    time.sleep(0.2)  # the main thread has left: /proc shows the leader as a zombie
+    try:
+        assert not lock.acquire(timeout=0.5), "took over a lock a live thread holds"
+        assert flag.value == 1
+    finally:
+        p.join(BOUND * 2)
+    assert flag.value == 2
+    expect_free(lock)
+
+
+def wait_on_event_forever(event):
+    event.wait()
+
+
+def test_dead_sleeper_beyond_the_table_does_not_wake_a_later_one_early(ctx):
+    # a sleeper beyond the table killed while waiting stayed counted; a later notify gave it a
+    # token that a much later Event.wait() (no timeout) took: it returned False, unset
+    event = ctx.Event()
+    results = []
+    threads = []
+    for _ in range(gilfree.synchronize.SLEEPER_SLOTS):
+        t = threading.Thread(target=lambda: results.append(event.wait(BOUND * 2)), daemon=True)
+        t.start()
+        threads.append(t)
+    until(lambda: event._cond._cv._waiting() == gilfree.synchronize.SLEEPER_SLOTS)
+    ghost = ctx.Process(target=wait_on_event_forever, args=(event,))
+    ghost.start()
+    until(lambda: event._cond._cv._waiting() == gilfree.synchronize.SLEEPER_SLOTS + 1, timeout=BOUND * 3)
+    ghost.kill()
+    ghost.join(BOUND)
+    event.set()
+    for t in threads:
+        t.join(BOUND)
+    assert results == [True] * gilfree.synchronize.SLEEPER_SLOTS
+    event.clear()
+    late = []
+    threads = [threading.Thread(target=lambda: late.append(event.wait(0.3)), daemon=True)
+               for _ in range(gilfree.synchronize.SLEEPER_SLOTS + 2)]
+    t0 = time.monotonic()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(BOUND)
+    assert late == [False] * len(threads) and time.monotonic() - t0 >= 0.25
+
+
+def test_notify_and_acquire_arguments_as_the_stdlib():
+    for cond in (gilfree.Condition(), std_mp.Condition()):
+        with cond:
+            cond.notify(2**70)  # any number bounds how many are woken
+            cond.notify(1.5)
+    for lock in (gilfree.Lock(), std_mp.Lock()):
+        with pytest.raises(TypeError):
+            lock.acquire(False, "1")  # the timeout is checked even when not blocking
+
+
 # -- every point has a scenario ------------------------------------------------------------------
 
 COVERED = {
+    "lock.check.read", "sem.check.scan",
     "lock.acquire.taken", "lock.release.before", "lock.release.freed", "lock.wait.flagged",
     "lock.takeover.swapped",
     "sem.acquire.claimed", "sem.acquire.taken", "sem.acquire.recorded", "sem.release.given",

@@ -10,7 +10,7 @@
  *   release(): word -> 0; W? wake 1   |   aux:   owner kernel thread id   |          dead? -> OwnerDiedError
  *                                     |          (semaphores: the journal)|          or CAS it over to itself
  *   Semaphore.acquire():              | flags (HANDOFF, OVERFLOW), rcount |
- *     claim holders[i] = pidA|PENDING | holders[24]: pid, or pid|PENDING  |
+ *     claim holders[i] = pidA|PENDING | holders[56]: pid, or pid|PENDING  |
  *     CAS word {n, 0} -> {n-1, op}    +-----------------------------------+
  *     holders[i] = pidA; op -> 0        op = the pending-operation journal: (pid, acquire/release, slot)
  *
@@ -66,7 +66,7 @@
 #include <time.h>
 #include <unistd.h>
 
-#define GF_NHOLD 24
+#define GF_NHOLD 56
 #define GF_SEMAPHORE 0
 #define GF_RECURSIVE 1
 #define GF_F_HANDOFF 1u
@@ -252,8 +252,26 @@ pid_alive(int pid)
     fclose(f);
     buf[n] = 0;
     p = strrchr(buf, ')');
-    if (p != NULL && p[1] == ' ' && (p[2] == 'Z' || p[2] == 'X'))
-        return 0;
+    if (p != NULL && p[1] == ' ' && (p[2] == 'Z' || p[2] == 'X')) {
+        /* a zombie leader may still have live threads (its main thread called pthread_exit):
+           the process lives while /proc/pid/status counts more than one thread */
+        char *t;
+        snprintf(path, sizeof(path), "/proc/%d/status", pid);
+        f = fopen(path, "r");
+        if (f == NULL)
+            return 0;
+        n = fread(buf, 1, sizeof(buf) - 1, f);
+        while (n == sizeof(buf) - 1 && (t = strstr(buf, "Threads:")) == NULL) {
+            /* the line is further on: keep the tail, read on */
+            memmove(buf, buf + n - 16, 16);
+            n = 16 + fread(buf + 16, 1, sizeof(buf) - 17, f);
+            buf[n] = 0;
+        }
+        fclose(f);
+        buf[n] = 0;
+        t = strstr(buf, "Threads:");
+        return t != NULL && strtol(t + 8, NULL, 10) > 1;
+    }
     return 1;
 }
 
@@ -313,14 +331,19 @@ lock_try(gf_block *b, int me, uint32_t tid, uint32_t wbit)
     return 1;
 }
 
-/* The pid of the lock's owner if that process is dead (and the lock was never handed off), or 0. */
+/* The pid of the lock's owner if that process is dead (and the lock was never handed off), or 0.
+   The word is read again after the pid is found dead: an owner that released the lock and exited
+   between the first read and the check did not die holding it (a dead process changes nothing). */
 static int
 lock_dead_owner(gf_block *b)
 {
     int pid = owner_of(load_word(b));
     if (pid == 0 || (b->kind != GF_RECURSIVE && !tracking(b)))
         return 0;
-    return pid_alive(pid) ? 0 : pid;
+    GF_CRASH_POINT("lock.check.read");
+    if (pid_alive(pid))
+        return 0;
+    return owner_of(load_word(b)) == pid ? pid : 0;
 }
 
 /* Swap dead owner `pid` for this thread; 1 on success (0: someone else was first, or it moved). */
@@ -599,17 +622,20 @@ wake_one(gf_block *b)
 }
 
 static int
+find_own_slot(gf_block *b, int me)
+{
+    int i;
+    for (i = 0; i < GF_NHOLD; i++)
+        if (__atomic_load_n(&b->holders[i], __ATOMIC_SEQ_CST) == me)
+            return i;
+    return -1;
+}
+
+static int
 sem_release(gf_block *b, int me)
 {
-    int slot = -1, i;
+    int slot = -1;
     uint64_t w, next;
-    if (tracking(b)) {
-        for (i = 0; i < GF_NHOLD; i++)
-            if (__atomic_load_n(&b->holders[i], __ATOMIC_SEQ_CST) == me) {
-                slot = i;
-                break;
-            }
-    }
     w = load_word(b);
     for (;;) {
         if (waux(w)) {
@@ -622,6 +648,9 @@ sem_release(gf_block *b, int me)
             PyErr_SetString(PyExc_ValueError, "semaphore or lock released too many times");
             return -1;
         }
+        /* looked up here, with no GIL release before the swap: two threads of this process
+           releasing at once each erase a slot of their own */
+        slot = (__atomic_load_n(&b->flags, __ATOMIC_SEQ_CST) & GF_F_HANDOFF) ? -1 : find_own_slot(b, me);
         next = pack(wval(w) + 1, slot >= 0 ? journal(me, GF_OP_RELEASE, slot) : 0);
         if (cas_word(b, &w, next))
             break;
@@ -638,33 +667,55 @@ sem_release(gf_block *b, int me)
            longer say who holds what, so stop judging by them. */
         __atomic_or_fetch(&b->flags, GF_F_HANDOFF, __ATOMIC_SEQ_CST);
     }
+    else if ((wval(next) & ~GF_W) == b->maxvalue && b->maxvalue < (uint32_t)INT_MAX) {
+        /* a bounded semaphore whose holders outgrew the table is whole again: nobody holds a
+           unit, so holder records can be trusted from here on */
+        uint32_t flags = GF_F_OVERFLOW;
+        __atomic_compare_exchange_n(&b->flags, &flags, 0, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);
+    }
     if (wval(next) & GF_W)
         wake_one(b);
     return 0;
 }
 
 /* The pid of a recorded holder that is dead, or 0 (repairing a dead process's half-done step and
-   freeing its unpaid claims on the way). */
+   freeing its unpaid claims on the way).  A slot found with a dead pid counts only if, read again
+   after the check, it still holds that pid and no journal is in flight: a holder that released
+   and exited meanwhile, or died between the two steps of its release, is not one. */
 static int
 sem_dead_holder(gf_block *b)
 {
-    int i;
-    uint64_t w = load_word(b);
-    if (waux(w) && !pid_alive((int)(waux(w) >> 8)))
-        repair(b, waux(w));
-    if (!tracking(b))
-        return 0;
-    for (i = 0; i < GF_NHOLD; i++) {
-        int32_t h = __atomic_load_n(&b->holders[i], __ATOMIC_SEQ_CST);
-        int pid = (int)((uint32_t)h & ~GF_PENDING);
-        if (h == 0 || pid_alive(pid))
-            continue;
-        if ((uint32_t)h & GF_PENDING) {
-            if (waux(load_word(b)) != journal(pid, 0, i)) /* never paid for: free the claim */
-                __atomic_compare_exchange_n(&b->holders[i], &h, 0, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);
-            continue;
+    int i, round;
+    for (round = 0; round < 4; round++) {
+        uint64_t w = load_word(b);
+        int again = 0;
+        if (waux(w)) {
+            if (pid_alive((int)(waux(w) >> 8)))
+                return 0; /* a step in flight: judge later */
+            repair(b, waux(w));
         }
-        return pid;
+        if (!tracking(b))
+            return 0;
+        GF_CRASH_POINT("sem.check.scan");
+        for (i = 0; i < GF_NHOLD && !again; i++) {
+            int32_t h = __atomic_load_n(&b->holders[i], __ATOMIC_SEQ_CST);
+            int pid = (int)((uint32_t)h & ~GF_PENDING);
+            if (h == 0 || pid_alive(pid))
+                continue;
+            if (waux(load_word(b))) { /* a journal appeared during the scan: settle it first */
+                again = 1;
+                break;
+            }
+            if (__atomic_load_n(&b->holders[i], __ATOMIC_SEQ_CST) != h)
+                continue;
+            if ((uint32_t)h & GF_PENDING) { /* never paid for: free the claim */
+                __atomic_compare_exchange_n(&b->holders[i], &h, 0, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);
+                continue;
+            }
+            return pid;
+        }
+        if (!again)
+            return 0;
     }
     return 0;
 }
@@ -910,9 +961,11 @@ do_acquire(SemBlock *self, int blocking, PyObject *timeout_obj)
     int r;
     if (check_ready(self) < 0)
         return NULL;
-    deadline = blocking ? deadline_from(timeout_obj) : -1;
+    deadline = deadline_from(timeout_obj); /* checked even when not blocking, as the stdlib does */
     if (deadline == -2)
         return NULL;
+    if (!blocking)
+        deadline = -1;
     r = acquire_block(self, blocking, deadline);
     if (r < 0)
         return NULL;
@@ -1179,9 +1232,13 @@ static PyTypeObject SemBlockType = {
  * (notified), and take the lock back.  notify(n) (lock held): mark the n oldest WAITING slots whose
  * sleeper lives NOTIFIED and wake each; a WAITING slot of a dead sleeper is freed (a dead sleeper is
  * a wait that timed out), as is a NOTIFIED slot of a sleeper that died before it freed it.
- * Sleepers beyond the table share a count of notifications (tokens) and sleep on a generation
- * counter: notify grants up to n tokens and wakes them all, and each takes one token or sleeps
- * again.  Their deaths are not noticed (a token may go to a dead one).
+ * Sleepers beyond the table sleep on a generation counter: a notify with budget left when the
+ * table's sleepers are served wakes all of them (a sleeper that starts waiting later is not woken).
+ * That is the one case of more than n woken -- a lost wake-up would be worse, and code that waits
+ * in a loop or with wait_for (threading's advice; Barrier does) is not affected.
+ *
+ * A sleeper also wakes when the lock's holder is found dead: nobody could notify it any more, and
+ * taking the lock back then raises OwnerDiedError (or takes it over).
  * --------------------------------------------------------------------------------------------- */
 
 #define GF_COND_MAGIC 0x67664356u /* "gfCV" */
@@ -1193,9 +1250,9 @@ typedef struct {
     uint32_t magic;
     uint32_t nslots;
     uint32_t ticket;   /* next ticket (changed under the condition's lock) */
-    uint32_t ov_gen;    /* futex word of the sleepers beyond the table */
-    uint32_t ov_count;  /* how many of them (under the lock) */
-    uint32_t ov_tokens; /* notifications granted to them, not yet taken */
+    uint32_t reserved0;
+    uint64_t ov;       /* a gf_word, changed as a whole: value = the generation (futex word) of the
+                          sleepers beyond the table, aux = how many of them wait for the next one */
     uint32_t reserved[2];
     struct {
         uint32_t state;
@@ -1323,8 +1380,11 @@ CondBlock_wait(CondBlock *self, PyObject *args)
     if (slot >= 0)
         ticket = __atomic_load_n(&c->slot[slot].state, __ATOMIC_SEQ_CST);
     else {
-        gen = __atomic_load_n(&c->ov_gen, __ATOMIC_SEQ_CST);
-        c->ov_count++;
+        uint64_t ov = __atomic_load_n(&c->ov, __ATOMIC_SEQ_CST);
+        while (!__atomic_compare_exchange_n(&c->ov, &ov, pack(wval(ov), waux(ov) + 1), 0, __ATOMIC_SEQ_CST,
+                                            __ATOMIC_SEQ_CST))
+            ;
+        gen = wval(ov);
     }
     GF_CRASH_POINT("cond.wait.registered");
     if (lb->kind == GF_RECURSIVE) {
@@ -1338,21 +1398,11 @@ CondBlock_wait(CondBlock *self, PyObject *args)
     }
     GF_CRASH_POINT("cond.wait.unlocked");
     for (;;) {
-        uint32_t *word = slot >= 0 ? &c->slot[slot].state : &c->ov_gen;
+        uint32_t *word = slot >= 0 ? &c->slot[slot].state : &((gf_word *)&c->ov)->h.value;
         uint32_t expected = slot >= 0 ? ticket : gen;
         long long slice = GF_SLICE_NS, now;
-        if (slot < 0) { /* beyond the table: take a token if there is one */
-            uint32_t t = __atomic_load_n(&c->ov_tokens, __ATOMIC_SEQ_CST);
-            expected = gen = __atomic_load_n(&c->ov_gen, __ATOMIC_SEQ_CST);
-            while (t > 0 && !__atomic_compare_exchange_n(&c->ov_tokens, &t, t - 1, 0, __ATOMIC_SEQ_CST,
-                                                         __ATOMIC_SEQ_CST))
-                ;
-            if (t > 0) {
-                notified = 1;
-                break;
-            }
-        }
-        else if (__atomic_load_n(word, __ATOMIC_SEQ_CST) != expected) {
+        int err;
+        if (__atomic_load_n(word, __ATOMIC_SEQ_CST) != expected) {
             notified = 1;
             break;
         }
@@ -1364,12 +1414,14 @@ CondBlock_wait(CondBlock *self, PyObject *args)
                 slice = deadline - now;
         }
         Py_BEGIN_ALLOW_THREADS
-        futex_wait(word, expected, slice);
+        err = futex_wait(word, expected, slice);
         Py_END_ALLOW_THREADS
         if (PyErr_CheckSignals() < 0) {
             interrupted = 1;
             break;
         }
+        if (err == ETIMEDOUT && __atomic_load_n(word, __ATOMIC_SEQ_CST) == expected && lock_dead_owner(lb))
+            break; /* the lock's holder died (maybe notifying): re-acquiring tells */
     }
     if (slot >= 0) {
         uint32_t s = ticket;
@@ -1380,6 +1432,18 @@ CondBlock_wait(CondBlock *self, PyObject *args)
         GF_CRASH_POINT("cond.wait.woken");
         if (notified)
             __atomic_store_n(&c->slot[slot].state, GF_CV_FREE, __ATOMIC_SEQ_CST);
+    }
+    else if (!notified) { /* withdraw from this generation, unless a notify ended it meanwhile */
+        uint64_t ov = __atomic_load_n(&c->ov, __ATOMIC_SEQ_CST);
+        for (;;) {
+            if (wval(ov) != gen) {
+                notified = 1;
+                break;
+            }
+            if (__atomic_compare_exchange_n(&c->ov, &ov, pack(gen, waux(ov) ? waux(ov) - 1 : 0), 0,
+                                            __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST))
+                break;
+        }
     }
     GF_CRASH_POINT("cond.wait.freed");
     /* take the lock back, whatever happened (as threading.Condition does), even after Ctrl-C */
@@ -1396,16 +1460,7 @@ CondBlock_wait(CondBlock *self, PyObject *args)
         }
         if (lb->kind == GF_RECURSIVE)
             lb->rcount = depth;
-        if (slot < 0) {
-            uint32_t t;
-            if (c->ov_count > 0)
-                c->ov_count--;
-            /* a token granted while this wait timed out must not wake a later sleeper */
-            t = __atomic_load_n(&c->ov_tokens, __ATOMIC_SEQ_CST);
-            while (t > c->ov_count && !__atomic_compare_exchange_n(&c->ov_tokens, &t, t - 1, 0, __ATOMIC_SEQ_CST,
-                                                                   __ATOMIC_SEQ_CST))
-                ;
-        }
+
         if (interrupted) {
             PyErr_Restore(exc_type, exc_value, exc_tb);
             return NULL;
@@ -1447,14 +1502,16 @@ CondBlock_notify(CondBlock *self, PyObject *arg)
             woken++;
         }
     }
-    if (woken < n && c->ov_count > __atomic_load_n(&c->ov_tokens, __ATOMIC_SEQ_CST)) {
-        uint32_t k = c->ov_count - __atomic_load_n(&c->ov_tokens, __ATOMIC_SEQ_CST);
-        if ((long long)k > n - woken)
-            k = (uint32_t)(n - woken);
-        __atomic_add_fetch(&c->ov_tokens, k, __ATOMIC_SEQ_CST);
-        __atomic_add_fetch(&c->ov_gen, 1, __ATOMIC_SEQ_CST);
-        futex_wake(&c->ov_gen, INT_MAX);
-        woken += k;
+    if (woken < n) {
+        uint64_t ov = __atomic_load_n(&c->ov, __ATOMIC_SEQ_CST);
+        while (waux(ov) > 0) {
+            if (__atomic_compare_exchange_n(&c->ov, &ov, pack(wval(ov) + 1, 0), 0, __ATOMIC_SEQ_CST,
+                                            __ATOMIC_SEQ_CST)) {
+                woken += waux(ov);
+                futex_wake(&((gf_word *)&c->ov)->h.value, INT_MAX);
+                break;
+            }
+        }
     }
     return PyLong_FromLongLong(woken);
 }
@@ -1467,7 +1524,7 @@ CondBlock_waiting(CondBlock *self, PyObject *Py_UNUSED(ignored))
     for (i = 0; i < GF_COND_SLOTS; i++)
         if (__atomic_load_n(&self->c->slot[i].state, __ATOMIC_SEQ_CST) >= 2)
             n++;
-    return PyLong_FromUnsignedLong(n + self->c->ov_count - __atomic_load_n(&self->c->ov_tokens, __ATOMIC_SEQ_CST));
+    return PyLong_FromUnsignedLong(n + waux(__atomic_load_n(&self->c->ov, __ATOMIC_SEQ_CST)));
 }
 
 static PyObject *

@@ -242,8 +242,8 @@ class Condition:
         """Wake up to ``n`` waiters (the lock must be held)."""
         if not self._lock._is_mine():
             raise AssertionError("lock is not owned")
-        if n > 0:
-            self._cv.notify(n)
+        if n > 0:  # as threading's: any number (a float, a huge int) bounds how many are woken
+            self._cv.notify(SEM_VALUE_MAX if n >= SEM_VALUE_MAX else -int(-n // 1))
 
     def notify_all(self) -> None:
         self.notify(SEM_VALUE_MAX)
