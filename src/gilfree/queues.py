@@ -322,7 +322,7 @@ class _QueueBase(_Core):  # type: ignore[misc, valid-type]
         self._ring = view[_HDR : _HDR + self._cap]
         self._maxsize = self._h[_MAXSIZE]
         self._big_limit = self._cap // 8
-        self._prefix = f"gfq{self._h[_QID]:08x}_"
+        self._prefix = f"{util.SHM_PREFIX}gfq{self._h[_QID]:08x}_"
         self._segs: dict[int, mmap.mmap] = {}  # spill segments mapped by this process
         # (seq, segment) of the spill segment last written / read here, for the C hot path
         self._wc: tuple[int, mmap.mmap] | None = None
@@ -624,7 +624,7 @@ class _QueueBase(_Core):  # type: ignore[misc, valid-type]
         for slot in range(_NPOOL):
             if h[_POOL0 + slot] == _P_QUEUED and slot not in pooled:
                 h[_POOL0 + slot] = _P_FREE
-        util.debug(f"queue {self._prefix[3:-1]}: repaired after a holder died ({count} messages)")
+        util.debug(f"queue {self._h[_QID]:08x}: repaired after a holder died ({count} messages)")
 
     # -- pickling -------------------------------------------------------------------------------
     def _encode(self, obj: Any) -> tuple[int, Any]:
