@@ -472,11 +472,13 @@ def _sweep(prefix: str) -> int:
 
 
 def _mappers(idents: set[Ident], skip: set[int]) -> dict[Ident, set[int]]:
-    """For each file in ``idents``: the pids (not in ``skip``) that map it, from ``/proc/<pid>/maps``.
+    """For each file in ``idents``: the pids (not in ``skip``) that map it or hold it open.
 
-    A queue is in use as long as a process maps its header's arena (a forked child maps it from the
-    fork on, a spawned one from when it unpickles the queue).  Costs a read of every process's maps:
-    done only when a queue's creator has gone, and again when one of the remaining users exits.
+    A queue is in use as long as a process maps its header's arena (``/proc/<pid>/maps``; a forked
+    child from the fork on) or holds its fd (``/proc/<pid>/fd``; a spawned child from its start,
+    before it unpickles the queue and maps it).  Costs a read of every process's maps and a stat
+    of each of its fds: done only when a queue's creator has gone, and again when one of the
+    remaining users exits.
     """
     wanted = {}
     for dev, ino in idents:
@@ -497,6 +499,17 @@ def _mappers(idents: set[Ident], skip: set[int]) -> dict[Ident, set[int]]:
                 data = f.read()
         except OSError:
             continue  # gone, or not ours
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            fds = []
+        for fd in fds:
+            try:
+                st = os.stat(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if (st.st_dev, st.st_ino) in found:
+                found[(st.st_dev, st.st_ino)].add(pid)
         for key, (dev_text, ident) in wanted.items():
             start = 0
             while True:
