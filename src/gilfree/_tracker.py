@@ -4,17 +4,29 @@
 
     client: any process that creates tracked segments        tracker (spawned on first need)
     --------------------------------------------------        -------
-    register(name), first time in this process:               serve(): poll(listener, clients)
-      an inherited address answers: connect ──────────────────> │ accept; same uid? (SO_PEERCRED);
-                            <───────────────── b"W" welcome ─── │ remember the client's pid
-      none does: bind an abstract socket, connect to it            │
+    register(name), first time in this process:               serve(): poll(listener, clients,
+      an inherited address answers: connect ──────────────────> │        pidfds of queue users)
+                            <───────────────── b"W" welcome ─── │ accept; same uid? (SO_PEERCRED);
+      none does: bind an abstract socket, connect to it            │ remember the client's pid
         (pending), posix_spawn with the listener fd ────────────> │ starts, accepts the starter
-    register(name)   b"O" name   "I own this segment" ────────> │ owned[client].add(name)
-    unregister(name) b"U" name   "it has been unlinked" ──────> │ name removed from every client
+    register(name, ident)  b"O" "I own this segment" ─────────> │ owned[client][name] = ident
+    unregister(name, ident) b"U" "it has been unlinked" ──────> │ removed from every client (same
+                                                                 │ ident, or one of them unknown)
+    give(name)             b"G" "handed over (to a queue)" ───> │ removed from this client only
+    register_queue(prefix, ident) b"Q" "my queue's segments" ─> │ queues[client][prefix] = ident
+    forget_queue(prefix)   b"D" "I swept them myself" ────────> │ forgotten
     at exit          b"B"        "bye" ───────────────────────> │ shm_unlink what the client still
-                     <─────────── b"B" + number of clients left │ owns, one stderr line per segment
+                     <─────────── b"B" + number of clients left │ owns (if the name still points to
+                                                                 │ that ident), one stderr line each;
+                                                                 │ its queues become orphaned
     crash / SIGKILL: the kernel closes the connection ────────> │ EOF: same clean-up as "bye"
-                                                                 │ no client left: exit
+                                                                 │ orphaned queue: unlink prefix* once
+                                                                 │ no process maps or holds its
+                                                                 │ header's arena (ident), pidfds
+                                                                 │ of those that do are watched
+                                                                 │ no client and no orphan left: exit
+
+    Every request is ``!cHQQ`` (op, name length, st_dev, st_ino; 0, 0 when unknown) + the name.
 
     fork child:  closes the inherited connection at once, owns nothing; connects on its first create
     spawn / forkserver child:  gets the address in the preparation data (``_start._common``)
@@ -32,11 +44,22 @@ starts a new one and registers again everything this process still owns.  The pr
 the tracker reaps it: the "bye" reply says whether it was the last client, and then it waits
 (bounded) for the tracker to end, so a program's leaked segments are gone when it has exited.
 
+*Identities* (issue 11): a name can be unlinked by anyone and created again by someone else; the
+tracker unlinks a dead owner's name only while ``/dev/shm/<name>`` is still the file (st_dev, st_ino)
+the owner registered.  A name registered without one (before it exists, so that no death falls
+between creating and registering) is unlinked by name: only random names are registered that way.
+
+*Queues*: a queue's segments (spill, pool, big messages) all start with the queue's prefix, which its
+creator registers with the identity of the arena holding the queue's header.  When the creator has
+gone without sweeping them, they are unlinked once no process maps that arena or holds its fd (the
+queue's last user is gone).  A big message's segment is, until it is published, owned by its producer
+like any segment (``register`` before creation, ``give`` just before the commit).
+
 *Tracker* (:func:`serve`): a ``python -S -c`` started with ``posix_spawn``, like the fork server.  It
 does not run the package's ``__init__`` (which imports the whole API): the command line registers a
 bare ``gilfree`` package module and imports only this module and ``util``.  It ignores SIGINT and
 SIGTERM (Ctrl-C or a group kill must not take it down before the clients it cleans up after) and
-exits once its last client has disconnected.  Unlike the fork server it needs no lifeline pipe to
+exits once its last client has disconnected and no orphaned queue is left to watch.  Unlike the fork server it needs no lifeline pipe to
 its parent: the clients' connections are its lifelines, and it keeps serving the descendants after
 the process that started it has exited.  stdin and stdout go to ``/dev/null``; stderr is the
 starting process's, where leak lines belong.
@@ -471,7 +494,7 @@ def _sweep(prefix: str) -> int:
     return n
 
 
-def _mappers(idents: set[Ident], skip: set[int]) -> dict[Ident, set[int]]:
+def _mappers(idents: set[Ident], skip: frozenset[int] | set[int]) -> dict[Ident, set[int]]:
     """For each file in ``idents``: the pids (not in ``skip``) that map it or hold it open.
 
     A queue is in use as long as a process maps its header's arena (``/proc/<pid>/maps``; a forked
