@@ -5,7 +5,8 @@ SIGKILLs one of them at a random moment, starts a replacement, and checks after 
 the survivors make progress within a bounded time; at the end it checks the invariants:
 
 - locks (Lock, RLock, Semaphore(1) and Semaphore(2), takeover mode): a live holder never has
-  company beyond the semaphore's value (a flag per worker, set only inside); every acquire with a
+  company beyond the semaphore's value (an owner word, or a flag per worker for Semaphore(2),
+  checked on the way in and out); every acquire with a
   timeout succeeds (or raises ``OwnerDiedError``, counted) -- one that times out is a hang; the
   shared counter, bumped inside, agrees with the workers' own counts up to one per kill (value 1);
   after the last kill the parent acquires the full value within a second;
@@ -54,9 +55,9 @@ def _kill(p) -> None:
 # -- locks ----------------------------------------------------------------------------------------
 
 N_LOCK_WORKERS = 4
-# layout of the shared array: counter, then per worker slot: inside flag, own count, timeouts,
-# owner-died errors, pid
-_COUNTER, _NSLOTS, _SLOT0, _SLOT_WORDS = 0, 1, 8, 8
+# layout of the shared array: counter, number of slots, owner pid (value 1), then per worker slot:
+# inside flag (value 2), own count, timeouts, owner-died errors, pid, exclusion violations seen
+_COUNTER, _NSLOTS, _OWNER, _SLOT0, _SLOT_WORDS = 0, 1, 2, 8, 8
 _INSIDE, _OWN, _TIMEOUTS, _DIED, _PID, _VIOLATIONS = range(6)
 MAX_SLOTS = 2000
 
@@ -80,8 +81,10 @@ def _alive(pid: int) -> bool:
 
 
 def _lock_worker(lock, arr, slot: int, value: int, reentrant: bool) -> None:
+    """Acquire/release in a tight loop (kills land in the lock's own steps as often as inside)."""
     base = _SLOT0 + slot * _SLOT_WORDS
-    arr[base + _PID] = os.getpid()
+    me = os.getpid()
+    arr[base + _PID] = me
     while True:
         try:
             got = lock.acquire(timeout=2.0)
@@ -93,18 +96,29 @@ def _lock_worker(lock, arr, slot: int, value: int, reentrant: bool) -> None:
             continue
         if reentrant:
             lock.acquire()
-        # who else is inside?  a dead worker's flag stays set: count only the living
-        others = 0
-        for s in range(arr[_NSLOTS]):
-            b = _SLOT0 + s * _SLOT_WORDS
-            if s != slot and arr[b + _INSIDE] and _alive(arr[b + _PID]):
-                others += 1
-        if others >= value:
-            arr[base + _VIOLATIONS] += 1
-        arr[base + _INSIDE] = 1
+        if value == 1:
+            # the owner word: whoever is inside wrote its pid; a dead one's stays until overwritten
+            prev = arr[_OWNER]
+            if prev and prev != me and _alive(prev):
+                arr[base + _VIOLATIONS] += 1
+            arr[_OWNER] = me
+        else:  # who else is inside?  a dead worker's flag stays set: count only the living
+            others = 0
+            for s in range(arr[_NSLOTS]):
+                b = _SLOT0 + s * _SLOT_WORDS
+                if s != slot and arr[b + _INSIDE] and _alive(arr[b + _PID]):
+                    others += 1
+            if others >= value:
+                arr[base + _VIOLATIONS] += 1
+            arr[base + _INSIDE] = 1
         arr[_COUNTER] += 1
         arr[base + _OWN] += 1
-        arr[base + _INSIDE] = 0
+        if value == 1:
+            if arr[_OWNER] != me:  # someone came in while we were inside
+                arr[base + _VIOLATIONS] += 1
+            arr[_OWNER] = 0
+        else:
+            arr[base + _INSIDE] = 0
         if reentrant:
             lock.release()
         lock.release()
