@@ -585,6 +585,29 @@ def test_published_big_message_outlives_its_producer(ctx):
     assert q.get(timeout=10) == b"p" * BIG
 
 
+def _spill_and_die(q):
+    q._lock.acquire()
+    # what _new_spill does before the LINK that would reach the segment is committed
+    seq = q._h[queues._NEXT_SEQ]
+    q._h[queues._NEXT_SEQ] = seq + 1
+    queues._shm_create(f"{q._prefix}{seq}", queues.SPILL_SIZE)
+    os.kill(os.getpid(), signal.SIGKILL)  # dies holding the queue lock
+
+
+def test_spill_segment_of_a_holder_that_died_before_linking_it_is_removed_by_the_repair(ctx):
+    q = ctx.Queue(ring_size=4096)
+    q.put_many(list(range(1000)))  # a spill chain that stays in use
+    chained = set(_segments(q))
+    p = ctx.Process(target=_spill_and_die, args=(q,))
+    p.start()
+    p.join(30)
+    assert p.exitcode == -signal.SIGKILL
+    assert len(_segments(q)) == len(chained) + 1  # the orphan
+    assert q.get(timeout=10) == 0  # takes the lock over, repairs
+    assert set(_segments(q)) == chained  # the orphan is gone while the creator lives; the chain stays
+    assert q.get_many(2000, timeout=10) == list(range(1, 1000))
+
+
 def _create_fill_and_die(tmp, method, with_reader):
     ctx = gilfree.get_context(method)
     q = ctx.Queue(ring_size=4096)
@@ -610,8 +633,9 @@ def _late_reader(q, tmp):
     while len(got) < 2002:
         got += q.get_many(5000, timeout=10)
     ok = got[:2000] == list(range(2000)) and got[2000] == b"m" * 100_000 and got[2001] == b"b" * BIG
-    with open(os.path.join(tmp, "result"), "w") as f:
+    with open(os.path.join(tmp, "result.tmp"), "w") as f:
         f.write(f"{ok} {q.empty()}")
+    os.rename(os.path.join(tmp, "result.tmp"), os.path.join(tmp, "result"))  # seen whole or not at all
 
 
 def _creator_run(ctx, tmp_path, with_reader):
