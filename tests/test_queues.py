@@ -16,6 +16,7 @@ import time
 import zlib
 
 import pytest
+from _helpers import run_program, write_program
 
 import gilfree
 from gilfree import queues
@@ -573,6 +574,34 @@ def test_producer_killed_before_publishing_leaves_no_segment(ctx):
             p.join(10)
         assert _wait_for(lambda: not _segments(q)), _segments(q)
     assert q.get(timeout=5) == 0 and q.empty()
+
+
+def test_killed_producer_s_segment_is_removed_without_a_leak_report(tmp_path):
+    # a queue's own segment is gilfree's business: the tracker removes it quietly (the stderr line
+    # "... its owner ended without calling unlink()" is for the user's SharedMemory blocks)
+    path = write_program(tmp_path, """
+import os, time
+def put_big(q):
+    q.put(b"x" * (3 << 20))
+
+if __name__ == "__main__":
+    q = multiprocessing.Queue(maxsize=1)
+    q.put(0)
+    p = multiprocessing.Process(target=put_big, args=(q,))
+    p.start()
+    deadline = time.monotonic() + 30
+    while not any(n.startswith(q._prefix + "b") for n in os.listdir("/dev/shm")):
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    p.kill()
+    p.join()
+    while any(n.startswith(q._prefix + "b") for n in os.listdir("/dev/shm")):
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    print("removed", q.get(timeout=5))
+""", method="fork")
+    res = run_program(path, timeout=60)
+    assert (res.returncode, res.stdout, res.stderr) == (0, "removed 0\n", "")
 
 
 def test_published_big_message_outlives_its_producer(ctx):

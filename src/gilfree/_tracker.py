@@ -10,6 +10,7 @@
       none does: bind an abstract socket, connect to it            │ remember the client's pid
         (pending), posix_spawn with the listener fd ────────────> │ starts, accepts the starter
     register(name, ident)  b"O" "I own this segment" ─────────> │ owned[client][name] = ident
+                           (b"o": the same, unlinked quietly)
     unregister(name, ident) b"U" "it has been unlinked" ──────> │ removed from every client (same
                                                                  │ ident, or one of them unknown)
     give(name)             b"G" "handed over (to a queue)" ───> │ removed from this client only
@@ -101,7 +102,7 @@ TRACKER_CODE = (
     "from gilfree._tracker import serve; serve()"
 )
 WELCOME = b"W"
-OWN, UNLINKED, GIVEN, QUEUE, QUEUE_DONE, BYE = b"O", b"U", b"G", b"Q", b"D", b"B"
+OWN, OWN_QUIET, UNLINKED, GIVEN, QUEUE, QUEUE_DONE, BYE = b"O", b"o", b"U", b"G", b"Q", b"D", b"B"
 _NAMED = struct.Struct("!cHQQ")  # op, length of the name that follows, st_dev, st_ino (0, 0: unknown)
 #: (st_dev, st_ino) of a segment or arena: what a name must still point to for the tracker to unlink it
 Ident = tuple  # (int, int); (0, 0) when unknown
@@ -146,6 +147,7 @@ class _Client:
         self.sock: socket.socket | None = None
         self.owned: dict[str, Ident] = {}  # name -> identity (NO_IDENT: registered before creation)
         self.queues: dict[str, Ident] = {}  # queue segment prefix -> identity of the queue's header arena
+        self.quiet: set[str] = set()  # owned names removed without a stderr line (gilfree's own)
         self.spawned_pid: int | None = None  # the tracker this process started, until reaped
         self.finalizer: util.Finalize | None = None
         self.in_setup: set[socket.socket] = set()  # sockets a forked child must not keep
@@ -217,7 +219,7 @@ class _Client:
         if self.finalizer is None or not self.finalizer.still_active():
             self.finalizer = util.Finalize(None, goodbye, exitpriority=_BYE_PRIORITY)
         # everything we own, on a new connection (after a tracker restart too)
-        msgs = [_named(OWN, n, i) for n, i in sorted(self.owned.items())]
+        msgs = [_named(OWN_QUIET if n in self.quiet else OWN, n, i) for n, i in sorted(self.owned.items())]
         msgs += [_named(QUEUE, p, i) for p, i in sorted(self.queues.items())]
         if msgs:
             sock.sendall(b"".join(msgs), socket.MSG_NOSIGNAL)
@@ -249,8 +251,16 @@ class _Client:
                 table.pop(name, None)
                 raise
 
-    def register(self, name: str, ident: Ident, executable: str | None) -> None:
-        self._send_owning(self.owned, OWN, name, ident, executable)
+    def register(self, name: str, ident: Ident, executable: str | None, quiet: bool) -> None:
+        if quiet:
+            with self.lock:
+                self.quiet.add(name)
+        try:
+            self._send_owning(self.owned, OWN_QUIET if quiet else OWN, name, ident, executable)
+        except BaseException:
+            with self.lock:
+                self.quiet.discard(name)
+            raise
 
     def register_queue(self, prefix: str, ident: Ident, executable: str | None) -> None:
         self._send_owning(self.queues, QUEUE, prefix, ident, executable)
@@ -258,6 +268,7 @@ class _Client:
     def _send_forget(self, table: dict[str, Ident], op: bytes, name: str, ident: Ident) -> None:
         with self.lock:
             table.pop(name, None)
+            self.quiet.discard(name)
             if self.sock is None:
                 return  # never connect only to say this; an owner is always connected
             try:
@@ -270,6 +281,7 @@ class _Client:
             sock, self.sock = self.sock, None
             self.owned.clear()  # what is left is the tracker's to remove now
             self.queues.clear()
+            self.quiet.clear()
             if sock is None:
                 return
             remaining: int | None = None
@@ -308,6 +320,7 @@ class _Client:
         self.sock = None
         self.owned = {}
         self.queues = {}  # the parent's queues stay the parent's (the tracker sees who maps them)
+        self.quiet = set()
         self.spawned_pid = None
         self.finalizer = None
 
@@ -350,18 +363,20 @@ _client = _Client()
 os.register_at_fork(after_in_child=lambda: _client.after_fork_in_child())
 
 
-def register(name: str, executable: str | None = None, ident: Ident = NO_IDENT) -> None:
+def register(name: str, executable: str | None = None, ident: Ident = NO_IDENT, *, quiet: bool = False) -> None:
     """This process owns segment ``name`` (the path given to ``shm_open``) and must unlink it.
 
     ``ident`` is the segment's :func:`identity`: the tracker unlinks ``name`` only while it still
     points to that file (another owner may have re-created the name after someone unlinked ours).
     Without it (registering *before* creating, so that no death can come between the two) the
     tracker unlinks by name: use it only for names nobody else can choose (random ones).
+    ``quiet``: removed after a death without the stderr line (segments of gilfree's own, such as a
+    queue's big message, whose loss the death of their process already tells).
     Connects to the tracker on first use, starting it with ``executable`` (default
     ``sys.executable``) if there is none.  Blocks for one send; raises ``OSError`` if no tracker
     can be reached or started.
     """
-    _client.register(name, ident, executable)
+    _client.register(name, ident, executable, quiet)
 
 
 def unregister(name: str, ident: Ident = NO_IDENT) -> None:
@@ -429,12 +444,13 @@ def tracker_pid() -> int | None:
 # The tracker process
 
 class _Peer:
-    __slots__ = ("sock", "pid", "owned", "queues", "pending")
+    __slots__ = ("sock", "pid", "owned", "quiet", "queues", "pending")
 
     def __init__(self, sock: socket.socket, pid: int) -> None:
         self.sock = sock
         self.pid = pid
         self.owned: dict[str, Ident] = {}
+        self.quiet: set[str] = set()
         self.queues: dict[str, Ident] = {}
         self.pending = bytearray()
 
@@ -463,7 +479,7 @@ def _still_ours(name: str, ident: Ident) -> bool:
     return (st.st_dev, st.st_ino) == tuple(ident)
 
 
-def _unlink_all(owned: dict[str, Ident], pid: int) -> None:
+def _unlink_all(owned: dict[str, Ident], pid: int, quiet: set[str]) -> None:
     for name in sorted(owned):
         # Someone may have unlinked the owner's segment and a new owner created the same name since:
         # that file is not this owner's.  (Between this look and the unlink a third party could
@@ -474,7 +490,8 @@ def _unlink_all(owned: dict[str, Ident], pid: int) -> None:
             _posixshmem.shm_unlink(name)
         except OSError:
             continue  # already unlinked by someone else: nothing leaked
-        _report(name, pid)
+        if name not in quiet:
+            _report(name, pid)
 
 
 def _sweep(prefix: str) -> int:
@@ -609,7 +626,7 @@ class _Server:
         fd = peer.sock.fileno()
         self.poller.unregister(fd)
         del self.peers[fd]
-        _unlink_all(peer.owned, peer.pid)
+        _unlink_all(peer.owned, peer.pid, peer.quiet)
         if reply:
             try:
                 peer.sock.sendall(_BYE_REPLY.pack(BYE, len(self.peers)))
@@ -667,7 +684,7 @@ class _Server:
             if op == BYE:
                 self.drop(peer, reply=True)
                 return
-            if op not in (OWN, UNLINKED, GIVEN, QUEUE, QUEUE_DONE):
+            if op not in (OWN, OWN_QUIET, UNLINKED, GIVEN, QUEUE, QUEUE_DONE):
                 self.drop(peer, reply=False)  # not our client library: treat as gone
                 return
             if len(buf) - pos < _NAMED.size:
@@ -679,15 +696,19 @@ class _Server:
             name = os.fsdecode(bytes(buf[pos + _NAMED.size : end]))
             ident = (dev, ino)
             pos = end
-            if op == OWN:
+            if op == OWN or op == OWN_QUIET:
                 peer.owned[name] = ident
+                if op == OWN_QUIET:
+                    peer.quiet.add(name)
             elif op == UNLINKED:  # whoever unlinked it: that file is nobody's any more
                 for other in self.peers.values():
                     mine = other.owned.get(name)
                     if mine is not None and (mine == ident or NO_IDENT in (mine, ident)):
                         del other.owned[name]
+                        other.quiet.discard(name)
             elif op == GIVEN:
                 peer.owned.pop(name, None)
+                peer.quiet.discard(name)
             elif op == QUEUE:
                 peer.queues[name] = ident
             else:  # QUEUE_DONE

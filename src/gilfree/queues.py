@@ -276,7 +276,7 @@ def _shm_create_owned(name: str, size: int) -> mmap.mmap:
     Registered before it exists, so no death can leave it unowned; hand it over with
     :func:`_tracker.give` just before the record that names it is committed.
     """
-    _tracker.register("/" + name, get_executable())
+    _tracker.register("/" + name, get_executable(), quiet=True)
     try:
         return _shm_create(name, size)
     except BaseException:
