@@ -14,7 +14,8 @@ among them, create and remove entries at the same time; they are none of this ru
   (children, and the programs the tests run), so every named segment gilfree creates carries it;
 - any other entry (the stdlib's ``psm_*`` blocks and ``sem.mp-*`` semaphores of the differential
   tests, a block a test names itself) that a process of this run -- pytest and its descendants --
-  was seen mapping during the test: a thread looks at their ``/proc/<pid>/maps`` every
+  was seen mapping during the test: a sampler process (not a thread: pytest must stay
+  single-threaded for the tests' forks) looks at their ``/proc/<pid>/maps`` every
   ``SAMPLE_EVERY`` seconds while a test runs, and once more at its end.  The stdlib's names carry
   a random part we cannot set, so a stdlib entry that a process of this run created and left
   without ever mapping it for one sampling period (killed between ``shm_open`` and ``mmap``) is
@@ -26,8 +27,9 @@ from __future__ import annotations
 import ctypes
 import os
 import signal
+import struct
+import subprocess
 import sys
-import threading
 import time
 
 #: This run's prefix of gilfree's segment names: set before gilfree is imported (util reads it once).
@@ -78,6 +80,8 @@ def _infrastructure() -> set[int]:
     if rt is not None and getattr(rt._resource_tracker, "_pid", None):
         pids.add(rt._resource_tracker._pid)
     pids |= session_members(INFRA_SESSIONS)  # the clusters of test_backends (session fixtures)
+    if _sampler is not None:
+        pids.add(_sampler.proc.pid)  # the leak check's own /dev/shm sampler
     return pids
 
 
@@ -116,8 +120,16 @@ def _shm_entries() -> set[str]:
 SAMPLE_EVERY = 0.02
 
 
-def _descendants(root: int) -> set[int]:
-    """``root`` and every process below it (``/proc/<pid>/task/<tid>/children``)."""
+# The sampler is a process of its own, not a thread: a thread in pytest would make every fork a test
+# does a fork of a multi-threaded process (a DeprecationWarning from 3.12 on, and a real hazard).
+# It reads commands on stdin: b"S" starts a test (forget what was seen), b"E" ends it (one more
+# look, then it writes the names seen, NUL-separated, after an 8-byte length).
+_SAMPLER = r"""
+import os, select, struct, sys
+root, every = int(sys.argv[1]), float(sys.argv[2])
+me = os.getpid()
+
+def descendants():
     found, todo = set(), [root]
     while todo:
         pid = todo.pop()
@@ -134,13 +146,11 @@ def _descendants(root: int) -> set[int]:
                     todo.extend(int(c) for c in f.read().split())
             except (OSError, ValueError):
                 continue
+    found.discard(me)
     return found
 
-
-def mapped_shm(pids: set[int]) -> set[str]:
-    """Names of the ``/dev/shm`` entries that these processes map (unlinked ones excepted)."""
-    names = set()
-    for pid in pids:
+def look(seen):
+    for pid in descendants():
         try:
             with open(f"/proc/{pid}/maps", "rb") as f:
                 data = f.read()
@@ -154,33 +164,74 @@ def mapped_shm(pids: set[int]) -> set[str]:
             end = data.find(b"\n", i)
             end = len(data) if end < 0 else end
             start = end
-            line = data[i + 10 : end]
-            if not line.endswith(b" (deleted)"):
-                names.add(os.fsdecode(line))
-    return names
+            name = data[i + 10 : end]
+            if not name.endswith(b" (deleted)"):
+                seen.add(name)
+
+seen, active = set(), False
+while True:
+    ready, _, _ = select.select([0], [], [], every if active else None)
+    if not ready:
+        look(seen)
+        continue
+    cmd = os.read(0, 1)
+    if not cmd:
+        break
+    if cmd == b"S":
+        seen, active = set(), True
+        look(seen)
+    elif cmd == b"E":
+        look(seen)
+        active = False
+        out = b"\0".join(sorted(seen))
+        os.write(1, struct.pack("<Q", len(out)) + out)
+"""
 
 
-class ShmWatcher:
+class ShmSampler:
     """Collects the ``/dev/shm`` entries that this run's processes map, while a test runs."""
 
     def __init__(self) -> None:
-        self.seen: set[str] = set()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="shm-watcher", daemon=True)
-        self._thread.start()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-S", "-c", _SAMPLER, str(os.getpid()), str(SAMPLE_EVERY)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)
 
-    def look(self) -> None:
-        self.seen |= mapped_shm(_descendants(os.getpid()))
-
-    def _run(self) -> None:
-        while not self._stop.wait(SAMPLE_EVERY):
-            self.look()
+    def start(self) -> None:
+        self.proc.stdin.write(b"S")
 
     def stop(self) -> set[str]:
-        self._stop.set()
-        self._thread.join(5)
-        self.look()
-        return self.seen
+        self.proc.stdin.write(b"E")
+        n = struct.unpack("<Q", self._read(8))[0]
+        data = self._read(n)
+        return {os.fsdecode(x) for x in data.split(b"\0")} if data else set()
+
+    def _read(self, n: int) -> bytes:
+        data = b""
+        while len(data) < n:
+            chunk = self.proc.stdout.read(n - len(data))
+            if not chunk:
+                raise RuntimeError("the /dev/shm sampler of the leak check has ended")
+            data += chunk
+        return data
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+        self.proc.stdout.close()
+
+
+_sampler: ShmSampler | None = None
+
+
+def sampler() -> ShmSampler:
+    global _sampler
+    if _sampler is None or _sampler.proc.poll() is not None:
+        _sampler = ShmSampler()
+    return _sampler
 
 
 def ours(entries: set[str], seen: set[str]) -> set[str]:
@@ -192,7 +243,8 @@ def ours(entries: set[str], seen: set[str]) -> set[str]:
 def no_leaks(request):
     """Fail a test that leaves a process, a shared-memory segment or a semaphore behind."""
     before_shm = _shm_entries()
-    watcher = ShmWatcher()
+    watcher = sampler()
+    watcher.start()
     try:
         yield
     finally:
@@ -237,6 +289,8 @@ _leaked_shm: set[str] = set()
 
 def pytest_sessionfinish(session, exitstatus):
     forkserver.stop()
+    if _sampler is not None:
+        _sampler.close()
     for name in _leaked_shm:
         try:
             os.unlink(os.path.join(SHM, name))
