@@ -3,9 +3,23 @@
 The pytest process makes itself a *child subreaper*, so a grandchild orphaned by a test (a child
 program's children, a fork server's children) is re-parented to pytest and shows up in the check.
 After each test, every process that is still a child of pytest (or of gilfree's fork server) and
-every new entry in ``/dev/shm`` is a leak: the test fails.  Leftover processes are killed at once;
-leaked ``/dev/shm`` entries are removed when the session ends (an entry that appeared during a test
-may belong to another program on the machine, which must not lose it mid-run).
+every new entry in ``/dev/shm`` that belongs to this run is a leak: the test fails.  Leftover
+processes are killed at once; leaked ``/dev/shm`` entries are removed when the session ends.
+
+Which ``/dev/shm`` entries belong to this run (other programs on the machine, another test session
+among them, create and remove entries at the same time; they are none of this run's business):
+
+- every entry whose name starts with this run's prefix: the session sets ``GILFREE_SHM_PREFIX``
+  to a random ``gt<6 hex>_`` before gilfree is imported, and every process of the run inherits it
+  (children, and the programs the tests run), so every named segment gilfree creates carries it;
+- any other entry (the stdlib's ``psm_*`` blocks and ``sem.mp-*`` semaphores of the differential
+  tests, a block a test names itself) that a process of this run -- pytest and its descendants --
+  was seen mapping during the test: a sampler process (not a thread: pytest must stay
+  single-threaded for the tests' forks) looks at their ``/proc/<pid>/maps`` every
+  ``SAMPLE_EVERY`` seconds while a test runs, and once more at its end.  The stdlib's names carry
+  a random part we cannot set, so a stdlib entry that a process of this run created and left
+  without ever mapping it for one sampling period (killed between ``shm_open`` and ``mmap``) is
+  missed; nothing is ever counted that a process of this run did not have.
 """
 
 from __future__ import annotations
@@ -13,15 +27,22 @@ from __future__ import annotations
 import ctypes
 import os
 import signal
+import struct
+import subprocess
 import sys
 import time
 
-import pytest
-from _helpers import INFRA_SESSIONS, session_members, session_shm
+#: This run's prefix of gilfree's segment names: set before gilfree is imported (util reads it once).
+#: Always a new one: a test session run by a test is a run of its own.
+RUN_PREFIX = f"gt{os.urandom(3).hex()}_"
+os.environ["GILFREE_SHM_PREFIX"] = RUN_PREFIX
 
-import gilfree
-from gilfree import _tracker
-from gilfree._start import forkserver
+import pytest  # noqa: E402
+from _helpers import INFRA_SESSIONS, session_members, session_shm  # noqa: E402
+
+import gilfree  # noqa: E402
+from gilfree import _tracker  # noqa: E402
+from gilfree._start import forkserver  # noqa: E402
 
 METHODS = ["fork", "spawn", "forkserver"]
 _PR_SET_CHILD_SUBREAPER = 36
@@ -59,6 +80,8 @@ def _infrastructure() -> set[int]:
     if rt is not None and getattr(rt._resource_tracker, "_pid", None):
         pids.add(rt._resource_tracker._pid)
     pids |= session_members(INFRA_SESSIONS)  # the clusters of test_backends (session fixtures)
+    if _sampler is not None:
+        pids.add(_sampler.proc.pid)  # the leak check's own /dev/shm sampler
     return pids
 
 
@@ -93,11 +116,139 @@ def _shm_entries() -> set[str]:
         return set()
 
 
+#: seconds between two looks at what this run's processes map
+SAMPLE_EVERY = 0.02
+
+
+# The sampler is a process of its own, not a thread: a thread in pytest would make every fork a test
+# does a fork of a multi-threaded process (a DeprecationWarning from 3.12 on, and a real hazard).
+# It reads commands on stdin: b"S" starts a test (forget what was seen), b"E" ends it (one more
+# look, then it writes the names seen, NUL-separated, after an 8-byte length).
+_SAMPLER = r"""
+import os, select, struct, sys
+root, every = int(sys.argv[1]), float(sys.argv[2])
+me = os.getpid()
+
+def descendants():
+    found, todo = set(), [root]
+    while todo:
+        pid = todo.pop()
+        if pid in found:
+            continue
+        found.add(pid)
+        try:
+            tids = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue
+        for tid in tids:
+            try:
+                with open(f"/proc/{pid}/task/{tid}/children", "rb") as f:
+                    todo.extend(int(c) for c in f.read().split())
+            except (OSError, ValueError):
+                continue
+    found.discard(me)
+    return found
+
+def look(seen):
+    for pid in descendants():
+        try:
+            with open(f"/proc/{pid}/maps", "rb") as f:
+                data = f.read()
+        except OSError:
+            continue
+        start = 0
+        while True:
+            i = data.find(b" /dev/shm/", start)
+            if i < 0:
+                break
+            end = data.find(b"\n", i)
+            end = len(data) if end < 0 else end
+            start = end
+            name = data[i + 10 : end]
+            if not name.endswith(b" (deleted)"):
+                seen.add(name)
+
+seen, active = set(), False
+while True:
+    ready, _, _ = select.select([0], [], [], every if active else None)
+    if not ready:
+        look(seen)
+        continue
+    cmd = os.read(0, 1)
+    if not cmd:
+        break
+    if cmd == b"S":
+        seen, active = set(), True
+        look(seen)
+    elif cmd == b"E":
+        look(seen)
+        active = False
+        out = b"\0".join(sorted(seen))
+        os.write(1, struct.pack("<Q", len(out)) + out)
+"""
+
+
+class ShmSampler:
+    """Collects the ``/dev/shm`` entries that this run's processes map, while a test runs."""
+
+    def __init__(self) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-S", "-c", _SAMPLER, str(os.getpid()), str(SAMPLE_EVERY)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)
+
+    def start(self) -> None:
+        self.proc.stdin.write(b"S")
+
+    def stop(self) -> set[str]:
+        self.proc.stdin.write(b"E")
+        n = struct.unpack("<Q", self._read(8))[0]
+        data = self._read(n)
+        return {os.fsdecode(x) for x in data.split(b"\0")} if data else set()
+
+    def _read(self, n: int) -> bytes:
+        data = b""
+        while len(data) < n:
+            chunk = self.proc.stdout.read(n - len(data))
+            if not chunk:
+                raise RuntimeError("the /dev/shm sampler of the leak check has ended")
+            data += chunk
+        return data
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+        self.proc.stdout.close()
+
+
+_sampler: ShmSampler | None = None
+
+
+def sampler() -> ShmSampler:
+    global _sampler
+    if _sampler is None or _sampler.proc.poll() is not None:
+        _sampler = ShmSampler()
+    return _sampler
+
+
+def ours(entries: set[str], seen: set[str]) -> set[str]:
+    """The entries that belong to this run: gilfree's with this run's prefix, or seen mapped by it."""
+    return {e for e in entries if e.startswith(RUN_PREFIX) or e in seen}
+
+
 @pytest.fixture(autouse=True)
 def no_leaks(request):
     """Fail a test that leaves a process, a shared-memory segment or a semaphore behind."""
     before_shm = _shm_entries()
-    yield
+    watcher = sampler()
+    watcher.start()
+    try:
+        yield
+    finally:
+        seen = watcher.stop()
     problems = []
     left = leftover_processes()
     if left:
@@ -112,11 +263,11 @@ def no_leaks(request):
         leftover_processes(2.0)
     # entries mapped by a session fixture's cluster (test_backends: Dask's nannies keep the stdlib's
     # named semaphores there while they run) are the cluster's, which removes them when it stops
-    new_shm = _shm_entries() - before_shm - session_shm(INFRA_SESSIONS)
+    new_shm = ours(_shm_entries() - before_shm, seen) - session_shm(INFRA_SESSIONS)
     if new_shm:
         problems.append(f"left in {SHM}: {sorted(new_shm)}")
-        # removed at the end of the session, not now: an entry may belong to another program
-        # running on this machine (a concurrent test session), which must not lose it mid-test
+        # removed at the end of the session (a process of the test that is still being reaped may
+        # be using it)
         _leaked_shm.update(new_shm)
     if problems:
         pytest.fail("leak check: " + " | ".join(problems), pytrace=False)
@@ -138,6 +289,8 @@ _leaked_shm: set[str] = set()
 
 def pytest_sessionfinish(session, exitstatus):
     forkserver.stop()
+    if _sampler is not None:
+        _sampler.close()
     for name in _leaked_shm:
         try:
             os.unlink(os.path.join(SHM, name))

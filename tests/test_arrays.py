@@ -11,7 +11,7 @@ import pytest
 from _helpers import run_program, write_program
 
 import gilfree
-from gilfree import reduction
+from gilfree import reduction, util
 
 
 def add_one(arr, conn):
@@ -21,7 +21,7 @@ def add_one(arr, conn):
 
 
 def segments() -> set[str]:
-    return {n for n in os.listdir("/dev/shm") if n.startswith("gf_")}
+    return {n for n in os.listdir("/dev/shm") if n.startswith(util.SHM_PREFIX + "gf_")}
 
 
 def test_shared_array_basics():

@@ -16,6 +16,7 @@ import time
 import zlib
 
 import pytest
+from _helpers import run_program, write_program
 
 import gilfree
 from gilfree import queues
@@ -533,6 +534,173 @@ def test_unread_segments_are_removed_with_the_queue():
     del q
     gc.collect()
     assert [n for n in os.listdir(SHM) if n.startswith(prefix)] == []
+
+
+# -- segments have owners the tracker knows (issue 11 item 10) -------------------------------------
+
+BIG = 3 << 20  # above POOL_MAX: a big message in a segment of its own ("<prefix>b<random>")
+
+
+def _wait_for(cond, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def _put_big(q, fill):
+    q.put(bytes([fill]) * BIG)
+
+
+def _put_big_and_die(q):
+    q.put(b"p" * BIG)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_producer_killed_before_publishing_leaves_no_segment(ctx):
+    # The producer pickles into its own segment, then waits for room in the full queue: killed
+    # there, its segment is removed at once, while the queue's creator (this process) lives.
+    q = ctx.Queue(maxsize=1)
+    q.put(0)
+    for round_ in range(3):  # and they do not pile up
+        p = ctx.Process(target=_put_big, args=(q, round_))
+        p.start()
+        try:
+            assert _wait_for(lambda: any(n.startswith(q._prefix + "b") for n in os.listdir(SHM)), 30)
+        finally:
+            p.kill()
+            p.join(10)
+        assert _wait_for(lambda: not _segments(q)), _segments(q)
+    assert q.get(timeout=5) == 0 and q.empty()
+
+
+def test_killed_producer_s_segment_is_removed_without_a_leak_report(tmp_path):
+    # a queue's own segment is gilfree's business: the tracker removes it quietly (the stderr line
+    # "... its owner ended without calling unlink()" is for the user's SharedMemory blocks)
+    path = write_program(tmp_path, """
+import os, time
+def put_big(q):
+    q.put(b"x" * (3 << 20))
+
+if __name__ == "__main__":
+    q = multiprocessing.Queue(maxsize=1)
+    q.put(0)
+    p = multiprocessing.Process(target=put_big, args=(q,))
+    p.start()
+    deadline = time.monotonic() + 30
+    while not any(n.startswith(q._prefix + "b") for n in os.listdir("/dev/shm")):
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    p.kill()
+    p.join()
+    while any(n.startswith(q._prefix + "b") for n in os.listdir("/dev/shm")):
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    print("removed", q.get(timeout=5))
+""", method="fork")
+    res = run_program(path, timeout=60)
+    assert (res.returncode, res.stdout, res.stderr) == (0, "removed 0\n", "")
+
+
+def test_published_big_message_outlives_its_producer(ctx):
+    q = ctx.Queue()
+    p = ctx.Process(target=_put_big_and_die, args=(q,))
+    p.start()
+    p.join(30)
+    assert p.exitcode == -signal.SIGKILL
+    time.sleep(0.3)  # time for the tracker to act on the producer's death, if it (wrongly) would
+    assert q.get(timeout=10) == b"p" * BIG
+
+
+def _spill_and_die(q):
+    q._lock.acquire()
+    # what _new_spill does before the LINK that would reach the segment is committed
+    seq = q._h[queues._NEXT_SEQ]
+    q._h[queues._NEXT_SEQ] = seq + 1
+    queues._shm_create(f"{q._prefix}{seq}", queues.SPILL_SIZE)
+    os.kill(os.getpid(), signal.SIGKILL)  # dies holding the queue lock
+
+
+def test_spill_segment_of_a_holder_that_died_before_linking_it_is_removed_by_the_repair(ctx):
+    q = ctx.Queue(ring_size=4096)
+    q.put_many(list(range(1000)))  # a spill chain that stays in use
+    chained = set(_segments(q))
+    p = ctx.Process(target=_spill_and_die, args=(q,))
+    p.start()
+    p.join(30)
+    assert p.exitcode == -signal.SIGKILL
+    assert len(_segments(q)) == len(chained) + 1  # the orphan
+    assert q.get(timeout=10) == 0  # takes the lock over, repairs
+    assert set(_segments(q)) == chained  # the orphan is gone while the creator lives; the chain stays
+    assert q.get_many(2000, timeout=10) == list(range(1, 1000))
+
+
+def _create_fill_and_die(tmp, method, with_reader):
+    ctx = gilfree.get_context(method)
+    q = ctx.Queue(ring_size=4096)
+    q.put_many(list(range(2000)))  # a spill chain
+    q.put(b"m" * 100_000)  # a pool slot
+    q.put(b"b" * BIG)  # a segment of its own
+    pid = 0
+    if with_reader:
+        r = ctx.Process(target=_late_reader, args=(q, tmp))
+        r.start()
+        pid = r.pid
+    with open(os.path.join(tmp, "prefix.tmp"), "w") as f:
+        f.write(f"{q._prefix} {pid}")
+    os.rename(os.path.join(tmp, "prefix.tmp"), os.path.join(tmp, "prefix"))
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _late_reader(q, tmp):
+    deadline = time.monotonic() + 30
+    while not os.path.exists(os.path.join(tmp, "go")) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    got = q.get_many(5000, timeout=10)
+    while len(got) < 2002:
+        got += q.get_many(5000, timeout=10)
+    ok = got[:2000] == list(range(2000)) and got[2000] == b"m" * 100_000 and got[2001] == b"b" * BIG
+    with open(os.path.join(tmp, "result.tmp"), "w") as f:
+        f.write(f"{ok} {q.empty()}")
+    os.rename(os.path.join(tmp, "result.tmp"), os.path.join(tmp, "result"))  # seen whole or not at all
+
+
+def _creator_run(ctx, tmp_path, with_reader):
+    p = ctx.Process(target=_create_fill_and_die, args=(str(tmp_path), ctx.get_start_method(), with_reader))
+    p.start()
+    p.join(60)
+    assert p.exitcode == -signal.SIGKILL
+    prefix, reader = (tmp_path / "prefix").read_text().split()
+    return prefix, int(reader)
+
+
+def _named(prefix):
+    return [n for n in os.listdir(SHM) if n.startswith(prefix)]
+
+
+def test_sigkilled_creator_leaves_no_segment(ctx, tmp_path):
+    prefix, _ = _creator_run(ctx, tmp_path, with_reader=False)
+    assert _wait_for(lambda: not _named(prefix)), _named(prefix)
+
+
+def test_sigkilled_creator_s_segments_stay_while_a_user_lives(ctx, tmp_path):
+    prefix, reader = _creator_run(ctx, tmp_path, with_reader=True)
+    try:
+        time.sleep(1.0)  # the tracker has seen the creator's death by now
+        kinds = {n[len(prefix):][:1] for n in _named(prefix)}
+        assert {"1", "p", "b"} <= kinds, _named(prefix)  # spill, pool, big: the reader needs them
+        (tmp_path / "go").write_text("")
+        assert _wait_for(lambda: (tmp_path / "result").exists(), 30)
+        assert (tmp_path / "result").read_text() == "True True"
+        # once the reader (the last process that maps the queue) has gone, nothing stays
+        assert _wait_for(lambda: not _named(prefix)), _named(prefix)
+    finally:
+        try:
+            os.kill(reader, signal.SIGKILL)  # only if the test failed before it ended
+        except ProcessLookupError:
+            pass
 
 
 # -- crash safety ---------------------------------------------------------------------------------

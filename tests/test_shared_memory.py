@@ -20,12 +20,12 @@ from multiprocessing import shared_memory as std_shm
 import pytest
 from _helpers import run_program, write_program
 
-from gilfree import _tracker
+from gilfree import _tracker, util
 from gilfree import shared_memory as gf_shm
 
 SHM = "/dev/shm"
 IMPLS = {"stdlib": std_shm, "gilfree": gf_shm}
-LEAK_LINE = re.compile(r"gilfree: the shared-memory tracker unlinked segment '(gf_[0-9a-f]+)': its owner \(pid (\d+)\) ended without calling unlink\(\)")
+LEAK_LINE = re.compile(r"gilfree: the shared-memory tracker unlinked segment '([\w.-]*gf_[0-9a-f]+)': its owner \(pid (\d+)\) ended without calling unlink\(\)")
 
 
 def exists(name: str) -> bool:
@@ -59,7 +59,7 @@ def test_create_write_attach(impl):
     mod = IMPLS[impl]
     shm = mod.SharedMemory(create=True, size=100)
     try:
-        assert shm.name.startswith("gf_" if impl == "gilfree" else "psm_")
+        assert shm.name.startswith(util.SHM_PREFIX + "gf_" if impl == "gilfree" else "psm_")
         assert shm.size == 100 and len(shm.buf) == 100 and not shm.buf.readonly
         assert bytes(shm.buf) == b"\0" * 100
         assert repr(shm) == f"SharedMemory({shm.name!r}, size=100)"
@@ -99,7 +99,7 @@ def test_generated_names_are_unique_gf_names():
     try:
         names = {b.name for b in blocks}
         assert len(names) == 20
-        assert all(re.fullmatch(r"gf_[0-9a-f]{16}", n) for n in names)
+        assert all(re.fullmatch(re.escape(util.SHM_PREFIX) + r"gf_[0-9a-f]{16}", n) for n in names)
     finally:
         for b in blocks:
             b.close()
@@ -238,7 +238,7 @@ def test_shareable_list_matches_stdlib(items):
     try:
         assert _describe(gf) == _describe(std)
         assert list(gf) == items
-        assert gf.shm.name.startswith("gf_")
+        assert gf.shm.name.startswith(util.SHM_PREFIX + "gf_")
     finally:
         _dispose(std)
         _dispose(gf)
@@ -635,6 +635,40 @@ if __name__ == "__main__":
     a, b, pid, a_there, b_there = res.stdout.split()
     assert (a_there, b_there) == ("False", "False")
     assert sorted(leak_lines(res.stderr)) == sorted([(a, int(pid)), (b, int(pid))])
+
+
+def test_unlink_by_an_unconnected_attacher_does_not_cost_the_next_owner_its_block(tmp_path, method):
+    # issue 11 item 11: an attacher with no tracker connection unlinks the owner's block, a new owner
+    # creates the same name, the first owner exits: the tracker must not remove the new owner's block
+    res = run(tmp_path, method, """
+def first_owner(conn, name):
+    shm = SharedMemory(name, create=True, size=10)
+    conn.send("created")
+    conn.recv()  # the name now points to the second owner's block; exit without unlink()
+
+def attacher(name):
+    assert _tracker._client.sock is None  # only attaches: no connection to the tracker
+    SharedMemory(name).unlink()
+
+if __name__ == "__main__":
+    name = "%s"
+    parent, conn = multiprocessing.Pipe()
+    p = multiprocessing.Process(target=first_owner, args=(conn, name))
+    p.start()
+    assert parent.recv() == "created"
+    a = multiprocessing.Process(target=attacher, args=(name,))
+    a.start()
+    a.join()
+    second = SharedMemory(name, create=True, size=20)  # the new owner: this process
+    second.buf[0] = 7
+    parent.send("go")
+    p.join()  # its goodbye waited for the tracker's clean-up
+    print(p.exitcode, a.exitcode, exists(name))
+    second.close()
+    second.unlink()
+""" % (f"gf_t11_{os.getpid()}_{method}",))
+    assert res.stdout.split() == ["0", "0", "True"], res.stdout
+    assert res.stderr == ""  # nothing was unlinked on the first owner's behalf: it was not its block
 
 
 def test_tracker_exits_after_its_last_client(tmp_path, method):

@@ -4,17 +4,30 @@
 
     client: any process that creates tracked segments        tracker (spawned on first need)
     --------------------------------------------------        -------
-    register(name), first time in this process:               serve(): poll(listener, clients)
-      an inherited address answers: connect ──────────────────> │ accept; same uid? (SO_PEERCRED);
-                            <───────────────── b"W" welcome ─── │ remember the client's pid
-      none does: bind an abstract socket, connect to it            │
+    register(name), first time in this process:               serve(): poll(listener, clients,
+      an inherited address answers: connect ──────────────────> │        pidfds of queue users)
+                            <───────────────── b"W" welcome ─── │ accept; same uid? (SO_PEERCRED);
+      none does: bind an abstract socket, connect to it            │ remember the client's pid
         (pending), posix_spawn with the listener fd ────────────> │ starts, accepts the starter
-    register(name)   b"O" name   "I own this segment" ────────> │ owned[client].add(name)
-    unregister(name) b"U" name   "it has been unlinked" ──────> │ name removed from every client
+    register(name, ident)  b"O" "I own this segment" ─────────> │ owned[client][name] = ident
+                           (b"o": the same, unlinked quietly)
+    unregister(name, ident) b"U" "it has been unlinked" ──────> │ removed from every client (same
+                                                                 │ ident, or one of them unknown)
+    give(name)             b"G" "handed over (to a queue)" ───> │ removed from this client only
+    register_queue(prefix, ident) b"Q" "my queue's segments" ─> │ queues[client][prefix] = ident
+    forget_queue(prefix)   b"D" "I swept them myself" ────────> │ forgotten
     at exit          b"B"        "bye" ───────────────────────> │ shm_unlink what the client still
-                     <─────────── b"B" + number of clients left │ owns, one stderr line per segment
+                     <─────────── b"B" + number of clients left │ owns (if the name still points to
+                                                                 │ that ident), one stderr line each;
+                                                                 │ its queues become orphaned
     crash / SIGKILL: the kernel closes the connection ────────> │ EOF: same clean-up as "bye"
-                                                                 │ no client left: exit
+                                                                 │ orphaned queue: unlink prefix* once
+                                                                 │ no process maps or holds its
+                                                                 │ header's arena (ident), pidfds
+                                                                 │ of those that do are watched
+                                                                 │ no client and no orphan left: exit
+
+    Every request is ``!cHQQ`` (op, name length, st_dev, st_ino; 0, 0 when unknown) + the name.
 
     fork child:  closes the inherited connection at once, owns nothing; connects on its first create
     spawn / forkserver child:  gets the address in the preparation data (``_start._common``)
@@ -32,11 +45,22 @@ starts a new one and registers again everything this process still owns.  The pr
 the tracker reaps it: the "bye" reply says whether it was the last client, and then it waits
 (bounded) for the tracker to end, so a program's leaked segments are gone when it has exited.
 
+*Identities* (issue 11): a name can be unlinked by anyone and created again by someone else; the
+tracker unlinks a dead owner's name only while ``/dev/shm/<name>`` is still the file (st_dev, st_ino)
+the owner registered.  A name registered without one (before it exists, so that no death falls
+between creating and registering) is unlinked by name: only random names are registered that way.
+
+*Queues*: a queue's segments (spill, pool, big messages) all start with the queue's prefix, which its
+creator registers with the identity of the arena holding the queue's header.  When the creator has
+gone without sweeping them, they are unlinked once no process maps that arena or holds its fd (the
+queue's last user is gone).  A big message's segment is, until it is published, owned by its producer
+like any segment (``register`` before creation, ``give`` just before the commit).
+
 *Tracker* (:func:`serve`): a ``python -S -c`` started with ``posix_spawn``, like the fork server.  It
 does not run the package's ``__init__`` (which imports the whole API): the command line registers a
 bare ``gilfree`` package module and imports only this module and ``util``.  It ignores SIGINT and
 SIGTERM (Ctrl-C or a group kill must not take it down before the clients it cleans up after) and
-exits once its last client has disconnected.  Unlike the fork server it needs no lifeline pipe to
+exits once its last client has disconnected and no orphaned queue is left to watch.  Unlike the fork server it needs no lifeline pipe to
 its parent: the clients' connections are its lifelines, and it keeps serving the descendants after
 the process that started it has exited.  stdin and stdout go to ``/dev/null``; stderr is the
 starting process's, where leak lines belong.
@@ -66,11 +90,10 @@ import time
 from . import util
 
 # `typing` costs a child several ms to import; annotations are strings here anyway.
-TYPE_CHECKING = False
-if TYPE_CHECKING:
-    from typing import Iterable
-
-__all__ = ["register", "unregister", "goodbye", "address", "set_address", "tracker_pid", "serve"]
+__all__ = [
+    "register", "unregister", "give", "register_queue", "forget_queue", "identity", "goodbye", "address",
+    "set_address", "tracker_pid", "serve",
+]
 
 #: The tracker's command line (``python -S -c TRACKER_CODE <package dir> <listener fd>``): a bare
 #: package module instead of ``gilfree/__init__.py``, so only this module and ``util`` are imported.
@@ -79,8 +102,12 @@ TRACKER_CODE = (
     "from gilfree._tracker import serve; serve()"
 )
 WELCOME = b"W"
-OWN, UNLINKED, BYE = b"O", b"U", b"B"
-_NAMED = struct.Struct("!cH")  # op, length of the name that follows
+OWN, OWN_QUIET, UNLINKED, GIVEN, QUEUE, QUEUE_DONE, BYE = b"O", b"o", b"U", b"G", b"Q", b"D", b"B"
+_NAMED = struct.Struct("!cHQQ")  # op, length of the name that follows, st_dev, st_ino (0, 0: unknown)
+#: (st_dev, st_ino) of a segment or arena: what a name must still point to for the tracker to unlink it
+Ident = tuple  # (int, int); (0, 0) when unknown
+NO_IDENT = (0, 0)
+SHM_DIR = "/dev/shm"  # where Linux keeps shm_open's names
 _BYE_REPLY = struct.Struct("!cI")  # b"B", clients still connected after this one
 _WELCOME_TIMEOUT = 30.0  # a loaded machine may take long to start an interpreter
 _BYE_TIMEOUT = 10.0  # may include the start of the tracker
@@ -88,9 +115,15 @@ _REAP_TIMEOUT = 5.0
 _BYE_PRIORITY = -1000  # after the children are joined and every other finalizer has run
 
 
-def _named(op: bytes, name: str) -> bytes:
+def _named(op: bytes, name: str, ident: Ident = NO_IDENT) -> bytes:
     data = os.fsencode(name)
-    return _NAMED.pack(op, len(data)) + data
+    return _NAMED.pack(op, len(data), *ident) + data
+
+
+def identity(fd: int) -> Ident:
+    """(st_dev, st_ino) of an open segment or arena: which file a name pointed to when it was opened."""
+    st = os.fstat(fd)
+    return (st.st_dev, st.st_ino)
 
 
 def _recv_exact(sock: socket.socket, n: int) -> bytes:
@@ -112,7 +145,9 @@ class _Client:
         # in a spawned or forkserver child: the parent's tracker (see _start.prepare)
         self.address: str | None = util.inherited.get("shm_tracker")
         self.sock: socket.socket | None = None
-        self.owned: set[str] = set()
+        self.owned: dict[str, Ident] = {}  # name -> identity (NO_IDENT: registered before creation)
+        self.queues: dict[str, Ident] = {}  # queue segment prefix -> identity of the queue's header arena
+        self.quiet: set[str] = set()  # owned names removed without a stderr line (gilfree's own)
         self.spawned_pid: int | None = None  # the tracker this process started, until reaped
         self.finalizer: util.Finalize | None = None
         self.in_setup: set[socket.socket] = set()  # sockets a forked child must not keep
@@ -183,8 +218,11 @@ class _Client:
         self.sock = sock
         if self.finalizer is None or not self.finalizer.still_active():
             self.finalizer = util.Finalize(None, goodbye, exitpriority=_BYE_PRIORITY)
-        if self.owned:  # everything we own, on a new connection (after a tracker restart too)
-            sock.sendall(b"".join(_named(OWN, n) for n in sorted(self.owned)), socket.MSG_NOSIGNAL)
+        # everything we own, on a new connection (after a tracker restart too)
+        msgs = [_named(OWN_QUIET if n in self.quiet else OWN, n, i) for n, i in sorted(self.owned.items())]
+        msgs += [_named(QUEUE, p, i) for p, i in sorted(self.queues.items())]
+        if msgs:
+            sock.sendall(b"".join(msgs), socket.MSG_NOSIGNAL)
 
     def _drop(self) -> None:
         if self.sock is not None:
@@ -192,32 +230,49 @@ class _Client:
             self.sock = None
 
     # -- requests --------------------------------------------------------------------------------
-    def register(self, name: str, executable: str | None) -> None:
+    def _send_owning(self, table: dict[str, Ident], op: bytes, name: str, ident: Ident,
+                     executable: str | None) -> None:
+        """Record ``name`` in ``table`` and tell the tracker (connecting, or starting it, if needed)."""
         with self.lock:
-            self.owned.add(name)
+            table[name] = ident
             try:
                 for attempt in (1, 2):
                     try:
                         if self.sock is None:
-                            self._connect(executable)  # sends all of self.owned, name included
+                            self._connect(executable)  # sends all of the tables, name included
                         else:
-                            self.sock.sendall(_named(OWN, name), socket.MSG_NOSIGNAL)
+                            self.sock.sendall(_named(op, name, ident), socket.MSG_NOSIGNAL)
                         return
                     except OSError:
                         self._drop()
                         if attempt == 2:
                             raise
             except BaseException:
-                self.owned.discard(name)
+                table.pop(name, None)
                 raise
 
-    def unregister(self, name: str) -> None:
+    def register(self, name: str, ident: Ident, executable: str | None, quiet: bool) -> None:
+        if quiet:
+            with self.lock:
+                self.quiet.add(name)
+        try:
+            self._send_owning(self.owned, OWN_QUIET if quiet else OWN, name, ident, executable)
+        except BaseException:
+            with self.lock:
+                self.quiet.discard(name)
+            raise
+
+    def register_queue(self, prefix: str, ident: Ident, executable: str | None) -> None:
+        self._send_owning(self.queues, QUEUE, prefix, ident, executable)
+
+    def _send_forget(self, table: dict[str, Ident], op: bytes, name: str, ident: Ident) -> None:
         with self.lock:
-            self.owned.discard(name)
+            table.pop(name, None)
+            self.quiet.discard(name)
             if self.sock is None:
                 return  # never connect only to say this; an owner is always connected
             try:
-                self.sock.sendall(_named(UNLINKED, name), socket.MSG_NOSIGNAL)
+                self.sock.sendall(_named(op, name, ident), socket.MSG_NOSIGNAL)
             except OSError:
                 self._drop()
 
@@ -225,6 +280,8 @@ class _Client:
         with self.lock:
             sock, self.sock = self.sock, None
             self.owned.clear()  # what is left is the tracker's to remove now
+            self.queues.clear()
+            self.quiet.clear()
             if sock is None:
                 return
             remaining: int | None = None
@@ -261,7 +318,9 @@ class _Client:
                 pass
         self.in_setup = set()
         self.sock = None
-        self.owned = set()
+        self.owned = {}
+        self.queues = {}  # the parent's queues stay the parent's (the tracker sees who maps them)
+        self.quiet = set()
         self.spawned_pid = None
         self.finalizer = None
 
@@ -304,19 +363,51 @@ _client = _Client()
 os.register_at_fork(after_in_child=lambda: _client.after_fork_in_child())
 
 
-def register(name: str, executable: str | None = None) -> None:
+def register(name: str, executable: str | None = None, ident: Ident = NO_IDENT, *, quiet: bool = False) -> None:
     """This process owns segment ``name`` (the path given to ``shm_open``) and must unlink it.
 
+    ``ident`` is the segment's :func:`identity`: the tracker unlinks ``name`` only while it still
+    points to that file (another owner may have re-created the name after someone unlinked ours).
+    Without it (registering *before* creating, so that no death can come between the two) the
+    tracker unlinks by name: use it only for names nobody else can choose (random ones).
+    ``quiet``: removed after a death without the stderr line (segments of gilfree's own, such as a
+    queue's big message, whose loss the death of their process already tells).
     Connects to the tracker on first use, starting it with ``executable`` (default
     ``sys.executable``) if there is none.  Blocks for one send; raises ``OSError`` if no tracker
     can be reached or started.
     """
-    _client.register(name, executable)
+    _client.register(name, ident, executable, quiet)
 
 
-def unregister(name: str) -> None:
-    """Segment ``name`` has been unlinked (by its owner or anyone else); nobody owns it any more."""
-    _client.unregister(name)
+def unregister(name: str, ident: Ident = NO_IDENT) -> None:
+    """Segment ``name`` (the file ``ident``, if known) has been unlinked, by its owner or anyone else.
+
+    Nobody owns it any more: the tracker forgets it for every client (those that registered it with
+    another identity keep theirs: a name re-created since).  Sends only if this process is connected.
+    """
+    _client._send_forget(_client.owned, UNLINKED, name, ident)
+
+
+def give(name: str) -> None:
+    """This process no longer owns segment ``name`` (it is handed over, e.g. published in a queue).
+
+    The tracker forgets it for this process only, and will not unlink it when this process ends.
+    """
+    _client._send_forget(_client.owned, GIVEN, name, NO_IDENT)
+
+
+def register_queue(prefix: str, ident: Ident, executable: str | None = None) -> None:
+    """Segments whose names start with ``prefix`` belong to a queue whose header lives in the file ``ident``.
+
+    Once this process has gone (exit or death) and no process maps that file any more (the queue's
+    last user is gone), the tracker unlinks every segment named ``prefix...``.  One send per queue.
+    """
+    _client.register_queue(prefix, ident, executable)
+
+
+def forget_queue(prefix: str) -> None:
+    """The queue's creator has removed its segments itself: the tracker need not watch its users."""
+    _client._send_forget(_client.queues, QUEUE_DONE, prefix, NO_IDENT)
 
 
 def goodbye() -> None:
@@ -353,12 +444,14 @@ def tracker_pid() -> int | None:
 # The tracker process
 
 class _Peer:
-    __slots__ = ("sock", "pid", "owned", "pending")
+    __slots__ = ("sock", "pid", "owned", "quiet", "queues", "pending")
 
     def __init__(self, sock: socket.socket, pid: int) -> None:
         self.sock = sock
         self.pid = pid
-        self.owned: set[str] = set()
+        self.owned: dict[str, Ident] = {}
+        self.quiet: set[str] = set()
+        self.queues: dict[str, Ident] = {}
         self.pending = bytearray()
 
 
@@ -373,13 +466,103 @@ def _report(name: str, pid: int) -> None:
         pass
 
 
-def _unlink_all(names: Iterable[str], pid: int) -> None:
-    for name in sorted(names):
+def _still_ours(name: str, ident: Ident) -> bool:
+    """Whether ``name`` still points to the file ``ident`` (True if that cannot be known)."""
+    if ident == NO_IDENT:
+        return True
+    try:
+        st = os.stat(SHM_DIR + "/" + name.lstrip("/"))
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True  # no /dev/shm (not Linux): by name, as before
+    return (st.st_dev, st.st_ino) == tuple(ident)
+
+
+def _unlink_all(owned: dict[str, Ident], pid: int, quiet: set[str]) -> None:
+    for name in sorted(owned):
+        # Someone may have unlinked the owner's segment and a new owner created the same name since:
+        # that file is not this owner's.  (Between this look and the unlink a third party could
+        # replace it again; that takes an unlink and a create in those microseconds.)
+        if not _still_ours(name, owned[name]):
+            continue
         try:
             _posixshmem.shm_unlink(name)
         except OSError:
             continue  # already unlinked by someone else: nothing leaked
-        _report(name, pid)
+        if name not in quiet:
+            _report(name, pid)
+
+
+def _sweep(prefix: str) -> int:
+    """Unlink every segment whose name starts with ``prefix`` (no leading slash); how many."""
+    try:
+        names = os.listdir(SHM_DIR)
+    except OSError:
+        return 0
+    n = 0
+    for name in names:
+        if name.startswith(prefix):
+            try:
+                _posixshmem.shm_unlink("/" + name)
+                n += 1
+            except OSError:
+                pass
+    return n
+
+
+def _mappers(idents: set[Ident], skip: frozenset[int] | set[int]) -> dict[Ident, set[int]]:
+    """For each file in ``idents``: the pids (not in ``skip``) that map it or hold it open.
+
+    A queue is in use as long as a process maps its header's arena (``/proc/<pid>/maps``; a forked
+    child from the fork on) or holds its fd (``/proc/<pid>/fd``; a spawned child from its start,
+    before it unpickles the queue and maps it).  Costs a read of every process's maps and a stat
+    of each of its fds: done only when a queue's creator has gone, and again when one of the
+    remaining users exits.
+    """
+    wanted = {}
+    for dev, ino in idents:
+        wanted[b" %d " % ino] = ((b"%02x:%02x" % (os.major(dev), os.minor(dev))), (dev, ino))
+    found: dict[Ident, set[int]] = {i: set() for i in idents}
+    if not wanted:
+        return found
+    me = os.getpid()
+    try:
+        pids = [int(p) for p in os.listdir("/proc") if p.isdigit()]
+    except OSError:
+        return found
+    for pid in pids:
+        if pid == me or pid in skip:
+            continue
+        try:
+            with open(f"/proc/{pid}/maps", "rb") as f:
+                data = f.read()
+        except OSError:
+            continue  # gone, or not ours
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            fds = []
+        for fd in fds:
+            try:
+                st = os.stat(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if (st.st_dev, st.st_ino) in found:
+                found[(st.st_dev, st.st_ino)].add(pid)
+        for key, (dev_text, ident) in wanted.items():
+            start = 0
+            while True:
+                i = data.find(key, start)
+                if i < 0:
+                    break
+                line_start = data.rfind(b"\n", 0, i) + 1
+                fields = data[line_start : data.find(b"\n", i) if data.find(b"\n", i) >= 0 else None].split()
+                if len(fields) >= 5 and fields[3] == dev_text and fields[4] == key.strip():
+                    found[ident].add(pid)
+                    break
+                start = i + 1
+    return found
 
 
 def _quiet_stdio() -> None:
@@ -409,6 +592,11 @@ class _Server:
         self.poller = select.poll()
         self.poller.register(listener.fileno(), select.POLLIN)
         self.uid = os.getuid()
+        # queues whose creator has gone while other processes still use them: prefix -> arena identity
+        self.orphaned: dict[str, Ident] = {}
+        self.pidfds: dict[int, int] = {}  # pidfd -> pid of a process that maps an orphaned queue
+        self.watched: dict[int, int] = {}  # pid -> its pidfd
+        self.poll_orphans = False  # no pidfds: look again every second
 
     def accept_all(self) -> None:
         while True:
@@ -438,13 +626,47 @@ class _Server:
         fd = peer.sock.fileno()
         self.poller.unregister(fd)
         del self.peers[fd]
-        _unlink_all(peer.owned, peer.pid)
+        _unlink_all(peer.owned, peer.pid, peer.quiet)
         if reply:
             try:
                 peer.sock.sendall(_BYE_REPLY.pack(BYE, len(self.peers)))
             except OSError:
                 pass
         peer.sock.close()
+        if peer.queues:  # after the reply: the departing process need not wait for this
+            self.orphaned.update(peer.queues)
+            self.check_orphans(skip={peer.pid})
+
+    def check_orphans(self, skip: frozenset[int] | set[int] = frozenset()) -> None:
+        """Sweep the orphaned queues nobody maps any more; watch the processes that still map one."""
+        users = _mappers(set(self.orphaned.values()), skip)
+        for prefix, ident in list(self.orphaned.items()):
+            if not users.get(ident):
+                del self.orphaned[prefix]
+                _sweep(prefix)
+        still = set().union(*users.values()) if users else set()
+        for pid in still - set(self.watched):
+            try:
+                pidfd = os.pidfd_open(pid)
+            except ProcessLookupError:
+                self.poll_orphans = True  # it ended between the two looks: look again soon
+                continue
+            except (AttributeError, OSError):
+                self.poll_orphans = True
+                continue
+            self.watched[pid] = pidfd
+            self.pidfds[pidfd] = pid
+            self.poller.register(pidfd, select.POLLIN)
+        if not self.orphaned:
+            self.poll_orphans = False
+            for pidfd in list(self.pidfds):
+                self.unwatch(pidfd)
+
+    def unwatch(self, pidfd: int) -> None:
+        pid = self.pidfds.pop(pidfd)
+        self.watched.pop(pid, None)
+        self.poller.unregister(pidfd)
+        os.close(pidfd)
 
     def read(self, peer: _Peer) -> None:
         try:
@@ -462,35 +684,55 @@ class _Server:
             if op == BYE:
                 self.drop(peer, reply=True)
                 return
-            if op not in (OWN, UNLINKED):
+            if op not in (OWN, OWN_QUIET, UNLINKED, GIVEN, QUEUE, QUEUE_DONE):
                 self.drop(peer, reply=False)  # not our client library: treat as gone
                 return
             if len(buf) - pos < _NAMED.size:
                 break
-            _, n = _NAMED.unpack_from(buf, pos)
+            _, n, dev, ino = _NAMED.unpack_from(buf, pos)
             end = pos + _NAMED.size + n
             if len(buf) < end:
                 break
             name = os.fsdecode(bytes(buf[pos + _NAMED.size : end]))
+            ident = (dev, ino)
             pos = end
-            if op == OWN:
-                peer.owned.add(name)
-            else:
+            if op == OWN or op == OWN_QUIET:
+                peer.owned[name] = ident
+                if op == OWN_QUIET:
+                    peer.quiet.add(name)
+            elif op == UNLINKED:  # whoever unlinked it: that file is nobody's any more
                 for other in self.peers.values():
-                    other.owned.discard(name)
+                    mine = other.owned.get(name)
+                    if mine is not None and (mine == ident or NO_IDENT in (mine, ident)):
+                        del other.owned[name]
+                        other.quiet.discard(name)
+            elif op == GIVEN:
+                peer.owned.pop(name, None)
+                peer.quiet.discard(name)
+            elif op == QUEUE:
+                peer.queues[name] = ident
+            else:  # QUEUE_DONE
+                peer.queues.pop(name, None)
         del buf[:pos]
 
     def run(self) -> None:
         lfd = self.listener.fileno()
         self.accept_all()
-        while self.peers:
-            for fd, _ in self.poller.poll():
+        while self.peers or self.orphaned:
+            exited = False
+            for fd, _ in self.poller.poll(1000 if self.poll_orphans else None):
                 if fd == lfd:
                     self.accept_all()
+                elif fd in self.pidfds:
+                    self.unwatch(fd)
+                    exited = True
                 else:
                     peer = self.peers.get(fd)
                     if peer is not None:
                         self.read(peer)
+            if self.orphaned and (exited or self.poll_orphans):
+                self.poll_orphans = False
+                self.check_orphans()
             if not self.peers:
                 self.accept_all()  # someone who connected just now keeps us alive
         self.listener.close()  # a client still in the backlog is reset and starts a new tracker

@@ -63,9 +63,19 @@ a slot is marked ``queued`` *before* its record is committed and marked ``readin
 record is consumed, so no record ever names a slot that someone may claim; a death between the two
 stores leaves a slot ``queued`` that no record names, which the repair frees; a death while writing
 or reading a slot leaves the dead pid in it, and a producer that finds no free slot takes such a slot
-back.  Segments orphaned by a death (created, not yet published; consumed, not yet unlinked) are
-removed by the queue's creator when it lets go of the queue, or at its exit: every segment name
-starts with the queue's prefix.
+back.
+
+*Segments* (see :mod:`gilfree._tracker`): every name starts with the queue's prefix
+(``GILFREE_SHM_PREFIX`` + ``gfq<id>_``), which the creator registers with the tracker; the creator
+removes them when it lets go of the queue or at its exit, and if it dies, the tracker does once no
+process maps the queue's header any more (the last user is gone).  A big message's segment is
+registered as its producer's *before* it is created, and handed over to the queue (``give``, a
+one-way send) under the lock just before its record is committed: a producer killed before that
+leaves nothing (the tracker unlinks it), one killed after it leaves a message the consumers still
+get.  A spill segment orphaned by a death under the lock (created, not yet linked; left by its
+reader, not yet unlinked) is unlinked by the repair.  What remains until the queue's last user has
+gone: a big segment whose consumer died between committing its take and unlinking it, or whose
+producer died between the hand-over and the commit (a few instructions each).
 
 *Waiting.*  Each condition (not empty, not full, all tasks done) is a 32-bit sequence number bumped
 under the lock by whoever may have changed it, plus a flag a sleeper sets before it sleeps on the
@@ -96,7 +106,8 @@ import threading
 import time
 from queue import Empty, Full
 
-from . import _shm, process, reduction, synchronize, util
+from . import _shm, _tracker, process, reduction, synchronize, util
+from ._start import get_executable
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -259,6 +270,26 @@ def _main_unimportable() -> bool:
     return not _main_seen[1]
 
 
+def _shm_create_owned(name: str, size: int) -> mmap.mmap:
+    """:func:`_shm_create`, the segment registered first as this process's (see the module's *Segments*).
+
+    Registered before it exists, so no death can leave it unowned; hand it over with
+    :func:`_tracker.give` just before the record that names it is committed.
+    """
+    _tracker.register("/" + name, get_executable(), quiet=True)
+    try:
+        return _shm_create(name, size)
+    except BaseException:
+        _tracker.unregister("/" + name)
+        raise
+
+
+def _shm_unlink_owned(name: str) -> None:
+    """Unlink a segment this process created and still owns (never published)."""
+    _shm_unlink(name)
+    _tracker.unregister("/" + name)
+
+
 def _sweep(prefix: str) -> None:
     """Unlink every segment left with this queue's prefix (orphans of killed processes, unread data)."""
     try:
@@ -267,6 +298,24 @@ def _sweep(prefix: str) -> None:
         return
     for name in names:
         if name.startswith(prefix):
+            _shm_unlink(name)
+    _tracker.forget_queue(prefix)  # nothing left for the tracker to sweep after us
+
+
+def _sweep_spill_orphans(prefix: str, chained: set[int]) -> None:
+    """Unlink the spill segments of this queue that no chain reaches (lock held, after a death).
+
+    Spill segments are created and dropped only under the lock, so under the lock every one that
+    exists is on a chain, unless its creator died before linking it or a reader died after leaving
+    it and before unlinking it.
+    """
+    try:
+        names = os.listdir(_SHM_DIR)
+    except OSError:
+        return
+    for name in names:
+        seq = name[len(prefix):]
+        if name.startswith(prefix) and seq.isdigit() and int(seq) not in chained:
             _shm_unlink(name)
 
 
@@ -307,6 +356,9 @@ class _QueueBase(_Core):  # type: ignore[misc, valid-type]
         words[_FLAGS] = _F_JOINABLE if self._joinable else 0
         words[_MAGIC] = _MAGIC_VALUE
         self._setup(block, lock)
+        # The tracker removes the queue's segments once this process has gone and no process maps
+        # the header any more (a SIGKILLed creator too); normally the finalizer does it first.
+        _tracker.register_queue(self._prefix, _tracker.identity(block.arena.fd), get_executable())
         util.Finalize(self, _sweep_when_safe, (self._prefix,), exitpriority=-10)
 
     def _setup(self, block: _shm.Block, lock: Any) -> None:
@@ -322,7 +374,7 @@ class _QueueBase(_Core):  # type: ignore[misc, valid-type]
         self._ring = view[_HDR : _HDR + self._cap]
         self._maxsize = self._h[_MAXSIZE]
         self._big_limit = self._cap // 8
-        self._prefix = f"gfq{self._h[_QID]:08x}_"
+        self._prefix = f"{util.SHM_PREFIX}gfq{self._h[_QID]:08x}_"
         self._segs: dict[int, mmap.mmap] = {}  # spill segments mapped by this process
         # (seq, segment) of the spill segment last written / read here, for the C hot path
         self._wc: tuple[int, mmap.mmap] | None = None
@@ -575,10 +627,13 @@ class _QueueBase(_Core):  # type: ignore[misc, valid-type]
         count = 0
         pooled: set[int] = set()  # the pool slots that queued records name
 
+        chained: set[int] = set()  # the spill segments on a chain
+
         def walk_chain(seq: int, pos: int) -> tuple[int, int]:
             """Count the chain's records from (seq, pos): (count, last segment's seq)."""
             n_msgs = 0
             while True:
+                chained.add(seq)
                 seg = self._seg(seq)
                 used = struct.unpack_from("<Q", seg, 0)[0]
                 nxt = 0
@@ -624,7 +679,8 @@ class _QueueBase(_Core):  # type: ignore[misc, valid-type]
         for slot in range(_NPOOL):
             if h[_POOL0 + slot] == _P_QUEUED and slot not in pooled:
                 h[_POOL0 + slot] = _P_FREE
-        util.debug(f"queue {self._prefix[3:-1]}: repaired after a holder died ({count} messages)")
+        _sweep_spill_orphans(self._prefix, chained)
+        util.debug(f"queue {self._h[_QID]:08x}: repaired after a holder died ({count} messages)")
 
     # -- pickling -------------------------------------------------------------------------------
     def _encode(self, obj: Any) -> tuple[int, Any]:
@@ -751,7 +807,7 @@ class _QueueBase(_Core):  # type: ignore[misc, valid-type]
             offsets.append(size)
             size += b.nbytes
         name = f"{self._prefix}b{os.urandom(8).hex()}"
-        seg = _shm_create(name, max(size, 1))
+        seg = _shm_create_owned(name, max(size, 1))
         try:
             seg[: len(head)] = head
             for v in views:
@@ -761,7 +817,7 @@ class _QueueBase(_Core):  # type: ignore[misc, valid-type]
                 seg[off : off + b.nbytes] = b
         except BaseException:
             seg.close()
-            _shm_unlink(name)
+            _shm_unlink_owned(name)
             raise
         seg.close()
         return name.encode("ascii")
@@ -889,7 +945,7 @@ class _QueueBase(_Core):  # type: ignore[misc, valid-type]
             if type(rec) is tuple:
                 kind, data = rec
                 if kind == _BIG:
-                    _shm_unlink(bytes(data).decode("ascii"))
+                    _shm_unlink_owned(bytes(data).decode("ascii"))
                 elif kind == _POOL:
                     self._pool_release(struct.unpack("<QQ", data)[0])
 
@@ -917,6 +973,8 @@ class _QueueBase(_Core):  # type: ignore[misc, valid-type]
                             kind, data = (_MSG, rec) if type(rec) is bytes else rec
                             if kind == _POOL:
                                 self._pool_publish(data)
+                            elif kind == _BIG:  # from now on the queue owns it, not this process
+                                _tracker.give("/" + bytes(data).decode("ascii"))
                             self._append(kind, data)
                             slow += 1
                             i += 1

@@ -15,7 +15,8 @@ So a segment does not outlive its creator unless the creator says so (``track=Fa
 that creates a block, hands the name to its parent and exits takes the block with it -- create it in
 the process that will outlive the others, or with ``track=False``.
 
-Names of segments this module generates start with ``gf_``.  The data layout of
+Names of segments this module generates start with ``gf_`` (after ``GILFREE_SHM_PREFIX``, if set:
+see :data:`gilfree.util.SHM_PREFIX`).  The data layout of
 :class:`ShareableList` is the stdlib's, so a list created here can be attached by
 ``multiprocessing.shared_memory.ShareableList`` and the other way round.  Differences from the stdlib's
 list: ``str`` items are sized by their UTF-8 length (the stdlib counts characters and truncates
@@ -36,7 +37,7 @@ import os
 import struct
 import types
 
-from . import _tracker
+from . import _tracker, util
 from ._start import get_executable
 
 # `typing` costs a child several ms to import; annotations are strings here anyway.
@@ -53,7 +54,7 @@ _MODE = 0o600
 
 def _make_name() -> str:
     # 3 + 16 characters: within the 30 that the most restrictive systems (macOS) allow
-    return NAME_PREFIX + os.urandom(8).hex()
+    return util.SHM_PREFIX + NAME_PREFIX + os.urandom(8).hex()
 
 
 class SharedMemory:
@@ -76,6 +77,7 @@ class SharedMemory:
         self._size = 0
         self._created = False
         self._track = False
+        self._ident = _tracker.NO_IDENT  # the file our name pointed to when we created or attached
         if not size >= 0:
             raise ValueError("'size' must be a positive integer")
         if create:
@@ -103,12 +105,13 @@ class SharedMemory:
             try:
                 os.ftruncate(fd, size)
                 self._mmap = mmap.mmap(fd, size)
+                self._ident = _tracker.identity(fd)
             finally:
                 os.close(fd)  # the mapping keeps what it needs
             self._name, self._size, self._created = path, size, True
             self._buf = memoryview(self._mmap)
             if track:
-                _tracker.register(path, get_executable())
+                _tracker.register(path, get_executable(), self._ident)
                 self._track = True
         except BaseException:
             self.close()
@@ -122,8 +125,10 @@ class SharedMemory:
         path = "/" + name
         fd = _posixshmem.shm_open(path, os.O_RDWR, mode=_MODE)
         try:
-            size = os.fstat(fd).st_size
+            st = os.fstat(fd)
+            size = st.st_size
             self._mmap = mmap.mmap(fd, size)
+            self._ident = (st.st_dev, st.st_ino)
         finally:
             os.close(fd)
         self._name, self._size = path, size
@@ -172,14 +177,17 @@ class SharedMemory:
         """Remove the block from the system (once, in one process; existing mappings stay valid).
 
         Raises ``FileNotFoundError`` if it was already unlinked.  After this nobody owns it: the
-        tracker will not report it.
+        tracker will not report it, nor unlink the name when the creator ends -- also when this
+        process only attached and has no connection to the tracker (then it does not tell it: the
+        tracker unlinks a name only while it still points to the file its owner created, so a block
+        created again under the same name by someone else is never removed for the first owner).
         """
         if not self._name:
             return
         try:
             _posixshmem.shm_unlink(self._name)
         finally:
-            _tracker.unregister(self._name)
+            _tracker.unregister(self._name, self._ident)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -242,6 +242,22 @@ def close_fds(*fds: int) -> None:
             pass
 
 
+def _shm_prefix_from_env() -> str:
+    value = os.environ.get("GILFREE_SHM_PREFIX", "")
+    if len(value) > 16 or not all(c.isalnum() or c in "_-." for c in value):
+        raise ValueError(
+            f"GILFREE_SHM_PREFIX={value!r}: use at most 16 letters, digits, '_', '-' or '.' "
+            f"(it starts the name of every shared-memory segment gilfree creates)"
+        )
+    return value
+
+
+#: Prepended to the name of every named shared-memory segment gilfree creates (``SharedMemory``'s
+#: generated names, queue segments): ``GILFREE_SHM_PREFIX``, read once at import; a spawned or
+#: forkserver child gets its parent's value with the start-up data.  Read it as ``util.SHM_PREFIX``.
+SHM_PREFIX = _shm_prefix_from_env()
+
+
 #: What a spawned or forkserver child inherits from its parent's start-up data, for modules that may
 #: never be imported in the child (reading it costs them nothing; importing them would cost the child).
 inherited: dict[str, Any] = {}

@@ -212,6 +212,8 @@ def preparation_data(name: str, start_method: str) -> dict[str, Any]:
             if "gilfree._tracker" in sys.modules
             else util.inherited.get("shm_tracker")
         ),
+        # segment names must agree across the tree even if the environment changed since import
+        "shm_prefix": util.SHM_PREFIX,
     }
     main = sys.modules.get("__main__")
     spec = getattr(main, "__spec__", None)
@@ -302,6 +304,8 @@ def prepare(data: dict[str, Any]) -> None:
             pass
     if "orig_dir" in data:
         process.ORIGINAL_DIR = data["orig_dir"]
+    if "shm_prefix" in data:
+        util.SHM_PREFIX = data["shm_prefix"]
     if data.get("shm_tracker"):
         # read by gilfree._tracker when (if) it is first imported: a child that does not use shared
         # memory must not pay for importing it
