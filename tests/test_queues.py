@@ -134,12 +134,30 @@ def test_blocked_get_wakes_on_put(mp):
 
 
 def test_negative_timeout(mp):
-    q = mp.Queue()
-    q.put(1)
-    _settle(q)
-    # the stdlib lets a negative timeout through to get (no wait); put raises ValueError
-    with pytest.raises(ValueError):
-        gilfree.Queue().get(timeout=-1)
+    """A negative timeout is no wait (``timeout = deadline - now``), on every method (issue 11, item 8)."""
+    for make in (mp.Queue, mp.JoinableQueue):
+        q = make()
+        t0 = time.monotonic()
+        with pytest.raises(queue.Empty):
+            q.get(True, -1)
+        with pytest.raises(queue.Empty):
+            q.get(timeout=-0.001)
+        q.put(1, timeout=-1)
+        _settle(q)
+        assert q.get(timeout=-1) == 1
+        bounded = make(1)
+        bounded.put(1, True, -5)
+        _settle(bounded)
+        with pytest.raises(queue.Full):
+            bounded.put(2, timeout=-1)
+        assert time.monotonic() - t0 < 2
+        if hasattr(q, "get_many"):
+            with pytest.raises(queue.Empty):
+                q.get_many(5, timeout=-1)
+            with pytest.raises(queue.Full):
+                bounded.put_many([2], timeout=-1)
+            q.put_many([1, 2], timeout=-1)
+            assert q.get_many(5, timeout=-1) == [1, 2]
 
 
 def test_closed_queue(mp):
@@ -501,13 +519,35 @@ class _FailsOnLoad:
         return _fail_on_load, ()
 
 
-def test_get_many_that_fails_to_unpickle_gives_back_the_pool_slots():
+def test_get_many_loses_only_the_item_that_fails_to_unpickle():
+    """As get() would: the good items come back, in order; the bad one's error is raised by the next
+    call (issue 11, item 6: the whole batch was lost).  Pool slots and segments are given back."""
     q = gilfree.Queue()
-    q.put_many([os.urandom(200_000), _FailsOnLoad(), os.urandom(200_000), os.urandom(200_000)])
-    with pytest.raises(RuntimeError, match="cannot be unpickled"):
-        q.get_many(10, timeout=5)
+    blobs = [os.urandom(200_000) for _ in range(3)]
+    q.put_many([blobs[0], _FailsOnLoad(), 1, blobs[1], (2, "x"), _FailsOnLoad(), blobs[2]])
+    assert q.get_many(10, timeout=5) == [blobs[0], 1, blobs[1], (2, "x"), blobs[2]]
     assert all(q._h[queues._POOL0 + i] == queues._P_FREE for i in range(queues._NPOOL))
     assert q.empty()
+    q.put("next")
+    with pytest.raises(RuntimeError, match="cannot be unpickled"):
+        q.get(timeout=5)
+    with pytest.raises(RuntimeError, match="cannot be unpickled"):
+        q.get_many(5, timeout=5)
+    assert q.get_many(5, timeout=5) == ["next"]
+    q.put_many([_FailsOnLoad(), "after"])  # nothing good in front: raised at once
+    with pytest.raises(RuntimeError, match="cannot be unpickled"):
+        q.get_many(1, timeout=5)
+    assert q.get(timeout=5) == "after"
+    q.put_many([_FailsOnLoad(), b"x" * 300_000, _FailsOnLoad()])
+    with pytest.raises(RuntimeError, match="cannot be unpickled"):
+        q.get_many(1, timeout=5)
+    assert q.get_many(5, timeout=5) == [b"x" * 300_000]
+    with pytest.raises(RuntimeError, match="cannot be unpickled"):
+        q.get_many(1, timeout=5)
+    assert all(q._h[queues._POOL0 + i] == queues._P_FREE for i in range(queues._NPOOL))
+    assert q.empty()
+    del q  # the errors' tracebacks refer to it
+    gc.collect()
 
 
 def test_pool_slot_of_a_dead_process_is_taken_back():
@@ -713,7 +753,7 @@ def _hold_lock_and_die(q):
 
 def _consume_pooled_and_die(q):
     q._lock.acquire()
-    q._take_record()  # consumed: committed, but its slot is not marked as being read yet
+    q._take_record([])  # consumed: committed, but its slot is not marked as being read yet
     os._exit(0)  # dies holding the queue lock
 
 
