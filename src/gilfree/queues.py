@@ -1095,9 +1095,11 @@ class _QueueBase(_Core):  # type: ignore[misc, valid-type]
             seg = _shm_attach(name)
         except FileNotFoundError:
             raise self._corrupt(f"the segment {name} of a message is gone; the message was dropped") from None
-        if _crash.on:
-            _crash.hit("queue.big.attached")
-        _shm_unlink(name)  # nobody else will look for this name
+        try:
+            if _crash.on:
+                _crash.hit("queue.big.attached")
+        finally:
+            _shm_unlink(name)  # nobody else will look for this name (the mapping stays valid)
         if _crash.on:
             _crash.hit("queue.big.unlinked")
         return seg
@@ -1440,9 +1442,7 @@ class _QueueBase(_Core):  # type: ignore[misc, valid-type]
             try:
                 if stage == 1 and h[_TX] == _TX_GET and err is None:
                     self._rollback()  # nothing was taken: every record is in the queue again
-                    for r in out:
-                        if type(r) is list and r[0] == _POOL:
-                            h[_POOL0 + struct.unpack_from("<Q", r[1])[0]] = _P_QUEUED
+                    self._walk()  # and the pool slots they name are queued again
                     h[_TX] = 0
                     out, drops = [], []
                 elif err is not None:  # nothing taken (out is empty): skip what cannot be read
