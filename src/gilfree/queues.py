@@ -1422,14 +1422,20 @@ class _QueueBase(_Core):  # type: ignore[misc, valid-type]
                 if err is not None:
                     raise err from None
                 raise
-            for seq in drops:  # spill segments read to the end: nobody needs them (the get is committed)
-                self._drop_seg(seq)
-                if _crash.on:
-                    _crash.hit("queue.spill.unlinked")
-            if out:
-                if _crash.on:
-                    _crash.hit("queue.get.unlocked")
-                return out
+            try:
+                for seq in drops:  # spill segments read to the end: nobody needs them (the get is committed)
+                    self._drop_seg(seq)
+                    if _crash.on:
+                        _crash.hit("queue.spill.unlinked")
+                if out:
+                    if _crash.on:
+                        _crash.hit("queue.get.unlocked")
+                    return out
+            except BaseException:  # taken, and lost with this exception: give back what they hold
+                for r in out:
+                    if type(r) is list and r[2]:
+                        self._abandon(r[0], r[1])
+                raise
             if not block or not self._sleep(_NE, seen, deadline):
                 raise Empty
 
