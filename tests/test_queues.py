@@ -886,7 +886,7 @@ def test_qsize_is_right_after_a_death_before_anyone_takes_over(ctx):
     """Item 13: qsize() said 0 while a message killed before being counted was there (until the next
     takeover); now it settles the operation first."""
     q = ctx.Queue()
-    _killed_putting(ctx, q, [["x"]], "_append", "line", "h[_COUNT] += 1")
+    _killed_putting(ctx, q, [["x"]], "_append", "line", "h[_COUNT]")  # the line that counts it
     n = q.qsize()
     assert n == len(_drain(q))
 

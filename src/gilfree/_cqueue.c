@@ -171,14 +171,14 @@ append_one(uint64_t *h, const char *data, uint64_t n, unsigned char *seg, Py_ssi
     tail = h[H_TAIL];
     rec[0] = (uint32_t)n;
     rec[1] = K_MSG;
-    if (tail - head > cap) /* unreadable positions: the Python path reports them */
+    if (tail - head > cap || ((head | tail) & 7) != 0) /* unreadable positions: the Python path reports them */
         return 0;
     if (h[H_WSEG] != 0) {
         uint64_t *sh = (uint64_t *)seg, used;
         if (seg == NULL || sh[S_SEALED] != 0 || tail - head + size + LINK_LEN <= cap / 2)
             return 0;
         used = sh[S_USED];
-        if (used < S_HDR || used > (uint64_t)seglen || size + LINK_LEN > (uint64_t)seglen - used)
+        if (used < S_HDR || (used & 7) != 0 || used > (uint64_t)seglen || size + LINK_LEN > (uint64_t)seglen - used)
             return 0;
         memcpy(seg + used, rec, 8);
         memcpy(seg + used + 8, data, n);
@@ -289,7 +289,7 @@ take_records(uint64_t *h, PyObject *cache, Py_ssize_t max, PyObject *out)
                     break;
             }
             used = __atomic_load_n(&((uint64_t *)seg)[S_USED], __ATOMIC_ACQUIRE);
-            if (pos < S_HDR || pos >= used || used > (uint64_t)sv.len)
+            if (pos < S_HDR || (pos & 7) != 0 || pos >= used || used > (uint64_t)sv.len)
                 break;
             memcpy(rec, seg + pos, 8);
             if (rec[1] != K_MSG || 8 + pad8((uint64_t)rec[0]) > used - pos)
@@ -308,7 +308,7 @@ take_records(uint64_t *h, PyObject *cache, Py_ssize_t max, PyObject *out)
             uint64_t start, first;
             head = h[H_HEAD];
             tail = __atomic_load_n(&h[H_TAIL], __ATOMIC_ACQUIRE);
-            if (head == tail || tail - head > cap)
+            if (head == tail || tail - head > cap || ((head | tail) & 7) != 0)
                 break;
             memcpy(rec, ring + (head & mask), 8);
             if (rec[1] != K_MSG || 8 + pad8((uint64_t)rec[0]) > tail - head)
@@ -335,7 +335,8 @@ take_records(uint64_t *h, PyObject *cache, Py_ssize_t max, PyObject *out)
             __atomic_store_n(&h[H_HEAD], head + 8 + pad8(n), __ATOMIC_RELEASE); /* commit */
             GF_CRASH_POINT("queue.get.consumed");
         }
-        h[H_COUNT] -= 1;
+        if (h[H_COUNT] > 0) /* (an overwritten count must not wrap) */
+            h[H_COUNT] -= 1;
         GF_CRASH_POINT("queue.get.counted");
         got++;
         if (got < max)

@@ -177,6 +177,16 @@ _S_HDR = 64
 _SHM_DIR = "/dev/shm"
 
 
+_U64 = (1 << 64) - 1
+
+
+def _listdir_shm() -> list[str]:
+    try:
+        return os.listdir(_SHM_DIR)
+    except OSError:
+        return []
+
+
 def _pad(n: int) -> int:
     return (n + 7) & ~7
 
@@ -405,7 +415,7 @@ class _QueueBase(_Core):  # type: ignore[misc, valid-type]
                 self._repair()
                 return True
         h = self._h
-        if h[_TX] or h[_CAP] != self._cap:  # left half-done (interrupted, or died while repairing)
+        if h[_TX] or h[_CAP] != self._cap or h[_MAGIC] != _MAGIC_VALUE:  # left half-done, or overwritten
             self._repair()
         return True
 
@@ -585,7 +595,7 @@ class _QueueBase(_Core):  # type: ignore[misc, valid-type]
             h[_WSEG] = wseg = 0
         tail = h[_TAIL]
         queued = tail - h[_HEAD]
-        if not 0 <= queued <= self._cap:
+        if not 0 <= queued <= self._cap or (tail | h[_HEAD]) & 7 or tail >= 1 << 63:
             raise _Unreadable(f"head {h[_HEAD]} and tail {tail} are {queued} bytes apart in a ring of {self._cap}", 0)
         if wseg and queued + size + _LINK_LEN <= self._cap // 2:
             # the ring has drained: close the spill chain, later records go to the ring after it
@@ -613,7 +623,7 @@ class _QueueBase(_Core):  # type: ignore[misc, valid-type]
             seg = self._seg(wseg)
             self._wc = (wseg, seg)
             used = struct.unpack_from("<Q", seg, 0)[0]
-            if not _S_HDR <= used <= len(seg):
+            if not _S_HDR <= used <= len(seg) or used & 7:
                 raise _Unreadable(f"spill segment {self._prefix}{wseg} says {used} bytes are used of {len(seg)}", wseg)
             if used + size + _LINK_LEN <= len(seg):
                 _REC.pack_into(seg, used, len(data), kind)
@@ -634,9 +644,9 @@ class _QueueBase(_Core):  # type: ignore[misc, valid-type]
                 if _crash.on:
                     _crash.hit("queue.spill.sealed")
                 h[_WSEG] = seq
-        h[_COUNT] += 1
+        h[_COUNT] = (h[_COUNT] + 1) & _U64  # (an overwritten count must not make put fail)
         if self._joinable:
-            h[_UNFINISHED] += 1
+            h[_UNFINISHED] = (h[_UNFINISHED] + 1) & _U64
         if _crash.on:
             _crash.hit("queue.put.counted")
 
@@ -646,9 +656,19 @@ class _QueueBase(_Core):  # type: ignore[misc, valid-type]
     def _new_spill(self, kind: int, data: Any, size: int) -> int:
         h = self._h
         seq = h[_NEXT_SEQ]
-        h[_NEXT_SEQ] = seq + 1
+        if not 0 < seq < 1 << 31:  # overwritten: continue after the highest segment there is
+            seq = 1 + max((int(n[len(self._prefix):]) for n in _listdir_shm() if n.startswith(self._prefix)
+                           and n[len(self._prefix):].isdigit()), default=0)
         length = max(SPILL_SIZE, _S_HDR + size + _LINK_LEN)
-        seg = _shm_create(f"{self._prefix}{seq}", length)
+        for _ in range(1000):
+            h[_NEXT_SEQ] = seq + 1
+            try:
+                seg = _shm_create(f"{self._prefix}{seq}", length)
+                break
+            except FileExistsError:  # overwritten: the number was given out already
+                seq += 1
+        else:
+            raise _Unreadable(f"spill segments {self._prefix}{seq - 1000} to {seq - 1} all exist", 0)
         _REC.pack_into(seg, _S_HDR, len(data), kind)
         seg[_S_HDR + 8 : _S_HDR + 8 + len(data)] = data
         struct.pack_into("<QQ", seg, 0, _S_HDR + size, 0)
@@ -670,7 +690,9 @@ class _QueueBase(_Core):  # type: ignore[misc, valid-type]
             # after the commit: a death in between leaks the slot, never lets it be reused too early
             if _crash.on:
                 _crash.hit("queue.pool.taken")
-            self._h[_POOL0 + struct.unpack_from("<Q", rec[1])[0]] = (os.getpid() << 8) | _P_READING
+            slot = struct.unpack_from("<Q", rec[1])[0]
+            if slot < _NPOOL:  # else _decode reports it
+                self._h[_POOL0 + slot] = (os.getpid() << 8) | _P_READING
             if _crash.on:
                 _crash.hit("queue.pool.reading")
         return rec
@@ -684,7 +706,7 @@ class _QueueBase(_Core):  # type: ignore[misc, valid-type]
                 seg = self._seg(seq)
                 self._rc = (seq, seg)
                 used, sealed = struct.unpack_from("<QQ", seg, 0)
-                if not _S_HDR <= rpos <= used <= len(seg):
+                if not _S_HDR <= rpos <= used <= len(seg) or (rpos | used) & 7:
                     raise _Unreadable(f"spill segment {self._prefix}{seq} is read at {rpos} of {used} bytes "
                                       f"used ({len(seg)} long)", seq)
                 if rpos < used:
@@ -694,7 +716,7 @@ class _QueueBase(_Core):  # type: ignore[misc, valid-type]
                                           f"kind {kind}, length {n}, with {used - rpos} bytes left", seq)
                     if kind == _LINK:
                         nxt = struct.unpack_from("<Q", seg, rpos + 8)[0]
-                        if not 0 < nxt < min(h[_NEXT_SEQ], 1 << 32):
+                        if not seq < nxt < min(h[_NEXT_SEQ], 1 << 32):  # a chain only goes to newer segments
                             raise _Unreadable(f"spill segment {self._prefix}{seq} links to segment {nxt}", seq)
                         h[_RCUR] = (nxt << 32) | _S_HDR  # commit
                         if _crash.on:
@@ -705,7 +727,7 @@ class _QueueBase(_Core):  # type: ignore[misc, valid-type]
                     h[_RCUR] = rcur + 8 + _pad(n)  # commit
                     if _crash.on:
                         _crash.hit("queue.get.consumed")
-                    h[_COUNT] -= 1
+                    h[_COUNT] = max(h[_COUNT] - 1, 0)
                     if _crash.on:
                         _crash.hit("queue.get.counted")
                     return kind, payload
@@ -722,7 +744,7 @@ class _QueueBase(_Core):  # type: ignore[misc, valid-type]
             if head == tail:
                 return None
             queued = tail - head
-            if not 0 < queued <= self._cap:
+            if not 0 < queued <= self._cap or (head | tail) & 7:
                 raise _Unreadable(f"head {head} and tail {tail} are {queued} bytes apart in a ring of {self._cap}", 0)
             n, kind = self._ring_read(head)
             if not self._record_ok(n, kind, queued):
@@ -741,7 +763,7 @@ class _QueueBase(_Core):  # type: ignore[misc, valid-type]
             h[_HEAD] = head + 8 + _pad(n)  # commit
             if _crash.on:
                 _crash.hit("queue.get.consumed")
-            h[_COUNT] -= 1
+            h[_COUNT] = max(h[_COUNT] - 1, 0)
             if _crash.on:
                 _crash.hit("queue.get.counted")
             return kind, payload
@@ -749,7 +771,7 @@ class _QueueBase(_Core):  # type: ignore[misc, valid-type]
     def _drop_ring(self) -> None:
         """Give up every queued record (lock held, unreadable ring): consumers start over at the tail."""
         h = self._h
-        h[_HEAD] = h[_TAIL]
+        h[_HEAD] = h[_TAIL] = 0  # (not the tail: it may be unaligned, or near 2**64)
         h[_RCUR] = 0
         h[_WSEG] = 0
         self._rc = self._wc = None
@@ -761,7 +783,7 @@ class _QueueBase(_Core):  # type: ignore[misc, valid-type]
         h[_TX] = _TX_REPAIRING  # a death in here: the next holder walks the records again
         seq = err.seq
         base = h[_RBASE]
-        if seq and 0 <= h[_TAIL] - (base + _LINK_LEN) <= self._cap and 0 <= base - h[_HEAD] <= self._cap:
+        if seq and not base & 7 and 0 <= h[_TAIL] - (base + _LINK_LEN) <= self._cap and 0 <= base - h[_HEAD] <= self._cap:
             # a spill chain: leave it (its records are lost), go on with the ring after its LINK
             h[_HEAD] = base + _LINK_LEN
             h[_RCUR] = 0
@@ -830,7 +852,7 @@ class _QueueBase(_Core):  # type: ignore[misc, valid-type]
                 except _Unreadable:
                     return n_msgs, 0
                 used = struct.unpack_from("<Q", seg, 0)[0]
-                if not _S_HDR <= pos <= used <= len(seg):
+                if not _S_HDR <= pos <= used <= len(seg) or (pos | used) & 7:
                     return n_msgs, 0
                 nxt = 0
                 while pos < used:
@@ -839,6 +861,8 @@ class _QueueBase(_Core):  # type: ignore[misc, valid-type]
                         return n_msgs, 0
                     if kind == _LINK:
                         nxt = struct.unpack_from("<Q", seg, pos + 8)[0]
+                        if nxt <= seq:  # a chain only goes to newer segments: never loops
+                            return n_msgs, 0
                         break
                     if kind == _POOL:
                         pooled.add(struct.unpack_from("<Q", seg, pos + 8)[0])
@@ -859,7 +883,7 @@ class _QueueBase(_Core):  # type: ignore[misc, valid-type]
             pos = h[_RBASE] + _LINK_LEN
         else:
             pos = h[_HEAD]
-        if not 0 <= tail - pos <= self._cap:
+        if not 0 <= tail - pos <= self._cap or (tail | pos) & 7:
             pos = tail  # unreadable: the consumer that comes here reports it
         while pos < tail:
             if open_chain:  # a record follows the chain: it is closed
@@ -1002,18 +1026,21 @@ class _QueueBase(_Core):  # type: ignore[misc, valid-type]
         if seg is not None and len(seg) >= size:
             return seg
         name = f"{self._prefix}p{slot}"
-        fd = _posixshmem.shm_open("/" + name, os.O_CREAT | os.O_RDWR, mode=0o600)
+        try:
+            fd = _posixshmem.shm_open("/" + name, os.O_CREAT | os.O_RDWR if grow else os.O_RDWR, mode=0o600)
+        except FileNotFoundError:
+            raise self._corrupt(f"a message names pool slot {slot}, whose segment {name} does not exist; "
+                                "the message was dropped") from None
         try:
             length = os.fstat(fd).st_size
             if length < size and grow:
                 length = (size + (1 << 18) - 1) & ~((1 << 18) - 1)
                 os.ftruncate(fd, length)
-            new = mmap.mmap(fd, length)
+            new = mmap.mmap(fd, length) if length >= max(size, 1) else None
         finally:
             os.close(fd)
-        if len(new) < size:
-            new.close()
-            raise self._corrupt(f"pool segment {name} is {len(new)} bytes long, shorter than its message of {size}; "
+        if new is None:
+            raise self._corrupt(f"pool segment {name} is {length} bytes long, shorter than its message of {size}; "
                                 "the message was dropped")
         old = self._pool.pop(slot, None)
         if old is not None:
