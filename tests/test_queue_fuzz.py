@@ -7,10 +7,11 @@ spill segments and in the pool of big-message segments; writes random and advers
 -1, 2**31, 2**63, the ring's size, off-by-8...) into header words, record headers (length, kind),
 spill segment headers and records, pool slot words and pool records; then reads and writes until
 the queue runs dry, with bounded waits.  What it may see: ``queue.Empty``/``Full``,
-``CorruptQueueError`` naming the queue, and items -- when only positions and states were overwritten
-(header words, spill headers, pool slot words), items that were put, each at most once; bytes
-written into a record's payload are not detectable (there is no checksum) and may come out as a
-changed item.  Anything else -- struct.error, IndexError, MemoryError, SystemError, a hang -- fails.
+``CorruptQueueError`` naming the queue, and items.  Anything else -- struct.error, IndexError,
+MemoryError, SystemError, OverflowError, a lock left held, a hang -- fails.  The items are not
+checked against those put: with a position or a slot word overwritten (a head moved back, a used
+count moved back, a queued pool slot marked free), records are read twice or written over, and
+without a checksum per record (not worth its cost on every message) no reader can tell.
 
 Garbage that reaches the unpickler would test pickle, not the queue (and pickle is not safe on
 garbage: random bytes can build objects that crash the interpreter).  So the child unpickles with a
@@ -118,10 +119,8 @@ def _round(seed):
         if rng.random() < 0.1:
             q.get_many(rng.randrange(1, 5), timeout=1)
     h = q._h
-    payload_intact = True  # only positions and states were changed: every item must be one put
     for _ in range(rng.randrange(1, 4)):
         target = rng.randrange(7)
-        payload_intact = payload_intact and target in (0, 3, 5)
         if target == 0:  # a header word
             word = rng.choice([queues._HEAD, queues._TAIL, queues._COUNT, queues._WSEG, queues._RCUR,
                                queues._RBASE, queues._NEXT_SEQ, queues._CAP, queues._MAGIC, queues._TX,
@@ -174,10 +173,7 @@ def _round(seed):
         except queues.CorruptQueueError as e:
             assert q._prefix[3:-1] in str(e), f"the error does not name the queue: {e}"
             corrupt += 1
-    for obj in seen if payload_intact else ():
-        key = obj if isinstance(obj, bytes) else queues._pickle_dumps(obj, 5)
-        assert key in items, f"an item nobody put (or twice): {obj!r:.100}"
-        items.discard(key)
+    assert all(type(obj) in (bytes, tuple) for obj in seen)  # what _safe_loads lets through
     assert not q._lock._is_mine(), "the queue lock stays held by this thread"
     assert q._lock.acquire(True, 1.0), "the queue lock stays held"
     q._lock.release()
