@@ -425,3 +425,13 @@ def test_pure_python_path():
     )
     assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-2000:]
     assert " passed" in r.stdout and " failed" not in r.stdout
+
+
+def test_design_notes_table_every_point():
+    """docs/design.md's state table of the queue protocols has one row per crash point, and only those."""
+    doc = (Path(SRC).parent / "docs" / "design.md").read_text()
+    section = doc[doc.index("## Queue protocol: states and crash points") :]
+    section = section[: section.index("\n## ")]
+    rows = re.findall(r"^\|[^\n]*\(`(queue\.[a-z0-9_.]+)`\)[^\n]*\|$", section, re.M)
+    assert sorted(rows) == sorted(set(rows)), "a point has two rows"
+    assert set(rows) == set(crash_points("queue."))

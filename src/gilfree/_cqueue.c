@@ -31,6 +31,13 @@
  *                                          FUTEX_WAIT while it still reads `seen` (GIL released).
  *   wake(buf, off)                         bump the sequence; FUTEX_WAKE all only if the flag was set.
  *
+ * Core.put and Core.get make their change one operation as queues.py does (a snapshot in header
+ * words 32-42, _TX set, the change, _TX = 0), and leave to the Python path a header whose _TX is set
+ * (an operation left half-done: Python repairs it) or whose magic or size is not what it was.  Every
+ * step is a crash point (GF_CRASH_POINT, gilfree/_crash.h) with the same name as in queues.py.  Every
+ * position, length and kind read from shared memory is checked before use; what fails a check is
+ * left to the Python path, which reports it (queues.CorruptQueueError).
+ *
  * Where this runs: any thread of any process that maps the queue.  Only wait() blocks.
  */
 

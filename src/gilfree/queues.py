@@ -7,9 +7,12 @@
     put(obj): pickle here (raises here)   +------------------------------------+
       small: lock, write record at tail,  | header (Block, inherited)          |  get(): lock; record at
         tail += len  (the commit), wake   |  head tail count wseg rcur rbase   |   head: copy out,
-      ring full (unbounded queue):        |  next_seq maxsize unfinished ...   |   head += len (commit),
-        records go to a spill segment     |  futex words: not-empty/not-full/  |   wake; unpickle after
-        "gfq<id>_<n>", reached through a  |   all-done (sequence+sleeper flag) |   the lock is released
+      (each operation: snapshot, TX=1,    |  next_seq maxsize unfinished ...   |   head += len (commit),
+        changes, TX=0; rolled back by the |  TX: operation in progress + the   |   (the same TX around
+        next holder if left half-done)    |   snapshot to roll it back from    |   it), wake; unpickle
+      ring full (unbounded queue):        |                                    |   after the lock is
+        records go to a spill segment     |  futex words: not-empty/not-full/  |   released
+        "gfq<id>_<n>", reached through a  |   all-done (sequence+sleeper flag) |
         LINK record in the ring           |  pool: 16 slot states (free,       |  LINK: follow the chain
       big (> cap/8), no out-of-band       |   queued, pid+writing, pid+reading)|   of spill segments, then
         buffer, <= 2 MiB: claim a pool    | ring (cap bytes, circular):        |   back to the ring
@@ -51,21 +54,28 @@ unpickled object keeps alive; so do big messages larger than 2 MiB, and those th
 taken (after waiting up to 2 ms if a consumer is reading one, which it frees in a moment).
 
 *Crash safety.*  The lock is a robust :class:`~gilfree.synchronize.Lock` in takeover mode: if its
-holder dies, the next process that waits for it takes it over and, before anything else, runs
-:meth:`_QueueBase._repair`.  Each operation changes the queue with exactly one store that makes a
-record visible (producer) or consumed (consumer); what is written before that store is invisible,
-what follows it (the count, which spill segment is open, sealing a spill segment) is derived data
-that the repair recomputes by walking the records.  The one non-idempotent step, leaving a spill chain
-for the ring, is written as an assignment (``head = rbase + LINK``) so that doing it twice is harmless.
-So a process killed at any instruction loses at most the message it was handling (unpublished, or
-consumed but not yet returned), and never leaves a torn or duplicated message.  Pool slots keep this:
-a slot is marked ``queued`` *before* its record is committed and marked ``reading`` *after* its
-record is consumed, so no record ever names a slot that someone may claim; a death between the two
-stores leaves a slot ``queued`` that no record names, which the repair frees; a death while writing
-or reading a slot leaves the dead pid in it, and a producer that finds no free slot takes such a slot
-back.  Segments orphaned by a death (created, not yet published; consumed, not yet unlinked) are
-removed by the queue's creator when it lets go of the queue, or at its exit: every segment name
-starts with the queue's prefix.
+holder dies, the next process that waits for it takes it over.  Each operation (a put, a get, a
+``put_many`` or a ``get_many``, with the lock held) is a transaction: it writes a snapshot of what it
+may change into the header (tail, open spill segment and its ``used``/``sealed``, count, unfinished
+count, next segment number; or head, read cursor, chain base, count), marks itself in progress
+(``_TX``, one store), makes its changes -- each record still published by one store, as above -- and
+ends with ``_TX = 0``, the commit.  The next holder that finds ``_TX`` set (the dead holder's
+taker-over, or anyone after an interrupted holder) runs :meth:`_QueueBase._repair`: it rolls the
+operation back from the snapshot (assignments only: a death in the middle of a repair is repaired by
+the next holder), then walks the records to recount them and to set the pool slots right.  So a put
+is all or nothing (a batch too), and a process killed at any instruction loses at most what it had
+taken and not yet returned; nothing is torn or duplicated.  Pool slots keep this: a slot is marked
+``queued`` *before* its record is committed and ``reading`` *after* its record is consumed; the walk
+marks queued every slot a queued record names and frees the queued ones no record names; a death
+while writing or reading a slot leaves the dead pid in it, and a producer that finds no free slot
+takes such a slot back.  Every step is a named crash point (:mod:`gilfree._crash`); the states and
+how each is repaired are tabled in docs/design.md.  Segments orphaned by a death (created, not yet
+published; consumed, not yet unlinked) are removed by the queue's creator when it lets go of the
+queue, or at its exit: every segment name starts with the queue's prefix.
+
+*Nothing read from shared memory is trusted*: positions, lengths, kinds, segment numbers and slots
+are checked before use; what cannot be read is skipped and reported as :class:`CorruptQueueError`
+naming the queue.
 
 *Waiting.*  Each condition (not empty, not full, all tasks done) is a 32-bit sequence number bumped
 under the lock by whoever may have changed it, plus a flag a sleeper sets before it sleeps on the
