@@ -1187,8 +1187,59 @@ loads_all(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     return out;
 }
 
+/* tx_begin(buffer, base, op, spill, cap) -> int: begin a put (op 1) or get (op 2) with the lock held,
+   as queues.py's _tx_put_begin/_tx_get_begin do: 1.  0 (nothing done): the open spill segment is not
+   the one `spill` maps, the caller does it.  2 (nothing done): the header's magic or size is not what
+   it was (`cap`): the caller repairs it first. */
+static PyObject *
+tx_begin(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_buffer view, sv;
+    uint64_t *h;
+    unsigned char *seg = NULL;
+    Py_ssize_t base;
+    long op, r = 1;
+    unsigned long long cap;
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError, "tx_begin(buffer, base, op, spill, cap)");
+        return NULL;
+    }
+    base = PyLong_AsSsize_t(args[1]);
+    op = PyLong_AsLong(args[2]);
+    cap = PyLong_AsUnsignedLongLong(args[4]);
+    if (PyErr_Occurred())
+        return NULL;
+    if (PyObject_GetBuffer(args[0], &view, PyBUF_WRITABLE) < 0)
+        return NULL;
+    if (base < 0 || base % 8 || base + HDR > view.len) {
+        PyBuffer_Release(&view);
+        PyErr_SetString(PyExc_ValueError, "queue header out of the buffer");
+        return NULL;
+    }
+    h = (uint64_t *)((char *)view.buf + base);
+    if (h[H_MAGIC] != MAGIC || h[H_CAP] != cap)
+        r = 2;
+    else if (op == TX_PUT) {
+        if (h[H_WSEG] != 0 && (seg = spill(args[3], h[H_WSEG], &sv)) == NULL)
+            r = 0;
+        else {
+            tx_put_begin(h, seg);
+            if (seg != NULL)
+                PyBuffer_Release(&sv);
+        }
+    }
+    else {
+        tx_get_begin(h);
+    }
+    PyBuffer_Release(&view);
+    return PyLong_FromLong(r);
+}
+
 static PyMethodDef module_methods[] = {
     GF_CRASH_METHODS
+    {"tx_begin", (PyCFunction)(void (*)(void))tx_begin, METH_FASTCALL,
+     "tx_begin(buffer, base, op, spill, cap) -> int: begin a put (1) or get (2) operation, lock held; "
+     "0: the caller must (spill segment not cached), 2: the header must be repaired first"},
     {"loads_all", (PyCFunction)(void (*)(void))loads_all, METH_FASTCALL,
      "loads_all(records, loads, decode, failed, marker) -> [loads(r) if type(r) is bytes else decode(r) for r "
      "in records], marker where that raised (the exception appended to failed)"},

@@ -424,9 +424,8 @@ class _QueueBase(_Core):  # type: ignore[misc, valid-type]
             if lock._recovered_from:  # the holder died, maybe half-way through an operation
                 self._repair()
                 return True
-        h = self._h
-        if h[_TX] or h[_CAP] != self._cap or h[_MAGIC] != _MAGIC_VALUE:  # left half-done, or overwritten
-            self._repair()
+        if self._h[_TX]:  # an operation left half-done (its holder interrupted, or died while repairing)
+            self._repair()  # (an overwritten magic or size: tx_begin reports it, the C path leaves it here)
         return True
 
     def _unlock_if_mine(self) -> None:
@@ -1279,7 +1278,11 @@ class _QueueBase(_Core):  # type: ignore[misc, valid-type]
                     _crash.hit("queue.put.locked")
                 if not self._maxsize or h[_COUNT] + n <= self._maxsize:
                     stage = 1
-                    self._tx_put_begin()
+                    r = _cqueue.tx_begin(self._buf, self._base, _TX_PUT, self._wc, self._cap) if self._fast else 0
+                    if r != 1:
+                        if r == 2:  # magic or size overwritten
+                            self._repair()
+                        self._tx_put_begin()
                     slow, i = 0, 0
                     while i < n:  # the C path counts and wakes for its own records
                         if self._fast:
@@ -1428,7 +1431,11 @@ class _QueueBase(_Core):  # type: ignore[misc, valid-type]
                 if _crash.on:
                     _crash.hit("queue.get.locked")
                 stage = 1
-                self._tx_get_begin()
+                r = _cqueue.tx_begin(self._buf, self._base, _TX_GET, None, self._cap) if self._fast else 0
+                if r != 1:
+                    if r == 2:  # magic or size overwritten
+                        self._repair()
+                    self._tx_get_begin()
                 fast, take = self._fast, self._take
                 while True:  # the C path takes small messages; the Python path the rest, one at a time
                     if fast:
