@@ -135,12 +135,30 @@ def test_blocked_get_wakes_on_put(mp):
 
 
 def test_negative_timeout(mp):
-    q = mp.Queue()
-    q.put(1)
-    _settle(q)
-    # the stdlib lets a negative timeout through to get (no wait); put raises ValueError
-    with pytest.raises(ValueError):
-        gilfree.Queue().get(timeout=-1)
+    """A negative timeout is no wait (``timeout = deadline - now``), on every method (issue 11, item 8)."""
+    for make in (mp.Queue, mp.JoinableQueue):
+        q = make()
+        t0 = time.monotonic()
+        with pytest.raises(queue.Empty):
+            q.get(True, -1)
+        with pytest.raises(queue.Empty):
+            q.get(timeout=-0.001)
+        q.put(1, timeout=-1)
+        _settle(q)
+        assert q.get(timeout=-1) == 1
+        bounded = make(1)
+        bounded.put(1, True, -5)
+        _settle(bounded)
+        with pytest.raises(queue.Full):
+            bounded.put(2, timeout=-1)
+        assert time.monotonic() - t0 < 2
+        if hasattr(q, "get_many"):
+            with pytest.raises(queue.Empty):
+                q.get_many(5, timeout=-1)
+            with pytest.raises(queue.Full):
+                bounded.put_many([2], timeout=-1)
+            q.put_many([1, 2], timeout=-1)
+            assert q.get_many(5, timeout=-1) == [1, 2]
 
 
 def test_closed_queue(mp):
@@ -502,13 +520,35 @@ class _FailsOnLoad:
         return _fail_on_load, ()
 
 
-def test_get_many_that_fails_to_unpickle_gives_back_the_pool_slots():
+def test_get_many_loses_only_the_item_that_fails_to_unpickle():
+    """As get() would: the good items come back, in order; the bad one's error is raised by the next
+    call (issue 11, item 6: the whole batch was lost).  Pool slots and segments are given back."""
     q = gilfree.Queue()
-    q.put_many([os.urandom(200_000), _FailsOnLoad(), os.urandom(200_000), os.urandom(200_000)])
-    with pytest.raises(RuntimeError, match="cannot be unpickled"):
-        q.get_many(10, timeout=5)
+    blobs = [os.urandom(200_000) for _ in range(3)]
+    q.put_many([blobs[0], _FailsOnLoad(), 1, blobs[1], (2, "x"), _FailsOnLoad(), blobs[2]])
+    assert q.get_many(10, timeout=5) == [blobs[0], 1, blobs[1], (2, "x"), blobs[2]]
     assert all(q._h[queues._POOL0 + i] == queues._P_FREE for i in range(queues._NPOOL))
     assert q.empty()
+    q.put("next")
+    with pytest.raises(RuntimeError, match="cannot be unpickled"):
+        q.get(timeout=5)
+    with pytest.raises(RuntimeError, match="cannot be unpickled"):
+        q.get_many(5, timeout=5)
+    assert q.get_many(5, timeout=5) == ["next"]
+    q.put_many([_FailsOnLoad(), "after"])  # nothing good in front: raised at once
+    with pytest.raises(RuntimeError, match="cannot be unpickled"):
+        q.get_many(1, timeout=5)
+    assert q.get(timeout=5) == "after"
+    q.put_many([_FailsOnLoad(), b"x" * 300_000, _FailsOnLoad()])
+    with pytest.raises(RuntimeError, match="cannot be unpickled"):
+        q.get_many(1, timeout=5)
+    assert q.get_many(5, timeout=5) == [b"x" * 300_000]
+    with pytest.raises(RuntimeError, match="cannot be unpickled"):
+        q.get_many(1, timeout=5)
+    assert all(q._h[queues._POOL0 + i] == queues._P_FREE for i in range(queues._NPOOL))
+    assert q.empty()
+    del q  # the errors' tracebacks refer to it
+    gc.collect()
 
 
 def test_pool_slot_of_a_dead_process_is_taken_back():
@@ -881,7 +921,7 @@ def _hold_lock_and_die(q):
 
 def _consume_pooled_and_die(q):
     q._lock.acquire()
-    q._take_record()  # consumed: committed, but its slot is not marked as being read yet
+    q._take_record([])  # consumed: committed, but its slot is not marked as being read yet
     os._exit(0)  # dies holding the queue lock
 
 
@@ -930,3 +970,170 @@ def test_pure_python_fallback():
 
 def test_fallback_is_in_use_when_asked():
     assert (queues._cqueue is None) == (os.environ.get("GILFREE_PURE_QUEUE") == "1")
+
+
+# -- issue 11: a death or Ctrl-C at an exact instruction, hostile bytes, stdlib details -------------
+# These use no crash point (so that they also run on the code before the fix, where they fail): a
+# child stops itself with sys.settrace at a given line, or a lock wrapper raises as a signal handler.
+
+def _die_at(func_name, event, line_text=None, nth=1):
+    """SIGKILL this process at the ``nth`` ``event`` ('line' or 'return') in function ``func_name``
+    (for 'line': the line whose source contains ``line_text``)."""
+    import linecache
+
+    seen = [0]
+
+    def local(frame, ev, arg):
+        if ev == event and (line_text is None or line_text in linecache.getline(frame.f_code.co_filename, frame.f_lineno)):
+            seen[0] += 1
+            if seen[0] == nth:
+                os.kill(os.getpid(), signal.SIGKILL)
+        return local
+
+    def global_trace(frame, ev, arg):
+        return local if frame.f_code.co_name == func_name else None
+
+    sys.settrace(global_trace)
+
+
+def _put_and_die(q, items, func_name, event, line_text, nth):
+    q._fast = False  # the Python path, where the trace can stop it
+    _die_at(func_name, event, line_text, nth)
+    if len(items) == 1:
+        q.put(items[0])
+    else:
+        q.put_many(items)
+    os._exit(3)  # not reached: it died at that line
+
+
+def _killed_putting(ctx, q, items, func_name, event, line_text=None, nth=1):
+    p = ctx.Process(target=_put_and_die, args=(q, items, func_name, event, line_text, nth))
+    p.start()
+    p.join(20)
+    assert p.exitcode == -signal.SIGKILL, f"the child did not die at {func_name}/{event} (exit code {p.exitcode})"
+
+
+def _drain(q):
+    got = []
+    while True:
+        try:
+            got.append(q.get(timeout=0.5))
+        except queue.Empty:
+            return got
+
+
+def test_joinable_count_survives_a_death_between_publish_and_count(ctx):
+    """Item 5: killed after the record was published, before the unfinished count was raised, join()
+    returned early and task_done() raised.  Now the count and the record go together."""
+    q = ctx.JoinableQueue()
+    q.put(["before"])
+    _killed_putting(ctx, q, [["x"]], "_append", "return")
+    got = _drain(q)
+    assert got[0] == ["before"] and got[1:] in ([], [["x"]])
+    for _ in got:
+        q.task_done()  # raised ValueError before the fix
+    t = threading.Thread(target=q.join, daemon=True)
+    t.start()
+    t.join(5)
+    assert not t.is_alive()
+    with pytest.raises(ValueError):
+        q.task_done()
+
+
+def test_put_many_is_all_or_nothing_under_sigkill(ctx):
+    """Item 13: a producer killed half-way through put_many left a prefix of the batch queued."""
+    q = ctx.Queue()
+    _killed_putting(ctx, q, [["a"], ["b"], ["c"]], "_append", "return", nth=2)
+    assert q.qsize() == 0
+    assert _drain(q) == []
+    q.put_many([1, 2])
+    assert q.get_many(5, timeout=5) == [1, 2]
+
+
+def test_qsize_is_right_after_a_death_before_anyone_takes_over(ctx):
+    """Item 13: qsize() said 0 while a message killed before being counted was there (until the next
+    takeover); now it settles the operation first."""
+    q = ctx.Queue()
+    _killed_putting(ctx, q, [["x"]], "_append", "line", "h[_COUNT]")  # the line that counts it
+    n = q.qsize()
+    assert n == len(_drain(q))
+
+
+class _InterruptAfterAcquire:
+    """The queue lock, but Ctrl-C lands right after an acquire returns (before the caller's ``try``)."""
+
+    def __init__(self, lock):
+        self._l = lock
+        self.armed = True
+
+    def acquire(self, *args):
+        got = self._l.acquire(*args)
+        if got and self.armed:
+            self.armed = False
+            raise KeyboardInterrupt("after acquire")
+        return got
+
+    def __getattr__(self, name):
+        return getattr(self._l, name)
+
+
+@pytest.mark.parametrize("site", ["put_many", "get_many", "pool", "task_done", "join"])
+def test_ctrl_c_right_after_taking_the_lock_releases_it(site):
+    """Item 3: a KeyboardInterrupt between the queue lock being taken and the caller's try left the
+    lock held by the live process: everybody else waited forever."""
+    q = gilfree.JoinableQueue()
+    q.put_many(["a", "b"])
+    q.get(timeout=5)
+    real = q._lock
+    q._lock = wrapper = _InterruptAfterAcquire(real)
+    action = {
+        "put_many": lambda: q.put_many(["c"]),
+        "get_many": lambda: q.get_many(5, timeout=5),
+        "pool": lambda: q.put(b"p" * 300_000),  # claims a pool slot under the lock
+        "task_done": q.task_done,
+        "join": q.join,
+    }[site]
+    with pytest.raises(KeyboardInterrupt):
+        action()
+    assert not wrapper.armed
+    q._lock = real
+    assert not real._is_mine()
+    got = []
+    t = threading.Thread(target=lambda: got.append(q.get(timeout=5)))
+    t.start()
+    t.join(10)
+    assert got == ["b"]
+    assert all(q._h[queues._POOL0 + i] == queues._P_FREE for i in range(queues._NPOOL))
+
+
+def _corrupt_and_get(q, word, value):
+    q._ring.cast("I")[word] = value  # the ring's record header at the head: [length, kind]
+    try:
+        q.get(timeout=2)
+    except queues.CorruptQueueError as e:
+        assert q._prefix[3:-1] in str(e), e
+        q.put("after")
+        assert q.get(timeout=2) == "after"
+        os._exit(0)
+    os._exit(4)  # read something
+
+
+@pytest.mark.parametrize("word,value", [(0, 0xFFFFFFF0), (0, 1 << 20), (1, 77)])
+def test_corrupt_record_is_reported_not_a_crash(word, value):
+    """Item 7: a corrupted record length made the reader read past its ring (segfault)."""
+    q = gilfree.Queue(ring_size=4096)
+    q.put(("x", 1))
+    p = gilfree.get_context("fork").Process(target=_corrupt_and_get, args=(q, word, value))
+    p.start()
+    p.join(20)
+    assert p.exitcode == 0, f"reader exit code {p.exitcode}"
+
+
+def test_simple_queue_after_close_raises_oserror_as_the_stdlib():
+    """Item 13: SimpleQueue use after close() raised ValueError; the stdlib's raises OSError."""
+    for q in (std_mp.SimpleQueue(), gilfree.SimpleQueue()):
+        q.put(1)
+        q.close()
+        for call in (q.get, lambda q=q: q.put(2), q.empty):
+            with pytest.raises(OSError, match="handle is closed"):
+                call()

@@ -31,6 +31,13 @@
  *                                          FUTEX_WAIT while it still reads `seen` (GIL released).
  *   wake(buf, off)                         bump the sequence; FUTEX_WAKE all only if the flag was set.
  *
+ * Core.put and Core.get make their change one operation as queues.py does (a snapshot in header
+ * words 32-42, _TX set, the change, _TX = 0), and leave to the Python path a header whose _TX is set
+ * (an operation left half-done: Python repairs it) or whose magic or size is not what it was.  Every
+ * step is a crash point (GF_CRASH_POINT, gilfree/_crash.h) with the same name as in queues.py.  Every
+ * position, length and kind read from shared memory is checked before use; what fails a check is
+ * left to the Python path, which reports it (queues.CorruptQueueError).
+ *
  * Where this runs: any thread of any process that maps the queue.  Only wait() blocks.
  */
 
@@ -50,7 +57,13 @@
 /* header words: keep in step with queues.py */
 enum { H_MAGIC, H_CAP, H_HEAD, H_TAIL, H_COUNT, H_WSEG, H_RCUR, H_RBASE, H_NEXT_SEQ, H_MAXSIZE,
        H_UNFINISHED, H_QID, H_FLAGS };
-#define HDR 256 /* header bytes before the ring: keep in step with queues.py */
+/* the operation in progress and its snapshot (u64 words 32-42; see queues.py: rolled back by the next
+   holder if this one dies half-way) */
+enum { H_TX = 32, H_TX_TAIL, H_TX_WSEG, H_TX_WUSED, H_TX_WSEALED, H_TX_COUNT, H_TX_UNF, H_TX_NEXT, H_TX_HEAD,
+       H_TX_RCUR, H_TX_RBASE };
+#define TX_PUT 1u
+#define TX_GET 2u
+#define HDR 384 /* header bytes before the ring: keep in step with queues.py */
 #define F_JOINABLE 1u
 #define NE_WORD 26 /* u32 index of the "not empty" sequence; its flag follows */
 #define NF_WORD 28
@@ -59,7 +72,7 @@ enum { H_MAGIC, H_CAP, H_HEAD, H_TAIL, H_COUNT, H_WSEG, H_RCUR, H_RBASE, H_NEXT_
 #define S_HDR 64 /* spill segment header: u64 used, u64 sealed */
 #define S_USED 0
 #define S_SEALED 1
-#define MAGIC 0x6766517565756532ULL
+#define MAGIC 0x6766517565756533ULL
 
 /* How long wait() polls before it sleeps: 0 on a single CPU (the waker cannot run meanwhile). */
 static long long spin_ns = 0;
@@ -112,7 +125,8 @@ header(PyObject *obj, Py_ssize_t base, Py_buffer *view)
         return NULL;
     }
     h = (uint64_t *)((char *)view->buf + base);
-    if (h[H_MAGIC] != MAGIC || base + HDR + (Py_ssize_t)h[H_CAP] > view->len) {
+    if (h[H_MAGIC] != MAGIC || h[H_CAP] < 4096 || (h[H_CAP] & (h[H_CAP] - 1)) != 0 ||
+        h[H_CAP] > (uint64_t)(view->len - base - HDR)) {
         PyBuffer_Release(view);
         PyErr_SetString(PyExc_ValueError, "no queue header at this offset");
         return NULL;
@@ -164,16 +178,20 @@ append_one(uint64_t *h, const char *data, uint64_t n, unsigned char *seg, Py_ssi
     tail = h[H_TAIL];
     rec[0] = (uint32_t)n;
     rec[1] = K_MSG;
+    if (tail - head > cap || ((head | tail) & 7) != 0) /* unreadable positions: the Python path reports them */
+        return 0;
     if (h[H_WSEG] != 0) {
         uint64_t *sh = (uint64_t *)seg, used;
         if (seg == NULL || sh[S_SEALED] != 0 || tail - head + size + LINK_LEN <= cap / 2)
             return 0;
         used = sh[S_USED];
-        if (used < S_HDR || used + size + LINK_LEN > (uint64_t)seglen)
+        if (used < S_HDR || (used & 7) != 0 || used > (uint64_t)seglen || size + LINK_LEN > (uint64_t)seglen - used)
             return 0;
         memcpy(seg + used, rec, 8);
         memcpy(seg + used + 8, data, n);
+        GF_CRASH_POINT("queue.spill.written");
         __atomic_store_n(&sh[S_USED], used + size, __ATOMIC_RELEASE); /* commit */
+        GF_CRASH_POINT("queue.spill.published");
     }
     else {
         if (tail - head + size + LINK_LEN > cap)
@@ -189,11 +207,14 @@ append_one(uint64_t *h, const char *data, uint64_t n, unsigned char *seg, Py_ssi
             memcpy(ring + start, data, first);
             memcpy(ring, data + first, n - first);
         }
+        GF_CRASH_POINT("queue.put.written");
         __atomic_store_n(&h[H_TAIL], tail + size, __ATOMIC_RELEASE); /* commit */
+        GF_CRASH_POINT("queue.put.published");
     }
     h[H_COUNT] += 1;
     if (h[H_FLAGS] & F_JOINABLE)
         h[H_UNFINISHED] += 1;
+    GF_CRASH_POINT("queue.put.counted");
     return 1;
 }
 
@@ -236,6 +257,8 @@ put_batch(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             break;
         if (!append_one(h, PyBytes_AS_STRING(item), (uint64_t)PyBytes_GET_SIZE(item), seg, seglen))
             break;
+        if (i + 1 < n)
+            GF_CRASH_POINT("queue.put_many.partial");
     }
     if (seg != NULL)
         PyBuffer_Release(&sv);
@@ -273,11 +296,11 @@ take_records(uint64_t *h, PyObject *cache, Py_ssize_t max, PyObject *out)
                     break;
             }
             used = __atomic_load_n(&((uint64_t *)seg)[S_USED], __ATOMIC_ACQUIRE);
-            if (pos >= used || used > (uint64_t)sv.len)
+            if (pos < S_HDR || (pos & 7) != 0 || pos >= used || used > (uint64_t)sv.len)
                 break;
             memcpy(rec, seg + pos, 8);
-            if (rec[1] != K_MSG || pos + 8 + (uint64_t)rec[0] > used)
-                break;
+            if (rec[1] != K_MSG || 8 + pad8((uint64_t)rec[0]) > used - pos)
+                break; /* anything else, or unreadable (the Python path reports it) */
             n = rec[0];
             item = PyBytes_FromStringAndSize((char *)seg + pos + 8, (Py_ssize_t)n);
             if (item == NULL || PyList_Append(out, item) < 0) {
@@ -286,16 +309,17 @@ take_records(uint64_t *h, PyObject *cache, Py_ssize_t max, PyObject *out)
             }
             Py_DECREF(item);
             __atomic_store_n(&h[H_RCUR], rcur + 8 + pad8(n), __ATOMIC_RELEASE); /* commit */
+            GF_CRASH_POINT("queue.get.consumed");
         }
         else {
             uint64_t start, first;
             head = h[H_HEAD];
             tail = __atomic_load_n(&h[H_TAIL], __ATOMIC_ACQUIRE);
-            if (head == tail)
+            if (head == tail || tail - head > cap || ((head | tail) & 7) != 0)
                 break;
             memcpy(rec, ring + (head & mask), 8);
-            if (rec[1] != K_MSG)
-                break;
+            if (rec[1] != K_MSG || 8 + pad8((uint64_t)rec[0]) > tail - head)
+                break; /* anything else, or unreadable (the Python path reports it) */
             n = rec[0];
             item = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)n);
             if (item == NULL)
@@ -316,9 +340,14 @@ take_records(uint64_t *h, PyObject *cache, Py_ssize_t max, PyObject *out)
             }
             Py_DECREF(item);
             __atomic_store_n(&h[H_HEAD], head + 8 + pad8(n), __ATOMIC_RELEASE); /* commit */
+            GF_CRASH_POINT("queue.get.consumed");
         }
-        h[H_COUNT] -= 1;
+        if (h[H_COUNT] > 0) /* (an overwritten count must not wrap) */
+            h[H_COUNT] -= 1;
+        GF_CRASH_POINT("queue.get.counted");
         got++;
+        if (got < max)
+            GF_CRASH_POINT("queue.get_many.partial");
     }
     if (seg != NULL)
         PyBuffer_Release(&sv);
@@ -579,8 +608,44 @@ mini_dumps(PyObject *module, PyObject *obj)
    MISS: nothing done (not a plain object, or reducers changed).  None: dumps failed or the pickle is
    longer than `limit` (the package's pickler must do it).  bytes: the pickle, not queued (the lock was
    busy, the Python path must append it, or it names __main__).  NULL: an exception. */
+/* Record what a put may change, then mark it in progress (lock held): a holder that dies before the
+   end of the operation is rolled back from this by the next one (queues.py, _rollback). */
+static inline void
+tx_put_begin(uint64_t *h, unsigned char *seg)
+{
+    uint64_t *sh = (uint64_t *)seg;
+    h[H_TX_TAIL] = h[H_TAIL];
+    h[H_TX_WSEG] = h[H_WSEG];
+    h[H_TX_WUSED] = sh != NULL ? sh[S_USED] : 0;
+    h[H_TX_WSEALED] = sh != NULL ? sh[S_SEALED] : 0;
+    h[H_TX_COUNT] = h[H_COUNT];
+    h[H_TX_UNF] = h[H_UNFINISHED];
+    h[H_TX_NEXT] = h[H_NEXT_SEQ];
+    __atomic_store_n(&h[H_TX], TX_PUT, __ATOMIC_RELEASE);
+    GF_CRASH_POINT("queue.put.tx_begun");
+}
+
+static inline void
+tx_get_begin(uint64_t *h)
+{
+    h[H_TX_HEAD] = h[H_HEAD];
+    h[H_TX_RCUR] = h[H_RCUR];
+    h[H_TX_RBASE] = h[H_RBASE];
+    h[H_TX_COUNT] = h[H_COUNT];
+    __atomic_store_n(&h[H_TX], TX_GET, __ATOMIC_RELEASE);
+    GF_CRASH_POINT("queue.get.tx_begun");
+}
+
+/* Whether the header, with the lock held, is as this process set it up and no operation is left
+   half-done: otherwise the Python path repairs it (or reports it). */
+static inline int
+header_sound(uint64_t *h, uint64_t cap)
+{
+    return h[H_TX] == 0 && h[H_CAP] == cap && h[H_MAGIC] == MAGIC;
+}
+
 static PyObject *
-fast_put(uint64_t *h, PyObject *lock, PyObject *obj, PyObject *spill_cache, Py_ssize_t limit)
+fast_put(uint64_t *h, uint64_t cap, PyObject *lock, PyObject *obj, PyObject *spill_cache, Py_ssize_t limit)
 {
     Py_buffer sv;
     uint64_t maxsize;
@@ -621,11 +686,18 @@ fast_put(uint64_t *h, PyObject *lock, PyObject *obj, PyObject *spill_cache, Py_s
     }
     r = try_lock(lock);
     if (r == 1) {
+        GF_CRASH_POINT("queue.put.locked");
         maxsize = h[H_MAXSIZE];
-        if (!maxsize || h[H_COUNT] < maxsize) {
+        if (header_sound(h, cap) && (!maxsize || h[H_COUNT] < maxsize)) {
             if (h[H_WSEG] != 0)
                 seg = spill(spill_cache, h[H_WSEG], &sv);
-            done = append_one(h, bytes, (uint64_t)n, seg, seg ? sv.len : 0);
+            if (h[H_WSEG] == 0 || seg != NULL) {
+                tx_put_begin(h, seg);
+                done = append_one(h, bytes, (uint64_t)n, seg, seg ? sv.len : 0);
+                __atomic_store_n(&h[H_TX], 0, __ATOMIC_RELEASE); /* the commit of the operation */
+                if (done)
+                    GF_CRASH_POINT("queue.put.committed");
+            }
             if (seg != NULL)
                 PyBuffer_Release(&sv);
             if (done)
@@ -647,7 +719,7 @@ fast_put(uint64_t *h, PyObject *lock, PyObject *obj, PyObject *spill_cache, Py_s
 /* The common case of get: try the lock, take the small message at the head, unlock, unpickle it.
    MISS: nothing taken (the lock was busy, the queue is empty, or the Python path must do it). */
 static PyObject *
-fast_get(uint64_t *h, PyObject *lock, PyObject *spill_cache)
+fast_get(uint64_t *h, uint64_t cap, PyObject *lock, PyObject *spill_cache)
 {
     PyObject *out, *item, *obj;
     int r;
@@ -656,8 +728,17 @@ fast_get(uint64_t *h, PyObject *lock, PyObject *spill_cache)
         return NULL;
     r = try_lock(lock);
     if (r == 1) {
-        take_records(h, spill_cache, 1, out);
+        GF_CRASH_POINT("queue.get.locked");
+        if (header_sound(h, cap)) {
+            tx_get_begin(h);
+            take_records(h, spill_cache, 1, out);
+            __atomic_store_n(&h[H_TX], 0, __ATOMIC_RELEASE); /* the commit of the operation */
+            if (PyList_GET_SIZE(out) > 0)
+                GF_CRASH_POINT("queue.get.committed");
+        }
         r = lock_api->release(lock);
+        if (PyList_GET_SIZE(out) > 0)
+            GF_CRASH_POINT("queue.get.unlocked");
     }
     out = hand_over(out);
     if (out == NULL)
@@ -685,7 +766,9 @@ typedef struct {
     Py_buffer view;
     int has_view;
     uint64_t *h;
+    uint64_t cap;   /* the ring's size, as set up (the header's word is checked against it) */
     PyObject *lock; /* _lock */
+    PyObject *deferred; /* _deferred: errors get_many kept for the next get, or None */
     PyObject *wc;   /* _wc: (seq, mapping) of the spill segment written here last */
     PyObject *rc;   /* _rc: (seq, mapping) of the spill segment read here last */
     Py_ssize_t limit; /* _big_limit */
@@ -700,6 +783,7 @@ Core_dealloc(Core *self)
         self->has_view = 0;
     }
     Py_CLEAR(self->lock);
+    Py_CLEAR(self->deferred);
     Py_CLEAR(self->wc);
     Py_CLEAR(self->rc);
     Py_TYPE(self)->tp_free((PyObject *)self);
@@ -725,6 +809,7 @@ Core_init_core(Core *self, PyObject *const *args, Py_ssize_t nargs)
     self->view = view; /* kept: the header stays mapped while the queue lives */
     self->has_view = 1;
     self->h = h;
+    self->cap = h[H_CAP];
     Py_INCREF(args[2]);
     Py_XSETREF(self->lock, args[2]);
     Py_RETURN_NONE;
@@ -755,7 +840,7 @@ Core_put(Core *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
     Py_ssize_t nargs = PyVectorcall_NARGS(nargsf), nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0, i;
     PyObject *r, *callargs[8], *result;
     if (self->h != NULL && !self->closed && plain_call(args, nargs, kwnames, 1, 3)) {
-        r = fast_put(self->h, self->lock, args[0], self->wc, self->limit);
+        r = fast_put(self->h, self->cap, self->lock, args[0], self->wc, self->limit);
         if (r == NULL)
             return NULL;
         if (r == Py_True) {
@@ -802,8 +887,9 @@ Core_get(Core *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
     Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
     PyObject *r, *callargs[4];
     Py_ssize_t i, nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
-    if (self->h != NULL && !self->closed && plain_call(args, nargs, kwnames, 0, 2)) {
-        r = fast_get(self->h, self->lock, self->rc);
+    if (self->h != NULL && !self->closed && (self->deferred == NULL || self->deferred == Py_None) &&
+        plain_call(args, nargs, kwnames, 0, 2)) {
+        r = fast_get(self->h, self->cap, self->lock, self->rc);
         if (r != miss)
             return r;
         Py_DECREF(r);
@@ -835,6 +921,7 @@ static PyMethodDef Core_methods[] = {
 
 static PyMemberDef Core_members[] = {
     {"_lock", T_OBJECT_EX, offsetof(Core, lock), 0, "the queue lock"},
+    {"_deferred", T_OBJECT, offsetof(Core, deferred), 0, "errors get_many keeps for the next get, or None"},
     {"_wc", T_OBJECT, offsetof(Core, wc), 0, "(seq, mapping) of the spill segment written here last, or None"},
     {"_rc", T_OBJECT, offsetof(Core, rc), 0, "(seq, mapping) of the spill segment read here last, or None"},
     {"_big_limit", T_PYSSIZET, offsetof(Core, limit), 0, "longest pickle that travels in the ring"},
@@ -1040,17 +1127,21 @@ error:
 }
 
 /* [loads(r) if type(r) is bytes else decode(r) for r in records]: get_many's unpickling, without
-   the Python loop.  An exception stops it (the caller gives back what undecoded records hold). */
+   the Python loop.  An item that raises an Exception costs only itself: `marker` takes its place and
+   the exception is appended to `failed`.  Anything else (KeyboardInterrupt...) stops it (the caller
+   gives back what undecoded records hold). */
 static PyObject *
 loads_all(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
-    PyObject *records, *out;
+    PyObject *records, *out, *failed, *marker;
     Py_ssize_t i, n;
-    if (nargs != 3 || !PyList_Check(args[0])) {
-        PyErr_SetString(PyExc_TypeError, "loads_all(records, loads, decode)");
+    if (nargs != 5 || !PyList_Check(args[0]) || !PyList_Check(args[3])) {
+        PyErr_SetString(PyExc_TypeError, "loads_all(records, loads, decode, failed, marker)");
         return NULL;
     }
     records = args[0];
+    failed = args[3];
+    marker = args[4];
     n = PyList_GET_SIZE(records);
     if ((out = PyList_New(n)) == NULL)
         return NULL;
@@ -1059,6 +1150,25 @@ loads_all(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         Py_INCREF(r);
         obj = PyObject_Vectorcall(PyBytes_CheckExact(r) ? args[1] : args[2], &r, 1, NULL);
         Py_DECREF(r);
+        if (obj == NULL && PyErr_ExceptionMatches(PyExc_Exception)) {
+#if PY_VERSION_HEX >= 0x030C0000
+            PyObject *exc = PyErr_GetRaisedException();
+#else
+            PyObject *etype, *exc, *etb;
+            PyErr_Fetch(&etype, &exc, &etb);
+            PyErr_NormalizeException(&etype, &exc, &etb);
+            if (etb != NULL)
+                PyException_SetTraceback(exc, etb);
+            Py_XDECREF(etype);
+            Py_XDECREF(etb);
+#endif
+            int bad = PyList_Append(failed, exc);
+            Py_DECREF(exc);
+            if (bad == 0) {
+                Py_INCREF(marker);
+                obj = marker;
+            }
+        }
         if (obj == NULL) {
             for (; i < n; i++) { /* fill the rest so that the list can be freed */
                 Py_INCREF(Py_None);
@@ -1077,10 +1187,62 @@ loads_all(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     return out;
 }
 
+/* tx_begin(buffer, base, op, spill, cap) -> int: begin a put (op 1) or get (op 2) with the lock held,
+   as queues.py's _tx_put_begin/_tx_get_begin do: 1.  0 (nothing done): the open spill segment is not
+   the one `spill` maps, the caller does it.  2 (nothing done): the header's magic or size is not what
+   it was (`cap`): the caller repairs it first. */
+static PyObject *
+tx_begin(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_buffer view, sv;
+    uint64_t *h;
+    unsigned char *seg = NULL;
+    Py_ssize_t base;
+    long op, r = 1;
+    unsigned long long cap;
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError, "tx_begin(buffer, base, op, spill, cap)");
+        return NULL;
+    }
+    base = PyLong_AsSsize_t(args[1]);
+    op = PyLong_AsLong(args[2]);
+    cap = PyLong_AsUnsignedLongLong(args[4]);
+    if (PyErr_Occurred())
+        return NULL;
+    if (PyObject_GetBuffer(args[0], &view, PyBUF_WRITABLE) < 0)
+        return NULL;
+    if (base < 0 || base % 8 || base + HDR > view.len) {
+        PyBuffer_Release(&view);
+        PyErr_SetString(PyExc_ValueError, "queue header out of the buffer");
+        return NULL;
+    }
+    h = (uint64_t *)((char *)view.buf + base);
+    if (h[H_MAGIC] != MAGIC || h[H_CAP] != cap)
+        r = 2;
+    else if (op == TX_PUT) {
+        if (h[H_WSEG] != 0 && (seg = spill(args[3], h[H_WSEG], &sv)) == NULL)
+            r = 0;
+        else {
+            tx_put_begin(h, seg);
+            if (seg != NULL)
+                PyBuffer_Release(&sv);
+        }
+    }
+    else {
+        tx_get_begin(h);
+    }
+    PyBuffer_Release(&view);
+    return PyLong_FromLong(r);
+}
+
 static PyMethodDef module_methods[] = {
     GF_CRASH_METHODS
+    {"tx_begin", (PyCFunction)(void (*)(void))tx_begin, METH_FASTCALL,
+     "tx_begin(buffer, base, op, spill, cap) -> int: begin a put (1) or get (2) operation, lock held; "
+     "0: the caller must (spill segment not cached), 2: the header must be repaired first"},
     {"loads_all", (PyCFunction)(void (*)(void))loads_all, METH_FASTCALL,
-     "loads_all(records, loads, decode) -> [loads(r) if type(r) is bytes else decode(r) for r in records]"},
+     "loads_all(records, loads, decode, failed, marker) -> [loads(r) if type(r) is bytes else decode(r) for r "
+     "in records], marker where that raised (the exception appended to failed)"},
     {"dumps_batch", (PyCFunction)(void (*)(void))dumps_batch, METH_FASTCALL,
      "dumps_batch(list, dump, clear_memo, sink_list, limit) -> (list of bytes or None, mentions __main__, "
      "has None)"},
