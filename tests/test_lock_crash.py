@@ -594,6 +594,7 @@ def test_live_thread_of_a_process_whose_main_thread_left_is_not_taken_over(ctx):
     finally:
         p.join(BOUND * 2)
     assert flag.value == 2
+    assert p.exitcode == 0, f"the holder did not end cleanly: {p.exitcode}"
     expect_free(lock)
 
 
