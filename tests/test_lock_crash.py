@@ -723,3 +723,37 @@ def test_timeouts_inf_huge_and_nan():
     sem = gilfree.Semaphore(0)
     threading.Timer(0.2, sem.release).start()
     assert sem.acquire(timeout=float("inf"))
+
+
+def test_event_set_interrupted_between_its_steps_leaves_no_sleeper_behind():
+    # a signal handler raising inside set() (between notifying and raising the flag, or the other
+    # way round) must not leave sleepers asleep for good with the flag set
+    event = gilfree.Event()
+    results = []
+    t = threading.Thread(target=lambda: results.append(event.wait(BOUND * 2)), daemon=True)
+    t.start()
+    until(lambda: event._cond._cv._waiting() == 1)
+    real_notify = event._cond.notify_all
+
+    def interrupted_notify():
+        real_notify()
+        raise KeyboardInterrupt  # as a handler would, right after this step
+
+    event._cond.notify_all = interrupted_notify
+    with pytest.raises(KeyboardInterrupt):
+        event.set()
+    event._cond.notify_all = real_notify
+    time.sleep(0.2)
+    assert t.is_alive() and not event.is_set()  # set() did not happen: the sleeper sleeps on
+    real_release = event._flag.release
+
+    def interrupted_release():
+        real_release()
+        raise KeyboardInterrupt
+
+    event._flag.release = interrupted_release
+    t0 = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        event.set()  # the flag is raised: the sleeper must be awake, not sleep to its timeout
+    t.join(BOUND)
+    assert results == [True] and time.monotonic() - t0 < 1.0

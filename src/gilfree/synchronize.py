@@ -287,9 +287,12 @@ class Event:
 
     def set(self) -> None:
         with self._cond:
+            # notify first: the sleepers cannot run before the lock is released, and by then the
+            # flag is set -- unless a signal handler raised in between, and then they find it unset
+            # and sleep on (set() did not happen), instead of sleeping on with the flag set
+            self._cond.notify_all()
             if self._flag._get_value() == 0:
                 self._flag.release()
-            self._cond.notify_all()
 
     def clear(self) -> None:
         with self._cond:
@@ -297,11 +300,8 @@ class Event:
 
     def wait(self, timeout: float | None = None) -> bool:
         """Wait until the flag is set (or the timeout passes); return the flag."""
-        with self._cond:
-            if self._flag._get_value():
-                return True
-            self._cond.wait(timeout)
-            return self._flag._get_value() > 0
+        with self._cond:  # in a loop: a wake-up without the flag (see set) is not the end
+            return bool(self._cond.wait_for(self._flag._get_value, timeout))
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} at {id(self):#x} {'set' if self.is_set() else 'unset'}>"
