@@ -466,7 +466,7 @@ def main() -> None:
               f"{cell('|'.join(('gilfree_adapted', method, type_, cls_name)))} |")
 
     print("\nNot passed:")
-    for key, (res, order, notes) in all_results.items():
+    for key, (res, _order, notes) in all_results.items():
         if "import_error" in res:
             print(f"\n## {key}: import error\n{res['import_error']}")
             continue
