@@ -456,7 +456,7 @@ def main() -> None:
         return ", ".join(bits)
 
     seen = []
-    for impl, method, type_, cls_name in jobs:
+    for _impl, method, type_, cls_name in jobs:
         if (method, cls_name) in seen:
             continue
         seen.append((method, cls_name))
@@ -466,7 +466,7 @@ def main() -> None:
               f"{cell('|'.join(('gilfree_adapted', method, type_, cls_name)))} |")
 
     print("\nNot passed:")
-    for key, (res, _order, notes) in all_results.items():
+    for key, (res, _order, _notes) in all_results.items():
         if "import_error" in res:
             print(f"\n## {key}: import error\n{res['import_error']}")
             continue
