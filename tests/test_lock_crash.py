@@ -131,6 +131,7 @@ def hold_in_a_thread_then_leave_main(lock, flag):
             flag.value = 1
             time.sleep(2)
             flag.value = 2
+        os._exit(0)  # the process ends with this thread, whatever other threads it has
 
     threading.Thread(target=hold).start()
     while flag.value != 1:
