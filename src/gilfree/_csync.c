@@ -784,6 +784,25 @@ sem_wait(SemBlock *self, long long deadline, int me, int *taken, int *dead_out)
  * The Python type.
  * --------------------------------------------------------------------------------------------- */
 
+/* Keep a writable view of `buffer` and return the address of a `size`-byte structure at `offset`
+   in it (NULL with an exception).  What SemBlock and CondBlock share. */
+static char *
+attach_view(Py_buffer *view, int *has_view, const char *what, PyObject *buffer, Py_ssize_t offset, size_t size)
+{
+    if (*has_view) {
+        PyErr_Format(PyExc_RuntimeError, "%s already initialised", what);
+        return NULL;
+    }
+    if (PyObject_GetBuffer(buffer, view, PyBUF_WRITABLE) < 0)
+        return NULL;
+    *has_view = 1;
+    if (offset < 0 || offset % 8 != 0 || offset + (Py_ssize_t)size > view->len) {
+        PyErr_Format(PyExc_ValueError, "offset %zd does not leave room for a %s of %zu bytes", offset, what, size);
+        return NULL;
+    }
+    return (char *)view->buf + offset;
+}
+
 static int
 SemBlock_init(SemBlock *self, PyObject *args, PyObject *kwds)
 {
@@ -795,10 +814,6 @@ SemBlock_init(SemBlock *self, PyObject *args, PyObject *kwds)
     if (!PyArg_ParseTupleAndKeywords(args, kwds, "Onp|iLLi", kwlist, &buffer, &offset, &init, &kind,
                                      &value, &maxvalue, &mode))
         return -1;
-    if (self->has_view) {
-        PyErr_SetString(PyExc_RuntimeError, "SemBlock already initialised");
-        return -1;
-    }
     if (kind != GF_SEMAPHORE && kind != GF_RECURSIVE) {
         PyErr_Format(PyExc_ValueError, "unknown kind %d", kind);
         return -1;
@@ -812,15 +827,9 @@ SemBlock_init(SemBlock *self, PyObject *args, PyObject *kwds)
         PyErr_Format(PyExc_ValueError, "unknown mode %d", mode);
         return -1;
     }
-    if (PyObject_GetBuffer(buffer, &self->view, PyBUF_WRITABLE) < 0)
+    self->b = (gf_block *)attach_view(&self->view, &self->has_view, "lock block", buffer, offset, sizeof(gf_block));
+    if (self->b == NULL)
         return -1;
-    self->has_view = 1;
-    if (offset < 0 || offset % 8 != 0 || offset + (Py_ssize_t)sizeof(gf_block) > self->view.len) {
-        PyErr_Format(PyExc_ValueError, "offset %zd does not leave room for a block of %zu bytes", offset,
-                     sizeof(gf_block));
-        return -1;
-    }
-    self->b = (gf_block *)((char *)self->view.buf + offset);
     self->mode = mode;
     self->recovered_pid = 0;
     if (init) {
@@ -1276,19 +1285,9 @@ CondBlock_init(CondBlock *self, PyObject *args, PyObject *kwds)
     int init;
     if (!PyArg_ParseTupleAndKeywords(args, kwds, "Onp", kwlist, &buffer, &offset, &init))
         return -1;
-    if (self->has_view) {
-        PyErr_SetString(PyExc_RuntimeError, "CondBlock already initialised");
+    self->c = (gf_cond *)attach_view(&self->view, &self->has_view, "condition block", buffer, offset, sizeof(gf_cond));
+    if (self->c == NULL)
         return -1;
-    }
-    if (PyObject_GetBuffer(buffer, &self->view, PyBUF_WRITABLE) < 0)
-        return -1;
-    self->has_view = 1;
-    if (offset < 0 || offset % 8 != 0 || offset + (Py_ssize_t)sizeof(gf_cond) > self->view.len) {
-        PyErr_Format(PyExc_ValueError, "offset %zd does not leave room for a condition of %zu bytes", offset,
-                     sizeof(gf_cond));
-        return -1;
-    }
-    self->c = (gf_cond *)((char *)self->view.buf + offset);
     if (init) {
         memset(self->c, 0, sizeof(gf_cond));
         self->c->nslots = GF_COND_SLOTS;
