@@ -46,8 +46,6 @@ __all__ = ["Lock", "RLock", "Semaphore", "BoundedSemaphore", "Condition", "Event
 SEM_VALUE_MAX = 2**31 - 1
 #: How many sleepers of one Condition have a slot (and so are found if they die while waiting).
 SLEEPER_SLOTS = _csync.COND_SLOTS if _csync is not None else 128
-#: How long a blocked waiter sleeps before it checks whether the holder is still alive.
-OWNER_CHECK_INTERVAL = (_csync.SLICE_MS if _csync is not None else 100) / 1000
 
 # "repair" is "takeover" without the warning, for callers inside gilfree that repair what the lock
 # protects themselves (queues); it is not part of the public API.
