@@ -5,7 +5,7 @@ SIGKILLs one of them at a random moment, starts a replacement, and checks after 
 the survivors make progress within a bounded time; at the end it checks the invariants:
 
 - locks (Lock, RLock, Semaphore(1) and Semaphore(2), takeover mode): a live holder never has
-  company beyond the semaphore's value (an owner word, or a flag per worker for Semaphore(2),
+  company beyond the semaphore's value (an owner word, or per worker a sequence number read twice for Semaphore(2),
   checked on the way in and out); every acquire with a
   timeout succeeds (or raises ``OwnerDiedError``, counted) -- one that times out is a hang; the
   shared counter, bumped inside, agrees with the workers' own counts up to one per kill (value 1);
@@ -55,10 +55,11 @@ def _kill(p) -> None:
 # -- locks ----------------------------------------------------------------------------------------
 
 N_LOCK_WORKERS = 4
-# layout of the shared array: counter, number of slots, owner pid (value 1), then per worker slot:
-# inside flag (value 2), own count, timeouts, owner-died errors, pid, exclusion violations seen
-_COUNTER, _NSLOTS, _OWNER, _SLOT0, _SLOT_WORDS = 0, 1, 2, 8, 8
-_INSIDE, _OWN, _TIMEOUTS, _DIED, _PID, _VIOLATIONS = range(6)
+# layout of the shared array: counter, number of slots, owner pid (value 1), the slots of the current
+# workers, then per worker slot: a sequence number bumped on the way in and out (odd: inside; value
+# 2), own count, timeouts, owner-died errors, pid, exclusion violations seen
+_COUNTER, _NSLOTS, _OWNER, _CURRENT, _SLOT0, _SLOT_WORDS = 0, 1, 2, 3, 8, 8
+_SEQ, _OWN, _TIMEOUTS, _DIED, _PID, _VIOLATIONS = range(6)
 MAX_SLOTS = 2000
 
 
@@ -80,10 +81,28 @@ def _alive(pid: int) -> bool:
     return stat[stat.rindex(b")") + 2 : stat.rindex(b")") + 3] not in (b"Z", b"X")
 
 
+def _others_inside(arr, slot: int) -> int:
+    """How many other live workers were inside at one instant (while this one is inside).
+
+    Reading flags one after the other is not a snapshot: a worker read inside may leave and another
+    enter (on the unit just freed) before its flag is read, and both would be counted.  So each
+    worker's sequence number (odd: inside) is read in two passes; one whose number is odd and the
+    same in both was inside all the time between its two reads, and every such interval contains
+    the instant between the passes.  Liveness only goes from alive to dead, so checking it
+    afterwards can only under-count.
+    """
+    others = sorted({s for s in (arr[_CURRENT + i] for i in range(N_LOCK_WORKERS)) if s >= 0 and s != slot})
+    first = [arr[_SLOT0 + s * _SLOT_WORDS + _SEQ] for s in others]
+    second = [arr[_SLOT0 + s * _SLOT_WORDS + _SEQ] for s in others]
+    return sum(1 for s, a, b in zip(others, first, second)
+               if a == b and a & 1 and _alive(arr[_SLOT0 + s * _SLOT_WORDS + _PID]))
+
+
 def _lock_worker(lock, arr, slot: int, value: int, reentrant: bool) -> None:
     """Acquire/release in a tight loop (kills land in the lock's own steps as often as inside)."""
     base = _SLOT0 + slot * _SLOT_WORDS
     me = os.getpid()
+    nap = random.Random(me)
     arr[base + _PID] = me
     while True:
         try:
@@ -102,23 +121,22 @@ def _lock_worker(lock, arr, slot: int, value: int, reentrant: bool) -> None:
             if prev and prev != me and _alive(prev):
                 arr[base + _VIOLATIONS] += 1
             arr[_OWNER] = me
-        else:  # who else is inside?  a dead worker's flag stays set: count only the living
-            others = 0
-            for s in range(arr[_NSLOTS]):
-                b = _SLOT0 + s * _SLOT_WORDS
-                if s != slot and arr[b + _INSIDE] and _alive(arr[b + _PID]):
-                    others += 1
-            if others >= value:
+        else:  # say so, then look who else is inside (a dead worker's number stays odd: only the living count)
+            arr[base + _SEQ] += 1
+            if _others_inside(arr, slot) >= value:
                 arr[base + _VIOLATIONS] += 1
-            arr[base + _INSIDE] = 1
         arr[_COUNTER] += 1
         arr[base + _OWN] += 1
+        if nap.random() < 0.02:  # now and then stay inside a while: company, if any, has time to come
+            time.sleep(0.0002)
+            if value > 1 and _others_inside(arr, slot) >= value:
+                arr[base + _VIOLATIONS] += 1
         if value == 1:
             if arr[_OWNER] != me:  # someone came in while we were inside
                 arr[base + _VIOLATIONS] += 1
             arr[_OWNER] = 0
         else:
-            arr[base + _INSIDE] = 0
+            arr[base + _SEQ] += 1
         if reentrant:
             lock.release()
         lock.release()
@@ -131,10 +149,13 @@ def test_lock_kill_soak(kind):
     rng = random.Random(int.from_bytes(os.urandom(4), "little"))
     slots = 0
     workers: dict[int, object] = {}
+    for i in range(N_LOCK_WORKERS):
+        arr[_CURRENT + i] = -1  # not started yet (0 would name slot 0)
 
     def start(i: int) -> None:
         nonlocal slots
         p = ctx.Process(target=_lock_worker, args=(lock, arr, slots, value, kind == "RLock"), daemon=True)
+        arr[_CURRENT + i] = slots
         slots += 1
         arr[_NSLOTS] = slots
         p.start()
