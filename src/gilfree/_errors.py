@@ -152,17 +152,23 @@ class WorkerLostError(ProcessError):
     """
 
     def __init__(self, pid: int, exitcode: int | None, task: int | None = None, item: int | None = None,
-                 what: str = "task", attempts: int = 1) -> None:
-        super().__init__(pid, exitcode, task, item, what, attempts)
+                 what: str = "task", attempts: int = 1, sending: bool = False) -> None:
+        super().__init__(pid, exitcode, task, item, what, attempts, sending)
         self.pid, self.exitcode, self.task, self.item, self.what, self.attempts = pid, exitcode, task, item, what, attempts
+        #: it died after the task had returned, while pickling or sending its result
+        self.sending = sending
 
     def __str__(self) -> str:
-        running = f"while running {self.what}"
+        running = f"while sending the result of {self.what}" if self.sending else f"while running {self.what}"
         if self.item is not None:
             running += f" (item {self.item} of its chunk)"
         tries = f" on each of {self.attempts} attempts" if self.attempts > 1 else ""
+        cause = likely_cause(self.exitcode)
+        if self.sending:
+            cause = (f"pickling the result ended the process (a __reduce__ that exits or crashes, or memory "
+                     f"ran out pickling a large result); otherwise {cause}")
         return (f"worker pid {self.pid} {describe_exit(self.exitcode)} {running}{tries}; likely cause: "
-                f"{likely_cause(self.exitcode)}.  The pool replaced the worker; pass on_worker_death='retry' "
+                f"{cause}.  The pool replaced the worker; pass on_worker_death='retry' "
                 f"to run such a task again")
 
 

@@ -80,13 +80,17 @@ SHORT_TASK = 0.002
 FUNCTION_CACHE = 64
 #: Workers that die before finishing a task, one after another, before the pool is declared broken.
 MAX_START_FAILURES = 3
+#: Seconds a worker that hung up (closed its connection) without being told to stop has to end
+#: before it is killed.
+HANG_UP_GRACE = 1.0
 
 # kinds of task: a call; a chunk that fails at its first error (map); a chunk whose items fail
 # one by one (imap: a failed item comes back as a Failure in the list, the others as values)
 CALL, MAP, STARMAP, EACH, STAREACH = 0, 1, 2, 3, 4
 _STAR = (STARMAP, STAREACH)
-_SLOT_WORDS = 3
+_SLOT_WORDS = 4  # [task id, item, start ns, phase]
 _IDLE = -1
+_RUNNING, _SENDING = 0, 1  # phase: running the task, or pickling and sending its result
 _RECHECK = 20_000_000  # ns: how soon to look again at a timed task its worker has not started yet
 
 
@@ -242,6 +246,7 @@ def _serve(recv: Callable[[], Any], send: Callable[[Any], None], slot: Any, init
                 functions.pop(old, None)
             start = slot[2] = monotonic_ns()
             slot[1] = 0
+            slot[3] = _RUNNING
             slot[0] = tid
             try:
                 if fdef is not None:
@@ -258,7 +263,7 @@ def _serve(recv: Callable[[], Any], send: Callable[[Any], None], slot: Any, init
                 value = _RemoteException(exc) if in_process else exc
                 ok = False
                 del exc
-            slot[0] = _IDLE
+            slot[3] = _SENDING  # a death from here on is one while sending the result: the task ran
             del args, kwargs, fdef  # let large arguments go before the result is sent
             over = max_memory is not None and _rss_bytes() > max_memory
             elapsed = (monotonic_ns() - start) / 1e9
@@ -269,6 +274,7 @@ def _serve(recv: Callable[[], Any], send: Callable[[Any], None], slot: Any, init
             except Exception as exc:  # the result cannot be pickled: say so instead
                 error = MaybeEncodingError(exc, value.exc if isinstance(value, _RemoteException) else value)
                 send((tid, False, _RemoteException(error), over, elapsed))
+            slot[0] = _IDLE
             del value
 
 
@@ -333,17 +339,53 @@ def _worker_main(conn: connection.Connection, slot_block: Any, index: int, initi
 # The supervisor side
 
 
+class _Parts:
+    """The job of the pieces of an imap chunk that was cut up after a death (see ``Engine._cut``):
+    collects their results and gives the chunk's job the whole list, as if the chunk had run."""
+
+    __slots__ = ("task", "values", "left", "failed")
+
+    def __init__(self, task: Task) -> None:
+        self.task = task
+        self.values: list[Any] = [None] * task.size
+        self.left = 0
+        self.failed = False
+
+    def _start(self, piece: Task) -> bool:
+        return not self.failed
+
+    def _done(self, piece: Task, ok: bool, value: Any) -> None:
+        if self.failed:
+            return
+        if not ok:  # not an item's failure (those come as Failure values): the pool broke
+            self.failed = True
+            self.task.job._done(self.task, False, value)
+            return
+        self.values[piece.index : piece.index + len(value)] = value
+        self.task.elapsed += piece.elapsed
+        self.left -= 1
+        if self.left == 0:
+            self.complete()
+
+    def complete(self) -> None:
+        task = self.task
+        task.job._done(task, True, self.values)
+
+
 class _Worker:
     """The supervisor's record of one worker (process or thread)."""
 
-    __slots__ = ("number", "index", "process", "conn", "sentinel", "inbox", "thread", "inflight", "functions",
-                 "sent", "done", "retiring", "stopping", "killed_for", "ended", "short", "pid")
+    __slots__ = ("number", "index", "process", "conn", "outbox", "polling", "sentinel", "inbox", "thread", "inflight",
+                 "functions", "sent", "done", "retiring", "stopping", "killed_for", "ended", "short", "pid",
+                 "hung_up")
 
     def __init__(self, number: int, index: int) -> None:
         self.number = number
         self.index = index  # its progress slot
         self.process: Any = None
         self.conn: connection.Connection | None = None
+        self.outbox: connection.Outbox | None = None  # messages not yet written (never a blocking send)
+        self.polling = 0  # the events its connection is polled for
         self.sentinel: int | None = None
         self.inbox: Any = None  # ThreadPool: the worker thread's queue
         self.thread: threading.Thread | None = None
@@ -357,6 +399,7 @@ class _Worker:
         self.ended = False
         self.short = False  # its recent tasks were short: queue more of them
         self.pid: int | None = None
+        self.hung_up: int | None = None  # when (ns) it closed its end of the connection
 
     def __repr__(self) -> str:
         state = "stopping" if self.stopping else ("retiring" if self.retiring else "running")
@@ -478,6 +521,7 @@ class Engine(EngineBase):
         self._poller = select.poll()
         self._poller.register(self._wake_r, select.POLLIN)
         self._by_fd: dict[int, tuple[_Worker, str]] = {}
+        self._exiting: list[_Worker] = []  # forgotten workers whose processes have not ended yet
         try:
             for _ in range(processes):
                 self._start_worker()
@@ -543,6 +587,8 @@ class Engine(EngineBase):
             worker.process = process
             worker.pid = process.pid
             worker.conn = ours
+            worker.outbox = connection.Outbox(ours)
+            worker.polling = select.POLLIN
             worker.sentinel = process.sentinel
             self._by_fd[ours.fileno()] = (worker, "conn")
             self._by_fd[worker.sentinel] = (worker, "sentinel")
@@ -558,32 +604,87 @@ class Engine(EngineBase):
         finally:
             send(("exit", None))
 
+    def _unpoll(self, fd: int | None) -> None:
+        if fd is None:
+            return
+        self._by_fd.pop(fd, None)
+        try:
+            self._poller.unregister(fd)
+        except KeyError:
+            pass
+
+    def _close_channel(self, worker: _Worker) -> None:
+        """Stop reading and writing to the worker (it hung up, or is forgotten)."""
+        conn = worker.conn
+        if conn is not None and not conn.closed:
+            self._unpoll(conn.fileno())
+            if worker.outbox is not None:
+                worker.outbox.clear()
+            conn.close()
+
     def _forget_worker(self, worker: _Worker) -> None:
+        """Drop the worker from the pool.  Its process has ended (its sentinel said so), or is told to
+        end and is reaped when its sentinel says so (``_exiting``): the supervisor never waits for it."""
         if worker.ended:
             return
         worker.ended = True
         self._workers.remove(worker)
         self._free_slots.append(worker.index)
-        if worker.conn is not None:
-            for fd in (worker.conn.fileno(), worker.sentinel):
-                self._by_fd.pop(fd, None)  # type: ignore[arg-type]
-                try:
-                    self._poller.unregister(fd)  # type: ignore[arg-type]
-                except KeyError:
-                    pass
-            worker.conn.close()
-        if worker.process is not None:
-            worker.process.join(5)
-            if worker.process.exitcode is None:  # pragma: no cover - a sentinel said it ended
-                worker.process.kill()
-                worker.process.join()
+        self._close_channel(worker)
+        process = worker.process
+        if process is None:
+            return
+        if process.exitcode is None and not self._reaped(worker):
+            self._by_fd[worker.sentinel] = (worker, "exiting")  # type: ignore[index]
+            self._exiting.append(worker)
+            return
+        self._unpoll(worker.sentinel)
+        process.close()
+
+    def _reaped(self, worker: _Worker) -> bool:
+        """Whether the worker's process has ended (and is reaped now), without waiting."""
+        process = worker.process
+        process.join(0)
+        return process.exitcode is not None
+
+    def _exited(self, worker: _Worker) -> None:
+        """The sentinel of a forgotten worker: its process ended."""
+        self._unpoll(worker.sentinel)
+        if worker in self._exiting:
+            self._exiting.remove(worker)
+        worker.process.join(1)
+        if worker.process.exitcode is not None:
             worker.process.close()
 
     def _send(self, worker: _Worker, msg: Any) -> None:
-        if worker.conn is not None:
-            worker.conn.send(msg)
-        else:
+        """Queue a message for the worker and write what its socket takes now (never blocks).
+
+        An object that cannot be pickled raises here, and nothing is queued."""
+        outbox = worker.outbox
+        if outbox is None:
             worker.inbox.put(msg)
+            return
+        if worker.conn is None or worker.conn.closed:
+            raise BrokenPipeError(f"worker {worker.pid} hung up")
+        outbox.put(msg)
+        self._flush(worker)
+
+    def _flush(self, worker: _Worker) -> None:
+        outbox = worker.outbox
+        conn = worker.conn
+        assert outbox is not None and conn is not None
+        if conn.closed:
+            return
+        try:
+            done = outbox.flush()
+        except OSError:  # it is gone: its sentinel (or hang-up) says so, and its tasks go elsewhere
+            outbox.clear()
+            worker.retiring = True
+            done = True
+        want = select.POLLIN if done else select.POLLIN | select.POLLOUT
+        if worker.polling != want:
+            worker.polling = want
+            self._poller.modify(conn.fileno(), want)
 
     def _stop_worker(self, worker: _Worker) -> None:
         if not worker.stopping:
@@ -625,12 +726,18 @@ class Engine(EngineBase):
             events = self._poller.poll(timeout)
             # resolve every fd before handling any: handling one event may close a dead worker's
             # fds, and a replacement started meanwhile may get the same numbers
-            ready = [self._by_fd[fd] for fd, _ in events if fd in self._by_fd]
-            for worker, what in ready:
+            ready = [(*self._by_fd[fd], ev) for fd, ev in events if fd in self._by_fd]
+            for worker, what, ev in ready:
+                if what == "exiting":
+                    self._exited(worker)
+                    continue
                 if worker.ended:
                     continue
                 if what == "conn":
-                    self._read_results(worker)
+                    if ev & select.POLLOUT:
+                        self._flush(worker)
+                    if ev & ~select.POLLOUT and not worker.ended:
+                        self._read_results(worker)
                 else:
                     self._worker_died(worker)
 
@@ -662,9 +769,25 @@ class Engine(EngineBase):
                     self._handle(worker, msg)
         except (EOFError, OSError):
             if not worker.ended:
-                self._worker_died(worker)
+                self._hung_up(worker)
         except Exception as exc:  # a result (with buffers) that cannot be unpickled here
             self._unreadable(worker, exc)
+
+    def _hung_up(self, worker: _Worker) -> None:
+        """The worker closed its end of the connection: it is exiting (told to, or dying).
+
+        Its sentinel says when the process has ended; the supervisor does not wait for that.  A
+        worker told to stop with nothing in hand is done: it leaves the pool now (a replacement
+        starts at once) and is reaped when it ends, however long it lingers (a non-daemon thread).
+        Any other is given :data:`HANG_UP_GRACE` seconds to end before it is killed, so that its
+        death (and exit code) is handled as a death."""
+        self._close_channel(worker)
+        if worker.stopping and not worker.inflight:
+            self._forget_worker(worker)
+            self._replace()
+            return
+        worker.retiring = True
+        worker.hung_up = time.monotonic_ns()
 
     def _unreadable(self, worker: _Worker, exc: Exception) -> None:
         util.sub_warning("pool: result from worker %s could not be read: %r", worker.pid, exc)
@@ -791,7 +914,10 @@ class Engine(EngineBase):
                 drop.append(worker.functions.popitem(last=False)[0])
         else:
             worker.functions.move_to_end(fid)
-        return (task.tid, fid, fdef, drop, task.kind, task.args, task.kwargs, task.timeout is not None)
+        # per item: record each item's start in the slot (a timeout needs it; an imap chunk cut up
+        # after a death needs to know which item was running)
+        per_item = task.timeout is not None or task.kind >= EACH
+        return (task.tid, fid, fdef, drop, task.kind, task.args, task.kwargs, per_item)
 
     @staticmethod
     def _forget_functions(worker: _Worker, fids: list[int]) -> None:
@@ -799,10 +925,20 @@ class Engine(EngineBase):
             worker.functions.pop(fid, None)
 
     def _check_deadlines(self) -> int | None:
-        """Kill workers whose task ran past its timeout; return the poll timeout in ms."""
+        """Kill workers whose task ran past its timeout, or that hung up and linger; return the poll
+        timeout in ms."""
         soonest: float | None = None
         now = time.monotonic_ns()
         for worker in self._workers:
+            if worker.hung_up is not None:
+                remaining = worker.hung_up + int(HANG_UP_GRACE * 1e9) - now
+                if remaining <= 0:
+                    if worker.process is not None and worker.process.exitcode is None:
+                        worker.process.kill()
+                    worker.hung_up = now + 10**12  # killed: its sentinel will fire
+                elif soonest is None or remaining < soonest:
+                    soonest = remaining
+                continue
             if not worker.inflight or worker.killed_for is not None:
                 continue
             task = worker.inflight[0]
@@ -811,6 +947,8 @@ class Engine(EngineBase):
             base = worker.index * _SLOT_WORDS
             if self._slots[base] != task.tid:  # not started yet: look again soon
                 soonest = _RECHECK if soonest is None else min(soonest, _RECHECK)
+                continue
+            if self._slots[base + 3] == _SENDING:  # it returned: the rest is sending the result
                 continue
             started = self._slots[base + 2]
             item = self._slots[base + 1]
@@ -827,20 +965,23 @@ class Engine(EngineBase):
             return None
         return max(1, int(soonest / 1e6) + 1)
 
-    def _running(self, worker: _Worker) -> tuple[Task | None, int | None]:
-        """The task the worker was running (from its slot) and the item of its chunk."""
+    def _running(self, worker: _Worker) -> tuple[Task | None, int | None, bool]:
+        """The task the worker was running (from its slot), the item of its chunk, and whether it
+        had returned and was sending its result."""
         base = worker.index * _SLOT_WORDS
         tid = self._slots[base]
         if worker.inflight and worker.inflight[0].tid == tid:
             task = worker.inflight[0]
             tracked = task.kind >= EACH or task.timeout is not None  # items are recorded one by one
-            return task, (self._slots[base + 1] if task.kind != CALL and tracked else None)
-        return None, None
+            item = self._slots[base + 1] if task.kind != CALL and tracked else None
+            return task, item, self._slots[base + 3] == _SENDING
+        return None, None, False
 
     def _worker_died(self, worker: _Worker) -> None:
+        """The worker's process ended (its sentinel): fail, retry or cut up what it was running."""
         # results it sent before dying are intact: take them first
         conn = worker.conn
-        if conn is not None:
+        if conn is not None and not conn.closed:
             try:
                 while conn.poll(0):
                     self._handle(worker, conn.recv())
@@ -850,9 +991,9 @@ class Engine(EngineBase):
                 util.sub_warning("pool: result from worker %s could not be read: %r", worker.pid, exc)
         if worker.ended:
             return
-        worker.process.join(5)
+        worker.process.join(1)  # it has ended: this only reaps it
         exitcode = worker.process.exitcode
-        task, item = self._running(worker)
+        task, item, sending = self._running(worker)
         if task is not None:
             worker.inflight.popleft()
         timed_out = worker.killed_for
@@ -860,10 +1001,10 @@ class Engine(EngineBase):
         self._requeue(worker)
         self._forget_worker(worker)
         if task is not None:
-            if timed_out is not None:
-                self._finish_task(worker, task, False, timed_out)
+            if timed_out is not None and not sending:
+                self._task_failed(worker, task, item, timed_out, retry=False)
             else:
-                self._lost(worker, task, item, exitcode)
+                self._lost(worker, task, item, exitcode, sending)
         elif not expected and worker.done == 0 and self._state == "running" and not worker.stopping:
             self._start_failures += 1
             if self._start_failures >= MAX_START_FAILURES:
@@ -876,18 +1017,64 @@ class Engine(EngineBase):
                 ))
         self._replace()
 
-    def _lost(self, worker: _Worker, task: Task, item: int | None, exitcode: int | None) -> None:
-        error = WorkerLostError(worker.pid or 0, exitcode, task.tid, item, task.describe(), task.attempt)
-        if task.policy == "retry" and task.attempt <= task.retries:
-            util.info("pool: retrying %s after its worker %s died (attempt %d)", task.describe(), worker.pid,
-                      task.attempt + 1)
-            task.attempt += 1
-            self._pending.appendleft(task)
-        elif task.policy == "break":
+    def _lost(self, worker: _Worker, task: Task, item: int | None, exitcode: int | None,
+              sending: bool = False) -> None:
+        if isinstance(task.job, _Parts):
+            item_no = None if item is None else task.index + item
+        else:
+            item_no = item
+        error = WorkerLostError(worker.pid or 0, exitcode, task.tid, item_no, task.describe(), task.attempt, sending)
+        if task.policy == "break":
             self._finish_task(worker, task, False, error)
             self._break(BrokenPoolError(f"a worker died under on_worker_death='break': {error}"), cause=error)
+            return
+        self._task_failed(worker, task, None if sending else item, error, retry=task.policy == "retry")
+
+    def _task_failed(self, worker: _Worker | None, task: Task, item: int | None, error: BaseException,
+                     retry: bool) -> None:
+        """The task's worker died (or was killed for a timeout) while it ran item ``item`` of it.
+
+        An imap chunk (an ``EACH`` kind, whose items fail one by one) is cut up: the item that was
+        running fails (or runs again), the items before it, whose results died with the worker, and
+        after it run again; the chunk's job gets the whole as one result.  Anything else fails (or
+        runs again) whole."""
+        retry = retry and task.attempt <= task.retries
+        if task.kind >= EACH and item is not None and 0 <= item < task.size and task.size > 1:
+            self._cut(task, item, error, retry)
+            return
+        if retry:
+            util.info("pool: retrying %s after its worker died (attempt %d)", task.describe(), task.attempt + 1)
+            task.attempt += 1
+            self._pending.appendleft(task)
         else:
             self._finish_task(worker, task, False, error)
+
+    def _cut(self, task: Task, item: int, error: BaseException, retry: bool) -> None:
+        if isinstance(task.job, _Parts):
+            parts, base = task.job, task.index
+        else:
+            parts, base = _Parts(task), 0
+        args = list(task.args)
+        pieces = []
+        if item:
+            pieces.append(self._piece(parts, task, base, args[:item], 1))
+        if retry:
+            pieces.append(self._piece(parts, task, base + item, args[item : item + 1], task.attempt + 1))
+        else:
+            parts.values[base + item] = Failure(error)
+        if item + 1 < len(args):
+            pieces.append(self._piece(parts, task, base + item + 1, args[item + 1 :], 1))
+        parts.left += len(pieces) - (1 if task.job is parts else 0)
+        self._pending.extendleft(reversed(pieces))
+        if parts.left == 0:
+            parts.complete()
+
+    @staticmethod
+    def _piece(parts: _Parts, task: Task, offset: int, args: list[Any], attempt: int) -> Task:
+        piece = Task(parts, offset, task.kind, task.function, args, task.kwargs, len(args), task.policy,
+                     task.retries, task.timeout)
+        piece.attempt = attempt
+        return piece
 
     def _requeue(self, worker: _Worker) -> None:
         """Tasks sent to a worker that never started them go back to the front, in order."""
@@ -941,14 +1128,18 @@ class Engine(EngineBase):
     def _reap(self, seconds: float, threads: bool = True) -> None:
         """Wait up to ``seconds`` in all for the workers to end, SIGKILL what is left, forget them."""
         deadline = time.monotonic() + seconds
-        for worker in list(self._workers):
+        for worker in list(self._workers) + self._exiting:
             if worker.process is not None:
                 worker.process.join(max(0.0, deadline - time.monotonic()))
                 if worker.process.exitcode is None:
                     worker.process.kill()
+                    worker.process.join(5)
             elif threads and worker.thread is not None:
                 worker.thread.join(max(0.0, deadline - time.monotonic()))
-            self._forget_worker(worker)
+            if not worker.ended:
+                self._forget_worker(worker)
+        for worker in list(self._exiting):
+            self._exited(worker)
 
     def _finish(self) -> None:
         self._reap(5.0)  # after close(): the workers told to stop

@@ -268,6 +268,21 @@ class Connection:
             n = len(data)
             self._write([_HDR.pack(n) + data] if n <= _SMALL else [_HDR.pack(n), data], [])
             return
+        bufs, fds, memfds = self._encode(obj, False)
+        try:
+            self._write(bufs, fds)
+        finally:
+            if memfds:
+                self._memfd_cache().sent(memfds)
+
+    def _encode(self, obj: Any, small: bool = True) -> tuple[list[Any], list[int], list[int]]:
+        """One message for ``obj``, as :meth:`send` writes it: its buffers, the descriptors that go
+        with it, and the numbers of the memfds (of :meth:`_memfd_cache`) it lends the peer.
+        ``small=False``: the fast pickler was tried already."""
+        data = reduction.dumps_small(obj) if small else None
+        if data is not None and len(data) <= 0x7FFFFFFF:
+            n = len(data)
+            return ([_HDR.pack(n) + data] if n <= _SMALL else [_HDR.pack(n), data]), [], []
         fds: list[int] = []
         if self._sock is None:
             chunks, oob = reduction.dump_chunks(obj, OOB_MIN)
@@ -284,8 +299,7 @@ class Connection:
                 raise ValueError(f"a message can carry at most {MAX_FDS} file descriptors, not {len(fds)}")
         if not oob and len(chunks) == 1 and type(chunks[0]) is bytes and len(chunks[0]) <= _SMALL:
             data = chunks[0]  # the common case: one small pickle
-            self._write([_HDR.pack(len(data)) + data], fds)
-            return
+            return [_HDR.pack(len(data)) + data], fds, []
         chunks = [_flat(c) for c in chunks]
         size = 0
         for c in chunks:
@@ -295,44 +309,42 @@ class Connection:
             lengths = [b.nbytes for b in oob]
             shm_min = self._shm_min
             if shm_min is not None and self._sock is not None and any(n >= shm_min for n in lengths):
-                self._send_with_memfds(size, chunks, oob, lengths, fds, shm_min)
-                return
+                return self._encode_with_memfds(size, chunks, oob, lengths, fds, shm_min)
             header = _HDR.pack(-2) + _HDR_EXT.pack(len(oob), size) + struct.pack(f"!{len(oob)}Q", *lengths)
-            bufs = [header, *chunks, *oob]
-        elif size <= 0x7FFFFFFF:
+            return [header, *chunks, *oob], fds, []
+        if size <= 0x7FFFFFFF:
             if len(chunks) == 1:
-                bufs = [_HDR.pack(size) + chunks[0]] if size <= _SMALL else [_HDR.pack(size), chunks[0]]
-            else:
-                bufs = [_HDR.pack(size), *chunks]
-        else:
-            bufs = [_HDR.pack(-1) + _HDR_LONG.pack(size), *chunks]
-        self._write(bufs, fds)
+                return ([_HDR.pack(size) + chunks[0]] if size <= _SMALL else [_HDR.pack(size), chunks[0]]), fds, []
+            return [_HDR.pack(size), *chunks], fds, []
+        return [_HDR.pack(-1) + _HDR_LONG.pack(size), *chunks], fds, []
 
-    def _send_with_memfds(
+    def _encode_with_memfds(
         self, size: int, chunks: list[Any], oob: list[Any], lengths: list[int], fds: list[int], shm_min: int
-    ) -> None:
-        """Send a ``-2`` frame whose large buffers travel as memfds (see :attr:`_shm_min`).
+    ) -> tuple[list[Any], list[int], list[int]]:
+        """A ``-2`` frame whose large buffers travel as memfds (see :attr:`_shm_min`).
 
         A memfd the receiver has let go of (it says so with a ``-5`` frame before its next message)
         is reused: its pages are already allocated, so a repeated large argument costs one copy.
+        The caller hands the memfd numbers to the cache's ``sent`` once the message is written.
         """
         cache = self._memfd_cache()
         sent: list[int] = []
         inline: list[Any] = []
-        for i, buf in enumerate(oob):
-            n = lengths[i]
-            if n >= shm_min and n <= _FD_LEN_MASK and len(fds) + len(sent) < MAX_FDS:
-                ident = cache.take(n)
-                cache.fill(ident, buf)
-                sent.append(ident)
-                lengths[i] = _IN_FD | (ident << _FD_LEN_BITS) | n
-            else:
-                inline.append(buf)
-        header = _HDR.pack(-2) + _HDR_EXT.pack(len(oob), size) + struct.pack(f"!{len(oob)}Q", *lengths)
         try:
-            self._write([header, *chunks, *inline], fds + [cache.fd(ident) for ident in sent])
-        finally:
-            cache.sent(sent)
+            for i, buf in enumerate(oob):
+                n = lengths[i]
+                if n >= shm_min and n <= _FD_LEN_MASK and len(fds) + len(sent) < MAX_FDS:
+                    ident = cache.take(n)
+                    sent.append(ident)
+                    cache.fill(ident, buf)
+                    lengths[i] = _IN_FD | (ident << _FD_LEN_BITS) | n
+                else:
+                    inline.append(buf)
+        except BaseException:
+            cache.release(sent)
+            raise
+        header = _HDR.pack(-2) + _HDR_EXT.pack(len(oob), size) + struct.pack(f"!{len(oob)}Q", *lengths)
+        return [header, *chunks, *inline], fds + [cache.fd(ident) for ident in sent], sent
 
     def _memfd_cache(self) -> _MemfdCache:
         cache = self._memfds
@@ -775,6 +787,87 @@ class _MemfdCache:
         with self._lock:
             for ident in list(self._entries):
                 self._drop(ident)
+
+
+class Outbox:
+    """Messages for one connection, written as the socket takes them, never blocking.
+
+    For a thread that serves many connections from one poll loop (a pool's supervisor, which must
+    go on reading results while a worker is slow to take a large task): :meth:`put` encodes a
+    message (an object that cannot be pickled raises here, and nothing is queued); :meth:`flush`
+    writes what the kernel accepts now and says whether everything went.  Poll the connection for
+    ``POLLOUT`` while :meth:`flush` returns False.  Messages go out whole and in order, exactly as
+    :meth:`Connection.send` would write them.  Unix-socket connections only.
+    """
+
+    __slots__ = ("conn", "_segments", "pending_bytes")
+
+    def __init__(self, conn: Connection) -> None:
+        if conn._sock is None:
+            raise ValueError("an Outbox needs a Unix-socket connection (a duplex Pipe)")
+        self.conn = conn
+        # each segment: [views still to write, descriptors (ride on its first write), memfd numbers]
+        self._segments: list[list[Any]] = []
+        #: bytes queued and not yet written
+        self.pending_bytes = 0
+
+    def __bool__(self) -> bool:
+        return bool(self._segments)
+
+    def put(self, obj: Any) -> None:
+        conn = self.conn
+        conn._check_writable()
+        bufs, fds, memfds = conn._encode(obj)
+        segments = self._segments
+        if conn._released:
+            segments.append([[memoryview(conn._released_frame())], [], []])
+        if fds:  # announced on its own, as _write does: only the next header is read with recvmsg
+            segments.append([[memoryview(_HDR.pack(_FDS_NEXT))], [], []])
+        views = [_view(b) for b in bufs]
+        segments.append([views, fds, memfds])
+        for v in views:
+            self.pending_bytes += v.nbytes
+
+    def flush(self) -> bool:
+        """Write what the socket takes without waiting; True once nothing is left.
+
+        ``OSError`` (``BrokenPipeError``...) when the peer is gone.
+        """
+        sock = self.conn._sock
+        assert sock is not None
+        segments = self._segments
+        while segments:
+            segment = segments[0]
+            views, fds = segment[0], segment[1]
+            try:
+                if fds:
+                    anc = [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, array.array("i", fds))]
+                    n = sock.sendmsg(views[:_IOV_MAX], anc, _MSG_DONTWAIT)
+                    segment[1] = []  # the descriptors went with the first byte
+                else:
+                    n = sock.sendmsg(views[:_IOV_MAX], [], _MSG_DONTWAIT)
+            except BlockingIOError:
+                return False
+            self.pending_bytes -= n
+            while views and n >= views[0].nbytes:
+                n -= views[0].nbytes
+                views.pop(0)
+            if views:
+                if n:
+                    views[0] = views[0][n:]
+                continue
+            del segments[0]
+            if segment[2]:
+                self.conn._memfd_cache().sent(segment[2])
+        return True
+
+    def clear(self) -> None:
+        """Forget what was not written (the peer is gone)."""
+        while self._segments:
+            segment = self._segments.pop(0)
+            if segment[2]:
+                self.conn._memfd_cache().sent(segment[2])
+        self.pending_bytes = 0
 
 
 def _rebuild_connection(df: Any, readable: bool, writable: bool) -> Connection:
