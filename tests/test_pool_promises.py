@@ -164,3 +164,98 @@ def test_death_while_sending_the_result_fails_exactly_that_task(ctx, tmp_path):
         assert "sending the result" in str(info.value)
         assert pool.apply(length, ([1, 2, 3],)) == 3  # the pool goes on
     assert runs.read_text().count("ran") == 1
+
+
+# -- 4. a callback that raises ---------------------------------------------------------------
+
+
+def test_a_raising_callback_still_makes_the_result_ready(ctx, capsys):
+    def raiser(_):
+        raise RuntimeError("callback failed")
+
+    with ctx.Pool(1) as pool:
+        result = pool.apply_async(length, ([1, 2],), callback=raiser)
+        assert result.get(10) == 2
+        failed = pool.apply_async(die_at, (2500, 2500), error_callback=raiser)
+        with pytest.raises(WorkerLostError):
+            failed.get(10)
+        mapped = pool.map_async(length, [[1], [1, 2]], callback=raiser)
+        assert mapped.get(10) == [1, 2]
+    assert "callback failed" in capsys.readouterr().err
+
+
+# -- 6. imap, then close: work accepted before close() finishes --------------------------------
+
+
+@pytest.mark.parametrize("unordered", [False, True])
+def test_imap_then_close_and_join_keeps_every_result(ctx, unordered):
+    with ctx.Pool(2) as pool:
+        results = (pool.imap_unordered if unordered else pool.imap)(length, ([0] * (i % 7) for i in range(1000)))
+        pool.close()
+        pool.join()
+        got = list(results)
+    expected = [i % 7 for i in range(1000)]
+    assert (sorted(got) if unordered else got) == (sorted(expected) if unordered else expected)
+
+
+def test_new_work_after_close_is_refused(ctx):
+    with ctx.Pool(1) as pool:
+        it = pool.imap(length, ([0] * i for i in range(200)))
+        pool.close()
+        with pytest.raises(ValueError, match="Pool not running"):
+            pool.apply_async(length, ([],))
+        pool.join()
+        assert list(it) == list(range(200))
+
+
+def test_imap_after_terminate_raises_broken_pool(ctx):
+    from gilfree import BrokenPoolError
+
+    pool = ctx.Pool(1)
+    it = pool.imap(length, ([0] * (i % 3) for i in range(100_000)), chunksize=1)
+    next(it)
+    pool.terminate()
+    pool.join()
+    with pytest.raises(BrokenPoolError):
+        for _ in it:
+            pass
+
+
+# -- 11. map over any iterable ---------------------------------------------------------------
+
+
+def test_map_over_a_dict_and_a_deque_iterates_them(ctx):
+    import collections
+
+    with ctx.Pool(2) as pool:
+        assert pool.map(length, {"ab": 1, "cde": 2}) == [2, 3]  # a dict maps over its keys, as in the stdlib
+        assert pool.map(length, collections.deque(["a", "bb", "ccc"])) == [1, 2, 3]
+        assert pool.starmap(max, {(1, 5): None, (7, 2): None}) == [5, 7]
+
+
+# -- 12. a pool collected on its own supervisor thread -----------------------------------------
+
+
+def test_pool_dropped_in_its_own_callback_does_not_complain(ctx, monkeypatch):
+    """The last reference to a pool, dropped on its supervisor thread (by a callback): its finalizer
+    used to try to join that thread from itself ("cannot join the pool from one of its own
+    callbacks", an exception nobody could catch)."""
+    import gc
+    import sys
+
+    unraisable = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda info: unraisable.append(info.exc_value))
+    holder = {}
+
+    def drop(_):
+        holder.clear()
+        gc.collect()
+
+    pool = ctx.Pool(1)
+    engine = pool._engine
+    holder["pool"] = pool
+    result = pool.apply_async(length, ([1],), callback=drop)
+    del pool
+    assert result.get(10) == 1
+    assert engine._finished.wait(10), "the pool collected in its callback was not stopped"
+    assert not unraisable, unraisable

@@ -843,6 +843,8 @@ class Engine(EngineBase):
         if worker.stopping or worker.retiring or worker.ended:
             return 0
         depth = DEPTH_SHORT if worker.short else DEPTH_LONG
+        if self._max_memory is not None:
+            depth = 1  # a worker over its memory limit must not have tasks queued that it would still run
         if len(worker.inflight) > depth // 2:
             return 0  # refill in batches: one message (and one wake-up) for several short tasks
         room = depth - len(worker.inflight)

@@ -33,6 +33,7 @@ import collections
 import os
 import threading
 import warnings
+import weakref
 
 from . import _workers, process
 from ._errors import (
@@ -155,12 +156,19 @@ class ApplyResult:
         if self._event.is_set():
             return
         self._success, self._value = ok, value
-        if ok and self._callback is not None:
-            self._callback(value)
-        if not ok and self._error_callback is not None:
-            self._error_callback(value)
-        self._event.set()
-        self._pool = None
+        self._finished()
+
+    def _finished(self) -> None:
+        """Run the callback, then make the result ready, whatever the callback does (one that raises
+        is reported by the engine, as the stdlib's result handler would print it)."""
+        try:
+            if self._success and self._callback is not None:
+                self._callback(self._value)
+            if not self._success and self._error_callback is not None:
+                self._error_callback(self._value)
+        finally:
+            self._event.set()
+            self._pool = None
 
 
 AsyncResult = ApplyResult
@@ -206,12 +214,7 @@ class MapResult(ApplyResult):
                 return
         if finished:
             self._close_bar()
-            if self._success and self._callback is not None:
-                self._callback(self._value)
-            if not self._success and self._error_callback is not None:
-                self._error_callback(self._value)
-            self._event.set()
-            self._pool = None
+            self._finished()
 
 
 class IMapIterator:
@@ -248,6 +251,8 @@ class IMapIterator:
         self._ahead = max(4, 2 * pool._processes * _workers.DEPTH_LONG)
         self._feeding = threading.Lock()
         self._feed()
+        if not self._exhausted:
+            pool._iterators.add(self)
 
     def __repr__(self) -> str:
         return (f"<{type(self).__name__} submitted={self._submitted} consumed={self._consumed} "
@@ -256,13 +261,17 @@ class IMapIterator:
     def __iter__(self) -> IMapIterator:
         return self
 
-    def _feed(self) -> None:
-        """Submit chunks from the input until ``ahead`` chunks are outstanding (caller's thread)."""
-        if self._exhausted or not self._feeding.acquire(False):
+    def _feed(self, everything: bool = False) -> None:
+        """Submit chunks from the input until ``ahead`` chunks are outstanding (caller's thread), or
+        all of it (``everything``: the pool is being closed, and work accepted before ``close()``
+        must finish, as in the stdlib, whether or not the caller reads the results yet)."""
+        if self._exhausted:
+            return
+        if not self._feeding.acquire(everything):
             return
         try:
-            tasks = []
-            while not self._exhausted and self._submitted - self._consumed < self._ahead:
+            tasks: list[Task] = []
+            while not self._exhausted and (everything or self._submitted - self._consumed < self._ahead):
                 chunk = []
                 try:
                     for _ in range(self._size):
@@ -276,12 +285,27 @@ class IMapIterator:
                     tasks.append(Task(self, self._submitted, self._kind, self._function, chunk, None, len(chunk),
                                       **self._options))
                     self._submitted += 1
-                if self._auto and len(tasks) >= 2 and self._submitted > 2:
+                if everything and len(tasks) >= 64:
+                    self._submit(tasks)  # a long input: do not hold all of its tasks at once
+                    tasks = []
+                if self._auto and not everything and len(tasks) >= 2 and self._submitted > 2:
                     break  # let sizes adapt as results come
-            if tasks:
-                self._engine.submit(tasks)
+            self._submit(tasks)
         finally:
             self._feeding.release()
+
+    def _submit(self, tasks: list[Task]) -> None:
+        if not tasks:
+            return
+        try:
+            self._engine.submit(tasks)
+        except ValueError:  # the pool was terminated: what was not submitted never runs
+            if self._engine.state == "running":
+                raise  # the engine refused the task itself
+            self._submitted -= len(tasks)
+            self._exhausted = True
+            self._source_error = BrokenPoolError(
+                "the pool was terminated before the rest of this imap's input was submitted")
 
     # the engine's side (supervisor thread)
     def _start(self, task: Task) -> bool:
@@ -354,7 +378,17 @@ class IMapUnorderedIterator(IMapIterator):
 
 def _terminate_engine(engine: Engine) -> None:
     engine.terminate()
-    engine.join(10)
+    if threading.current_thread() is not engine._thread:  # collected in one of its own callbacks: no wait
+        engine.join(10)
+
+
+def _drain_then_close(engine: Engine, iterators: list[IMapIterator]) -> None:
+    """``Pool.close()`` with imaps still reading their input: submit the rest, then close."""
+    try:
+        for it in iterators:
+            it._feed(everything=True)
+    finally:
+        engine.close()
 
 
 class Pool:
@@ -414,6 +448,9 @@ class Pool:
                                        max_memory_per_child, name=type(self).__name__)
             self._processes = self._engine.processes
         self._terminate = Finalize(self, _terminate_engine, (self._engine,), exitpriority=15)
+        self._iterators: weakref.WeakSet[IMapIterator] = weakref.WeakSet()  # imaps still reading their input
+        self._closing = False
+        self._drainer: threading.Thread | None = None
 
     def _check_timeout(self, task_timeout: float | None) -> None:
         if task_timeout is not None:
@@ -429,6 +466,8 @@ class Pool:
     @property
     def _state(self) -> str:
         state = self._engine.state
+        if state == "running" and self._closing:
+            return CLOSE
         return RUN if state == "running" else (CLOSE if state in ("closing", "closed") and
                                                self._engine.broken is None else TERMINATE)
 
@@ -451,7 +490,7 @@ class Pool:
         return Function(func, pickle_it=not self._thread_workers)
 
     def _check_running(self) -> None:
-        if self._engine.state != "running":
+        if self._engine.state != "running" or self._closing:
             raise ValueError("Pool not running")
 
     # -- apply ---------------------------------------------------------------------------
@@ -481,8 +520,10 @@ class Pool:
                    callback: Any, error_callback: Any, progress: Any, options: dict[str, Any]) -> MapResult:
         self._check_running()
         function = self._function(func)
-        items = iterable if hasattr(iterable, "__len__") and hasattr(iterable, "__getitem__") else list(iterable)
-        n = len(items)  # type: ignore[arg-type]
+        # a list, tuple or range is sliced as it is (a range chunk travels as a range: a few bytes);
+        # anything else is iterated, as the stdlib does (a dict maps over its keys, a deque works)
+        items: Any = iterable if type(iterable) in (list, tuple, range) else list(iterable)
+        n = len(items)
         if chunksize is None:
             chunksize = _stdlib_chunksize(n, self._processes)
         elif chunksize < 1:
@@ -493,12 +534,8 @@ class Pool:
         result = MapResult(self, chunksize, n, callback, error_callback, bar)
         if n:
             tasks = []
-            # a list, tuple or range is sliced as it is: a range chunk travels as a range (a few
-            # bytes, no ints to pickle); anything else indexable is copied into lists
-            direct = type(items) in (list, tuple, range)
             for index, start in enumerate(range(0, n, chunksize)):
-                part = items[start : start + chunksize]  # type: ignore[index]
-                chunk = part if direct else list(part)
+                chunk = items[start : start + chunksize]
                 tasks.append(Task(result, index, kind, function, chunk, None, len(chunk), **options))
             self._engine.submit(tasks)
         return result
@@ -584,8 +621,22 @@ class Pool:
 
     # -- lifetime ---------------------------------------------------------------------------
     def close(self) -> None:
-        """Accept no more tasks; the workers exit when the submitted ones are done."""
-        self._engine.close()
+        """Accept no more tasks; the workers exit when the submitted ones are done.
+
+        Work accepted before ``close()`` finishes, as in the stdlib: the rest of the input of an
+        ``imap`` still being read is submitted by a thread (``join()`` waits for it), so its results
+        are all there to iterate, even after ``join()``.
+        """
+        if self._closing:
+            return
+        self._closing = True
+        feeding = [it for it in list(self._iterators) if not it._exhausted]
+        if not feeding:
+            self._engine.close()
+            return
+        self._drainer = threading.Thread(target=_drain_then_close, args=(self._engine, feeding),
+                                         name="gilfree-pool-close", daemon=True)
+        self._drainer.start()
 
     def terminate(self) -> None:
         """Stop the workers now; unfinished results fail with :class:`~gilfree.BrokenPoolError`."""
@@ -593,8 +644,10 @@ class Pool:
 
     def join(self) -> None:
         """Wait for the workers to exit (after :meth:`close` or :meth:`terminate`)."""
-        if self._engine.state == "running":
+        if self._engine.state == "running" and not self._closing:
             raise ValueError("Pool is still running")
+        if self._drainer is not None:
+            self._drainer.join()
         self._engine.join()
 
     def __enter__(self) -> Pool:
