@@ -1642,3 +1642,80 @@ def test_unpicklable_object(duplex):
         assert recv_within(r) == {"a": [1, "fine"]}
         w.send_bytes(b"bytes too")
         assert recv_bytes_within(r) == b"bytes too"
+
+
+# -- Outbox and Inbox: a poll loop's non-blocking ends (the pool's supervisor) ------------------
+
+
+class _BadLoad:
+    def __reduce__(self):
+        return (_raise_on_load, ())
+
+
+def _raise_on_load():
+    raise ValueError("cannot load this one")
+
+
+def test_outbox_and_inbox_move_every_kind_of_message_without_blocking():
+    import numpy as np
+
+    from gilfree.connection import Inbox, Outbox, Unreadable
+
+    a, b = gilfree.Pipe()
+    a._shm_min = 1 << 20  # buffers of 1 MiB and more travel as memfds
+    r, w = os.pipe()
+    try:
+        messages = [
+            "small",
+            list(range(300_000)),  # a large plain pickle, bigger than the socket buffer
+            np.arange(100_000, dtype=np.int64),  # an out-of-band buffer inline (800 KB)
+            np.arange(1 << 18, dtype=np.int64),  # an out-of-band buffer in a memfd (2 MiB)
+            ("a pipe end", gilfree.connection.Connection(os.dup(w), readable=False)),  # a descriptor
+            _BadLoad(),  # arrives whole but cannot be unpickled: the others are not lost
+            "last",
+        ]
+        out, inbox = Outbox(a), Inbox(b)
+        for m in messages:
+            out.put(m)
+        got = []
+        rounds = 0
+        while len(got) < len(messages):
+            rounds += 1
+            assert rounds < 100_000
+            done = out.flush()  # never blocks: writes what the socket takes
+            got.extend(inbox.receive())  # never blocks: returns what has fully arrived
+            assert done or out.pending_bytes > 0
+        assert out.flush() and not inbox.partial
+        assert got[0] == "small" and got[1] == list(range(300_000)) and got[-1] == "last"
+        assert (got[2] == messages[2]).all() and (got[3] == messages[3]).all()
+        assert got[4][0] == "a pipe end"
+        got[4][1].send_bytes(b"through the descriptor")
+        assert os.read(r, 100).endswith(b"through the descriptor")
+        got[4][1].close()
+        assert type(got[5]) is Unreadable and "cannot load this one" in str(got[5].error)
+    finally:
+        for c in (a, b):
+            c.close()
+        os.close(r)
+        os.close(w)
+
+
+def test_inbox_keeps_a_partial_message_and_reports_a_hang_up_in_its_middle():
+    import struct
+
+    from gilfree.connection import Inbox
+
+    a, b = gilfree.Pipe()
+    try:
+        inbox = Inbox(b)
+        payload = gilfree.reduction.dumps(list(range(1000)))
+        frame = struct.pack("!i", len(payload)) + payload
+        os.write(a.fileno(), frame[:10])
+        assert inbox.receive() == [] and inbox.partial
+        os.write(a.fileno(), frame[10:] + frame[:7])
+        assert inbox.receive() == [list(range(1000))] and inbox.partial
+        a.close()
+        with pytest.raises(EOFError, match="middle of a message"):
+            inbox.receive()
+    finally:
+        b.close()

@@ -259,3 +259,37 @@ def test_pool_dropped_in_its_own_callback_does_not_complain(ctx, monkeypatch):
     assert result.get(10) == 1
     assert engine._finished.wait(10), "the pool collected in its callback was not stopped"
     assert not unraisable, unraisable
+
+
+# -- a worker stopped half-way through sending a result stalls only itself -----------------------
+
+
+def stop_mid_message(_):
+    """Write the first bytes of a 1 MB message on this worker's channel, then freeze (SIGSTOP)."""
+    import struct
+    import sys
+
+    frame = sys._getframe()
+    while frame.f_code.co_name != "_worker_main":  # the worker's own channel, whatever the fork inherited
+        frame = frame.f_back
+    conn = frame.f_locals["conn"]
+    os.write(conn.fileno(), struct.pack("!i", 1 << 20) + b"x" * 1000)
+    os.kill(os.getpid(), signal.SIGSTOP)
+
+
+def test_a_worker_frozen_mid_result_does_not_stall_the_pool(ctx):
+    pool = ctx.Pool(2)
+    try:
+        frozen = pool.apply_async(stop_mid_message, (0,))
+        time.sleep(1.0)  # let it freeze half-way through
+        assert not frozen.ready()
+        assert pool.apply_async(length, ([1, 2, 3],)).get(10) == 3, "a frozen worker stalled the supervisor"
+    finally:
+        t0 = time.monotonic()
+        pool.terminate()
+        pool.join()
+        assert time.monotonic() - t0 < 10
+    from gilfree import BrokenPoolError
+
+    with pytest.raises(BrokenPoolError):
+        frozen.get(5)

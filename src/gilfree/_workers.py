@@ -375,7 +375,7 @@ class _Parts:
 class _Worker:
     """The supervisor's record of one worker (process or thread)."""
 
-    __slots__ = ("number", "index", "process", "conn", "outbox", "polling", "sentinel", "inbox", "thread", "inflight",
+    __slots__ = ("number", "index", "process", "conn", "outbox", "reader", "polling", "sentinel", "inbox", "thread", "inflight",
                  "functions", "sent", "done", "retiring", "stopping", "killed_for", "ended", "short", "pid",
                  "hung_up")
 
@@ -385,6 +385,7 @@ class _Worker:
         self.process: Any = None
         self.conn: connection.Connection | None = None
         self.outbox: connection.Outbox | None = None  # messages not yet written (never a blocking send)
+        self.reader: connection.Inbox | None = None  # large messages, read as they arrive
         self.polling = 0  # the events its connection is polled for
         self.sentinel: int | None = None
         self.inbox: Any = None  # ThreadPool: the worker thread's queue
@@ -588,6 +589,7 @@ class Engine(EngineBase):
             worker.pid = process.pid
             worker.conn = ours
             worker.outbox = connection.Outbox(ours)
+            worker.reader = connection.Inbox(ours)
             worker.polling = select.POLLIN
             worker.sentinel = process.sentinel
             self._by_fd[ours.fileno()] = (worker, "conn")
@@ -620,6 +622,8 @@ class Engine(EngineBase):
             self._unpoll(conn.fileno())
             if worker.outbox is not None:
                 worker.outbox.clear()
+            if worker.reader is not None:
+                worker.reader.close()
             conn.close()
 
     def _forget_worker(self, worker: _Worker) -> None:
@@ -751,12 +755,19 @@ class Engine(EngineBase):
     def _read_results(self, worker: _Worker) -> None:
         """Handle every result the worker has sent so far (at least one message has arrived)."""
         conn = worker.conn
-        assert conn is not None
+        reader = worker.reader
+        assert conn is not None and reader is not None
         try:
             while not worker.ended:
-                frames = conn._ready_frames()
+                frames = None if reader.partial else conn._ready_frames()
                 if frames is None:
-                    self._handle(worker, conn.recv())
+                    # a large message (or one with descriptors): take its bytes as they come, never
+                    # waiting for the rest -- a worker stopped half-way through stalls only itself
+                    self._take(worker, reader.receive())
+                    if reader.eof:
+                        raise EOFError("the worker hung up")
+                    if reader.partial:
+                        return
                     continue
                 if not frames:
                     return
@@ -788,6 +799,15 @@ class Engine(EngineBase):
             return
         worker.retiring = True
         worker.hung_up = time.monotonic_ns()
+
+    def _take(self, worker: _Worker, messages: list[Any]) -> None:
+        for msg in messages:
+            if worker.ended:
+                return
+            if type(msg) is connection.Unreadable:
+                self._unreadable(worker, msg.error)
+            else:
+                self._handle(worker, msg)
 
     def _unreadable(self, worker: _Worker, exc: Exception) -> None:
         util.sub_warning("pool: result from worker %s could not be read: %r", worker.pid, exc)
@@ -983,14 +1003,11 @@ class Engine(EngineBase):
         """The worker's process ended (its sentinel): fail, retry or cut up what it was running."""
         # results it sent before dying are intact: take them first
         conn = worker.conn
-        if conn is not None and not conn.closed:
+        if conn is not None and not conn.closed and worker.reader is not None:
             try:
-                while conn.poll(0):
-                    self._handle(worker, conn.recv())
+                self._take(worker, worker.reader.receive(limit=None))  # everything it wrote, up to its end
             except (EOFError, OSError):
                 pass
-            except Exception as exc:  # pragma: no cover - a result that cannot be unpickled
-                util.sub_warning("pool: result from worker %s could not be read: %r", worker.pid, exc)
         if worker.ended:
             return
         worker.process.join(1)  # it has ended: this only reaps it

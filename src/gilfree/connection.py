@@ -870,6 +870,207 @@ class Outbox:
         self.pending_bytes = 0
 
 
+class Inbox:
+    """Messages read from a connection as their bytes arrive, never waiting for the rest of one.
+
+    The reading half of :class:`Outbox`, for a thread serving many connections from one poll loop:
+    :meth:`receive` takes what the socket holds now and returns the messages that completes; a
+    message still arriving stays buffered, so a peer that stops in the middle of a large message
+    (stopped, swapped out, dying) stalls only itself.  Reads every frame :meth:`Connection.send`
+    writes (descriptors and memfds included).  Unix-socket connections only.
+    """
+
+    __slots__ = ("conn", "_buf", "_start", "_fds", "_next_fds", "_chunk", "eof")
+
+    _READ = 1 << 20  # bytes asked of the kernel per read
+    _MAX_READ = 16 << 20  # bytes read per call at most: other connections get their turn
+
+    def __init__(self, conn: Connection) -> None:
+        if conn._sock is None:
+            raise ValueError("an Inbox needs a Unix-socket connection (a duplex Pipe)")
+        self.conn = conn
+        self._buf = bytearray()
+        self._start = 0  # parsed up to here
+        self._fds: list[list[int]] = []  # descriptor groups received, oldest first
+        self._next_fds: list[int] | None = None  # the next frame's descriptors (after a -3 header)
+        self._chunk = bytearray(self._READ)
+        #: the peer closed its end (after the messages returned)
+        self.eof = False
+
+    @property
+    def partial(self) -> bool:
+        """Whether part of a message has arrived and the rest has not."""
+        return len(self._buf) > self._start or self._next_fds is not None
+
+    def receive(self, limit: int | None = _MAX_READ) -> list[Any]:
+        """The messages that have fully arrived (read without waiting; at most ``limit`` bytes).
+
+        Sets :attr:`eof` when the peer has closed its end; ``EOFError`` if it did so in the middle of a
+        message, ``OSError`` for a stream that is not gilfree's framing.
+        """
+        sock = self.conn._sock
+        assert sock is not None
+        chunk = self._chunk
+        got = 0
+        while limit is None or got < limit:
+            try:
+                n, anc, flags, _ = sock.recvmsg_into([chunk], _ANC_SPACE, _MSG_DONTWAIT)
+            except BlockingIOError:
+                break
+            fds: list[int] = []
+            for level, kind, payload in anc:
+                if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS:
+                    arr = array.array("i")
+                    arr.frombytes(payload[: len(payload) - (len(payload) % arr.itemsize)])
+                    fds.extend(arr)
+            if flags & _MSG_CTRUNC:
+                util.close_fds(*fds)
+                self._bad("a message carried more file descriptors than allowed")
+            if fds:
+                self._fds.append(fds)
+            if n == 0:
+                self.eof = True
+                break
+            self._buf += memoryview(chunk)[:n]
+            got += n
+        messages = self._parse()
+        if self.eof and self.partial:
+            raise EOFError(f"connection closed by the peer in the middle of a message ({len(self._buf) - self._start} "
+                           f"bytes of it had arrived)")
+        return messages
+
+    def _bad(self, message: str) -> NoReturn:
+        self.close()
+        raise OSError(message)
+
+    def _parse(self) -> list[Any]:
+        buf = self._buf
+        end = len(buf)
+        out: list[Any] = []
+        pos = self._start
+        while end - pos >= 4:
+            (n,) = _HDR.unpack_from(buf, pos)
+            if n >= 0 or n == -1:
+                head = 4
+                if n == -1:
+                    if end - pos < 12:
+                        break
+                    (n,) = _HDR_LONG.unpack_from(buf, pos + 4)
+                    head = 12
+                if end - pos < head + n:
+                    break
+                data = bytes(buf[pos + head : pos + head + n])
+                pos += head + n
+                fds, self._next_fds = self._next_fds or [], None  # a plain frame announced with descriptors
+                out.append(self._load(data, [], fds))
+            elif n == _FDS_NEXT:
+                if not self._fds:
+                    break  # the descriptors ride on the next frame's first byte: not read yet
+                self._next_fds = self._fds.pop(0)
+                pos += 4
+            elif n == _RELEASED:
+                if end - pos < 8:
+                    break
+                (count,) = struct.unpack_from("!I", buf, pos + 4)
+                if count > 65536:
+                    self._bad(f"bad message header: {count} released buffers")
+                if end - pos < 8 + 4 * count:
+                    break
+                ids = struct.unpack_from(f"!{count}I", buf, pos + 8)
+                cache = self.conn._memfds
+                if cache is not None and cache.pid == os.getpid():
+                    cache.release(ids)
+                pos += 8 + 4 * count
+            elif n == -2:
+                head = 4 + _HDR_EXT.size
+                if end - pos < head:
+                    break
+                count, size = _HDR_EXT.unpack_from(buf, pos + 4)
+                if count > 65536:
+                    self._bad(f"bad message header: {count} out-of-band buffers")
+                if end - pos < head + 8 * count:
+                    break
+                lengths = struct.unpack_from(f"!{count}Q", buf, pos + head)
+                head += 8 * count
+                inline = sum(length for length in lengths if not length & _IN_FD)
+                if end - pos < head + size + inline:
+                    break
+                fds = self._next_fds or []
+                self._next_fds = None
+                in_fd = sum(1 for length in lengths if length & _IN_FD)
+                if in_fd > len(fds):
+                    util.close_fds(*fds)
+                    self._bad(f"bad message: {in_fd} buffers in memfds but {len(fds)} descriptors came")
+                memfds = fds[len(fds) - in_fd :]
+                at = pos + head
+                data = bytes(buf[at : at + size])
+                at += size
+                buffers: list[Any] = []
+                try:
+                    mapped = 0
+                    for length in lengths:
+                        if length & _IN_FD:
+                            buffers.append(self.conn._map_memfd(memfds[mapped], length))
+                            mapped += 1
+                        else:
+                            buffers.append(bytearray(buf[at : at + length]))
+                            at += length
+                finally:
+                    util.close_fds(*memfds)
+                pos = at
+                out.append(self._load(data, buffers, fds[: len(fds) - in_fd]))
+            else:
+                self._bad(f"bad message header: length {n}; the peer does not speak this protocol")
+        if pos == end:
+            buf.clear()
+            self._start = 0
+        elif pos > (1 << 20):
+            del buf[:pos]
+            self._start = 0
+        else:
+            self._start = pos
+        return out
+
+    def _load(self, data: bytes, buffers: list[Any], fds: list[int] | None = None) -> Any:
+        """Unpickle one message; a message that cannot be unpickled is returned as the exception
+        (wrapped in :class:`Unreadable`), so the messages after it are not lost."""
+        try:
+            if not fds:
+                return reduction.loads(data, buffers=buffers)
+            claimed: set[int] = set()
+
+            def resolve(token: int) -> int:
+                claimed.add(token)
+                return fds[token]
+
+            try:
+                with reduction.fd_channel(resolve=resolve):
+                    return reduction.loads(data, buffers=buffers)
+            finally:
+                util.close_fds(*(fd for i, fd in enumerate(fds) if i not in claimed))
+        except Exception as exc:
+            return Unreadable(exc)
+
+    def close(self) -> None:
+        for group in self._fds:
+            util.close_fds(*group)
+        self._fds.clear()
+        if self._next_fds:
+            util.close_fds(*self._next_fds)
+        self._next_fds = None
+        self._buf = bytearray()
+        self._start = 0
+
+
+class Unreadable:
+    """A message that arrived whole but could not be unpickled (:class:`Inbox`): the error."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
 def _rebuild_connection(df: Any, readable: bool, writable: bool) -> Connection:
     return Connection(df.detach(), readable, writable)
 
