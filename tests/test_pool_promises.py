@@ -293,3 +293,87 @@ def test_a_worker_frozen_mid_result_does_not_stall_the_pool(ctx):
 
     with pytest.raises(BrokenPoolError):
         frozen.get(5)
+
+
+# -- deaths at every step of a task (crash points in the worker's loop) -------------------------
+
+
+def arm_once(marker, name, skip):
+    """Initializer: the first worker to start dies at crash point ``name``; its replacements do not."""
+    try:
+        fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return
+    os.close(fd)
+    from gilfree import _crash
+
+    _crash.arm(name, skip)
+
+
+def counted(path, x):
+    with open(path, "a") as f:
+        f.write(f"{x}\n")
+    return x * 10
+
+
+# point -> (skip, policy, expected outcome of tasks 0..5: "ok" or "lost" or "lost-sending")
+TASK_STEPS = {
+    "pool.worker.received": (0, "fail", ["ok"] * 6),
+    "pool.worker.started": (0, "fail", ["lost"] + ["ok"] * 5),
+    "pool.worker.returned": (0, "fail", ["lost-sending"] + ["ok"] * 5),
+    "pool.worker.sent": (0, "fail", ["ok"] * 6),
+}
+
+
+def test_every_task_step_crash_point_has_a_scenario():
+    from _helpers import crash_points
+
+    assert set(crash_points("pool.")) == set(TASK_STEPS) | {"pool.worker.item"}
+
+
+@pytest.mark.parametrize("policy", ["fail", "retry"])
+@pytest.mark.parametrize("point", sorted(TASK_STEPS))
+def test_a_death_at_each_task_step(ctx, tmp_path, point, policy):
+    skip, _, expected = TASK_STEPS[point]
+    if policy == "retry":  # a task that died with its worker runs again, once
+        expected = ["ok"] * 6
+    runs = tmp_path / "runs"
+    with ctx.Pool(1, initializer=arm_once, initargs=(str(tmp_path / "armed"), point, skip),
+                  on_worker_death=policy, retries=1) as pool:
+        results = [pool.apply_async(counted, (str(runs), i)) for i in range(6)]
+        outcomes = []
+        for i, r in enumerate(results):
+            try:
+                assert r.get(30) == i * 10
+                outcomes.append("ok")
+            except WorkerLostError as exc:
+                outcomes.append("lost-sending" if exc.sending else "lost")
+        pids = pool.pids
+    assert outcomes == expected
+    assert (tmp_path / "armed").exists() and len(pids) == 1
+    # how often each task ran: once, except the first task when the death came around it
+    runs_of = {i: 1 for i in range(6)}
+    if point == "pool.worker.started":
+        runs_of[0] = 1 if policy == "retry" else 0  # killed before it ran; run again when retried
+    if point == "pool.worker.returned" and policy == "retry":
+        runs_of[0] = 2  # it ran, its result died with the worker, it ran again
+    ran = [int(x) for x in runs.read_text().split()]
+    assert {i: ran.count(i) for i in range(6)} == runs_of
+
+
+@pytest.mark.parametrize("policy", ["fail", "retry"])
+def test_a_death_between_the_items_of_a_chunk(ctx, tmp_path, policy):
+    with ctx.Pool(1, initializer=arm_once, initargs=(str(tmp_path / "armed"), "pool.worker.item", 2),
+                  on_worker_death=policy, retries=1) as pool:
+        outcomes = []
+        it = pool.istarmap(counted, [(str(tmp_path / "runs"), i) for i in range(20)], chunksize=5)
+        for _ in range(20):
+            try:
+                outcomes.append(next(it))
+            except WorkerLostError as exc:
+                outcomes.append(exc)
+    if policy == "fail":
+        assert isinstance(outcomes[2], WorkerLostError) and outcomes[2].item == 2
+        assert [o for i, o in enumerate(outcomes) if i != 2] == [i * 10 for i in range(20) if i != 2]
+    else:
+        assert outcomes == [i * 10 for i in range(20)]

@@ -59,7 +59,7 @@ import threading
 import time
 import traceback
 
-from . import connection, reduction, util
+from . import _crash, connection, reduction, util
 from ._errors import BrokenPoolError, MaybeEncodingError, TaskTimeoutError, WorkerLostError
 
 TYPE_CHECKING = False
@@ -241,6 +241,8 @@ def _serve(recv: Callable[[], Any], send: Callable[[Any], None], slot: Any, init
             return
         batch.reverse()
         while batch:
+            if _crash.on:
+                _crash.hit("pool.worker.received")  # tasks in hand, none started: they go elsewhere
             tid, fid, fdef, drop, kind, args, kwargs, per_item = batch.pop()
             for old in drop:
                 functions.pop(old, None)
@@ -248,6 +250,8 @@ def _serve(recv: Callable[[], Any], send: Callable[[Any], None], slot: Any, init
             slot[1] = 0
             slot[3] = _RUNNING
             slot[0] = tid
+            if _crash.on:
+                _crash.hit("pool.worker.started")  # the slot names the task: it fails (or runs again)
             try:
                 if fdef is not None:
                     functions[fid] = _load_function(fdef) if in_process else fdef
@@ -264,6 +268,8 @@ def _serve(recv: Callable[[], Any], send: Callable[[Any], None], slot: Any, init
                 ok = False
                 del exc
             slot[3] = _SENDING  # a death from here on is one while sending the result: the task ran
+            if _crash.on:
+                _crash.hit("pool.worker.returned")  # it ran; its result is lost: it fails, once
             del args, kwargs, fdef  # let large arguments go before the result is sent
             over = max_memory is not None and _rss_bytes() > max_memory
             elapsed = (monotonic_ns() - start) / 1e9
@@ -274,6 +280,8 @@ def _serve(recv: Callable[[], Any], send: Callable[[Any], None], slot: Any, init
             except Exception as exc:  # the result cannot be pickled: say so instead
                 error = MaybeEncodingError(exc, value.exc if isinstance(value, _RemoteException) else value)
                 send((tid, False, _RemoteException(error), over, elapsed))
+            if _crash.on:
+                _crash.hit("pool.worker.sent")  # the result is out: it counts; only the worker is replaced
             slot[0] = _IDLE
             del value
 
@@ -309,6 +317,8 @@ def _run_items(func: Callable[..., Any], items: list[Any], kind: int, slot: Any,
         if i and per_item:
             slot[2] = monotonic_ns()
             slot[1] = i
+        if _crash.on:
+            _crash.hit("pool.worker.item")  # item i of a chunk: an imap chunk loses only this item
         if not each:
             value.append(func(*item) if star else func(item))
             continue
