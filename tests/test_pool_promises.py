@@ -377,3 +377,27 @@ def test_a_death_between_the_items_of_a_chunk(ctx, tmp_path, policy):
         assert [o for i, o in enumerate(outcomes) if i != 2] == [i * 10 for i in range(20) if i != 2]
     else:
         assert outcomes == [i * 10 for i in range(20)]
+
+
+# -- imap reads ahead a bounded number of bytes, not only of chunks ------------------------------
+
+
+def megabyte(path, x):
+    with open(path, "a") as f:
+        f.write(".")
+    return bytes(1 << 20)
+
+
+def test_imap_read_ahead_is_bounded_in_bytes(ctx, tmp_path):
+    """1 MiB results and a slow consumer: gilfree used to run 282 items (~300 MB) ahead."""
+    from gilfree.pool import AHEAD_BYTES, CHUNK_BYTES
+
+    runs = tmp_path / "runs"
+    with ctx.Pool(2) as pool:
+        it = pool.istarmap(megabyte, ((str(runs), i) for i in range(10_000)))
+        for _ in range(5):
+            assert len(next(it)) == 1 << 20
+            time.sleep(0.3)
+        ahead = len(runs.read_text()) - 5
+    bound = AHEAD_BYTES // (1 << 20) + it._ahead * (CHUNK_BYTES // (1 << 20) + 1)
+    assert ahead <= bound, f"{ahead} MB of results computed ahead of a slow consumer"

@@ -168,7 +168,7 @@ class Task:
     """
 
     __slots__ = ("tid", "job", "index", "kind", "function", "args", "kwargs", "size",
-                 "policy", "retries", "timeout", "attempt", "worker", "elapsed")
+                 "policy", "retries", "timeout", "attempt", "worker", "elapsed", "nbytes")
     _ids = itertools.count()
 
     def __init__(self, job: Any, index: int, kind: int, function: Function, args: Any, kwargs: Any = None,
@@ -187,6 +187,7 @@ class Task:
         self.attempt = 1
         self.worker: _Worker | None = None
         self.elapsed = 0.0  # seconds the worker spent on it
+        self.nbytes = 0  # bytes its result took on the way back (0: not known, or a thread pool)
 
     def describe(self) -> str:
         name = getattr(self.function.func, "__qualname__", None) or repr(self.function.func)
@@ -373,6 +374,7 @@ class _Parts:
             return
         self.values[piece.index : piece.index + len(value)] = value
         self.task.elapsed += piece.elapsed
+        self.task.nbytes += piece.nbytes
         self.left -= 1
         if self.left == 0:
             self.complete()
@@ -787,7 +789,7 @@ class Engine(EngineBase):
                     except Exception as exc:  # a result that cannot be unpickled here
                         self._unreadable(worker, exc)
                         continue
-                    self._handle(worker, msg)
+                    self._handle(worker, msg, len(frame))
         except (EOFError, OSError):
             if not worker.ended:
                 self._hung_up(worker)
@@ -811,13 +813,14 @@ class Engine(EngineBase):
         worker.hung_up = time.monotonic_ns()
 
     def _take(self, worker: _Worker, messages: list[Any]) -> None:
-        for msg in messages:
+        sizes = worker.reader.sizes if worker.reader is not None else []
+        for i, msg in enumerate(messages):
             if worker.ended:
                 return
             if type(msg) is connection.Unreadable:
                 self._unreadable(worker, msg.error)
             else:
-                self._handle(worker, msg)
+                self._handle(worker, msg, sizes[i] if i < len(sizes) else 0)
 
     def _unreadable(self, worker: _Worker, exc: Exception) -> None:
         util.sub_warning("pool: result from worker %s could not be read: %r", worker.pid, exc)
@@ -837,7 +840,7 @@ class Engine(EngineBase):
                 continue
             self._handle(worker, msg)
 
-    def _handle(self, worker: _Worker, msg: Any) -> None:
+    def _handle(self, worker: _Worker, msg: Any, nbytes: int = 0) -> None:
         if msg[0] == "init":
             error = msg[1]
             self._break(BrokenPoolError(
@@ -851,6 +854,7 @@ class Engine(EngineBase):
             raise RuntimeError(f"worker {worker.pid} answered task {tid}, expected {worker.inflight}")
         task = worker.inflight.popleft()
         task.elapsed = elapsed
+        task.nbytes = nbytes
         worker.short = elapsed < SHORT_TASK
         worker.done += 1
         self._start_failures = 0

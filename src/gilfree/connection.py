@@ -880,7 +880,7 @@ class Inbox:
     writes (descriptors and memfds included).  Unix-socket connections only.
     """
 
-    __slots__ = ("conn", "_buf", "_start", "_fds", "_next_fds", "_chunk", "eof")
+    __slots__ = ("conn", "_buf", "_start", "_fds", "_next_fds", "_chunk", "eof", "sizes")
 
     _READ = 1 << 20  # bytes asked of the kernel per read
     _MAX_READ = 16 << 20  # bytes read per call at most: other connections get their turn
@@ -896,6 +896,8 @@ class Inbox:
         self._chunk = bytearray(self._READ)
         #: the peer closed its end (after the messages returned)
         self.eof = False
+        #: the size in bytes (memfds included) of each message the last :meth:`receive` returned
+        self.sizes: list[int] = []
 
     @property
     def partial(self) -> bool:
@@ -947,6 +949,7 @@ class Inbox:
         buf = self._buf
         end = len(buf)
         out: list[Any] = []
+        sizes = self.sizes = []
         pos = self._start
         while end - pos >= 4:
             (n,) = _HDR.unpack_from(buf, pos)
@@ -963,6 +966,7 @@ class Inbox:
                 pos += head + n
                 fds, self._next_fds = self._next_fds or [], None  # a plain frame announced with descriptors
                 out.append(self._load(data, [], fds))
+                sizes.append(n)
             elif n == _FDS_NEXT:
                 if not self._fds:
                     break  # the descriptors ride on the next frame's first byte: not read yet
@@ -1019,6 +1023,7 @@ class Inbox:
                     util.close_fds(*memfds)
                 pos = at
                 out.append(self._load(data, buffers, fds[: len(fds) - in_fd]))
+                sizes.append(size + sum(length & _FD_LEN_MASK for length in lengths))
             else:
                 self._bad(f"bad message header: length {n}; the peer does not speak this protocol")
         if pos == end:

@@ -73,6 +73,10 @@ RUN, CLOSE, TERMINATE = "RUN", "CLOSE", "TERMINATE"
 #: imap's automatic chunks aim at this many seconds of work each.
 CHUNK_TARGET = 0.005
 MAX_AUTO_CHUNK = 4096
+#: imap stops reading its input ahead while this many bytes of results wait to be consumed ...
+AHEAD_BYTES = 64 << 20
+#: ... and its automatic chunks hold at most about this many bytes of results each.
+CHUNK_BYTES = 4 << 20
 
 
 def _job_counter() -> Iterator[int]:
@@ -241,8 +245,9 @@ class IMapIterator:
         self._options = options
         self._bar = bar
         self._cond = threading.Condition(threading.Lock())
-        self._results: dict[int, tuple[bool, Any]] = {}  # chunk index -> outcome (ordered)
-        self._arrived: collections.deque[tuple[bool, Any]] = collections.deque()  # (unordered)
+        self._results: dict[int, tuple[bool, Any, int]] = {}  # chunk index -> (ok, value, bytes) (ordered)
+        self._arrived: collections.deque[tuple[bool, Any, int]] = collections.deque()  # (unordered)
+        self._held_bytes = 0  # bytes of results arrived and not yet taken
         self._buffer: collections.deque[Any] = collections.deque()
         self._submitted = 0  # chunks
         self._consumed = 0  # chunks
@@ -271,7 +276,7 @@ class IMapIterator:
             return
         try:
             tasks: list[Task] = []
-            while not self._exhausted and (everything or self._submitted - self._consumed < self._ahead):
+            while not self._exhausted and (everything or self._room()):
                 chunk = []
                 try:
                     for _ in range(self._size):
@@ -294,6 +299,11 @@ class IMapIterator:
         finally:
             self._feeding.release()
 
+    def _room(self) -> bool:
+        """Whether to read more input: few enough chunks outstanding, few enough bytes waiting."""
+        outstanding = self._submitted - self._consumed
+        return outstanding == 0 or (outstanding < self._ahead and self._held_bytes < AHEAD_BYTES)
+
     def _submit(self, tasks: list[Task]) -> None:
         if not tasks:
             return
@@ -315,19 +325,26 @@ class IMapIterator:
         if ok and self._auto and task.size:
             per_item = task.elapsed / task.size
             wanted = int(CHUNK_TARGET / per_item) if per_item > 0 else MAX_AUTO_CHUNK
+            if task.nbytes:  # large results: smaller chunks, so that read-ahead stays bounded in bytes
+                wanted = min(wanted, int(CHUNK_BYTES * task.size / task.nbytes))
             self._size = max(1, min(wanted, 2 * self._size, MAX_AUTO_CHUNK))
         with self._cond:
+            self._held_bytes += task.nbytes
             if self._ordered:
-                self._results[task.index] = (ok, value)
+                self._results[task.index] = (ok, value, task.nbytes)
             else:
-                self._arrived.append((ok, value))
+                self._arrived.append((ok, value, task.nbytes))
             self._cond.notify()
 
     # the caller's side
-    def _take(self) -> tuple[bool, Any] | None:
+    def _take(self) -> tuple[bool, Any, int] | None:
         if self._ordered:
-            return self._results.pop(self._consumed, None)
-        return self._arrived.popleft() if self._arrived else None
+            outcome = self._results.pop(self._consumed, None)
+        else:
+            outcome = self._arrived.popleft() if self._arrived else None
+        if outcome is not None:
+            self._held_bytes -= outcome[2]
+        return outcome
 
     def next(self, timeout: float | None = None) -> Any:
         while True:
@@ -352,7 +369,7 @@ class IMapIterator:
                         raise TimeoutError
                     outcome = self._take()
                 self._consumed += 1
-            ok, value = outcome
+            ok, value, _ = outcome
             if not ok:
                 raise value
             self._buffer.extend(value)
