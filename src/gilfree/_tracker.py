@@ -84,7 +84,6 @@ import signal
 import socket
 import struct
 import sys
-import threading
 import time
 
 from . import util
@@ -137,11 +136,13 @@ class _Client:
     """This process's view of the tracker: the address, our connection, what we own.
 
     ``lock`` guards every field; the short sends happen under it because the connection is one
-    byte stream shared by all threads.
+    byte stream shared by all threads.  Forgetting a name runs in finalizers (a queue's sweep, an
+    array's unlink), maybe inside a collection on the thread that holds ``lock``: it never waits,
+    it is handed to the holder (:class:`util.HandoffLock`).
     """
 
     def __init__(self) -> None:
-        self.lock = threading.Lock()
+        self.lock = util.HandoffLock()
         # in a spawned or forkserver child: the parent's tracker (see _start.prepare)
         self.address: str | None = util.inherited.get("shm_tracker")
         self.sock: socket.socket | None = None
@@ -266,15 +267,18 @@ class _Client:
         self._send_owning(self.queues, QUEUE, prefix, ident, executable)
 
     def _send_forget(self, table: dict[str, Ident], op: bytes, name: str, ident: Ident) -> None:
-        with self.lock:
-            table.pop(name, None)
-            self.quiet.discard(name)
-            if self.sock is None:
-                return  # never connect only to say this; an owner is always connected
-            try:
-                self.sock.sendall(_named(op, name, ident), socket.MSG_NOSIGNAL)
-            except OSError:
-                self._drop()
+        """Forget ``name`` and tell the tracker; never waits for the lock (see the class)."""
+        self.lock.run_or_hand_off(self._forget_locked, table, op, name, ident)
+
+    def _forget_locked(self, table: dict[str, Ident], op: bytes, name: str, ident: Ident) -> None:
+        table.pop(name, None)
+        self.quiet.discard(name)
+        if self.sock is None:
+            return  # never connect only to say this; an owner is always connected
+        try:
+            self.sock.sendall(_named(op, name, ident), socket.MSG_NOSIGNAL)
+        except OSError:
+            self._drop()
 
     def goodbye(self) -> None:
         with self.lock:
@@ -310,7 +314,7 @@ class _Client:
     def after_fork_in_child(self) -> None:
         # The parent's connection, and any socket a thread of the parent was setting up, are not
         # ours: a child holding them open would hide the parent's death from the tracker.
-        self.lock = threading.Lock()
+        self.lock = util.HandoffLock()
         for s in [*self.in_setup, *([self.sock] if self.sock is not None else [])]:
             try:
                 os.close(s.detach())

@@ -88,6 +88,7 @@ from __future__ import annotations
 
 import _pickle
 import array
+import collections
 import copyreg
 import importlib
 import io
@@ -810,6 +811,8 @@ class Server:
         self._local = _ClientState(_LOCAL_CLIENT_ID, os.getpid(), "the server itself")
         self._local.conns = 1
         self._lock = threading.RLock()
+        #: DECREFs of this process's own proxies (their __del__), waiting for the lock to be free
+        self._local_pending: collections.deque[str] = collections.deque()
         self._ids = itertools.count(1)
         self._stop = threading.Event()
         self._stopping = False  # = self._stop.is_set(), read by every request (an attribute, not a call)
@@ -1167,6 +1170,8 @@ class Server:
                 )
             entry[4] += 1
             client.refs[ident] = client.refs.get(ident, 0) + 1
+        if self._local_pending:
+            self._drain_local()
 
     def decref(self, client: _ClientState, idents: Iterable[str]) -> None:
         doomed = []
@@ -1181,6 +1186,8 @@ class Server:
                     client.refs[ident] = n - 1
                 doomed.append(self._release_locked(ident, 1))
         del doomed
+        if self._local_pending:
+            self._drain_local()
 
     # -- serving one connection ----------------------------------------------------------------------
     def _serve(self, chan: _Channel, client: _ClientState, alias: Any) -> None:
@@ -1386,7 +1393,22 @@ class Server:
             return False
 
     def _local_decref(self, ident: str) -> None:
-        self.decref(self._local, (ident,))
+        # Runs in a proxy's __del__: maybe inside a collection on a thread that is in the middle of
+        # changing the tables under the (reentrant) lock.  Re-entering would change them under its
+        # feet, and waiting is not allowed there: leave it to the next incref/decref of any thread.
+        self._local_pending.append(ident)
+        if not self._lock._is_owned():  # type: ignore[attr-defined]
+            self._drain_local()
+
+    def _drain_local(self) -> None:
+        if self._lock._is_owned():  # type: ignore[attr-defined]
+            return  # an outer frame of this thread is changing the tables: the next incref/decref drains
+        pending = self._local_pending
+        idents = []
+        while pending:
+            idents.append(pending.popleft())
+        if idents:
+            self.decref(self._local, idents)
 
 
 def _check_serializer(serializer: str) -> None:

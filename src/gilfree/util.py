@@ -8,6 +8,7 @@ a freshly forked child.
 
 from __future__ import annotations
 
+import collections
 import itertools
 import os
 import sys
@@ -28,6 +29,7 @@ __all__ = [
     "LOGGER_NAME",
     "DEFAULT_LOGGING_FORMAT",
     "Finalize",
+    "HandoffLock",
     "children_of",
     "close_fds",
     "recv_exact",
@@ -327,3 +329,59 @@ class ForkAwareThreadLock:
 
     def __exit__(self, *args: Any) -> None:
         self._lock.__exit__(*args)
+
+
+class HandoffLock:
+    """A lock whose finalizer-reachable work is never waited for: it is handed to the holder.
+
+    The rule (docs/design.md, "Code that runs inside a collection"): code that can run arbitrary
+    Python -- a :class:`Finalize` or weakref callback, ``__del__``, an at-fork handler, a signal
+    handler -- must not wait for a lock its own thread may hold; a collection can start at any
+    allocation, so the thread inside ``with lock:`` may be the very one that runs the finalizer.
+    Such code calls :meth:`run_or_hand_off`: the work runs at once if the lock is free, else it
+    waits in a deque (whose ``append`` is atomic, no lock) and the holder runs it before it releases.
+    Ordinary code uses ``with lock:``.  No handed-off work is left behind: a releaser looks at the
+    deque after releasing and takes the lock again if something arrived meanwhile.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._handed: collections.deque[tuple[Callable[..., Any], tuple[Any, ...]]] = collections.deque()
+
+    def acquire(self) -> None:
+        self._lock.acquire()
+
+    def release(self) -> None:
+        """Run the handed-off work, then release (again while work keeps arriving)."""
+        handed = self._handed
+        while True:
+            while handed:
+                func, args = handed.popleft()
+                try:
+                    func(*args)
+                except Exception as exc:  # finalizer work: report, never break the holder's code
+                    info("handed-off %r raised %r", func, exc)
+            self._lock.release()
+            if not handed or not self._lock.acquire(False):
+                return
+
+    def locked(self) -> bool:
+        return self._lock.locked()
+
+    def __enter__(self) -> HandoffLock:
+        self._lock.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def run_or_hand_off(self, func: Callable[..., Any], *args: Any) -> None:
+        """Run ``func(*args)`` under the lock now if it is free, else leave it to the holder.  Never waits."""
+        self._handed.append((func, args))
+        if self._lock.acquire(False):
+            self.release()
+
+    def reinit_in_child(self) -> None:
+        """In a forked child: unlocked, and the parent's handed-off work dropped (it is the parent's)."""
+        self._lock = threading.Lock()
+        self._handed.clear()

@@ -23,7 +23,6 @@ import marshal
 import os
 import struct
 import sys
-import threading
 
 from .. import process, reduction, util
 from .._errors import MainModuleNotGuardedError
@@ -41,13 +40,17 @@ _PAYLOAD = struct.Struct("!QQI")  # length of preparation data, of the process o
 # ---------------------------------------------------------------------------------------------------
 # Lifelines
 
-_lifeline_lock = threading.Lock()
+#: Guards ``_lifelines``: a fork never happens between a pipe's creation and its registration, nor
+#: between a write end's removal and its close (a child would keep a sibling's lifeline open).
+#: ``release_lifeline`` runs in finalizers, maybe inside ``os.fork()`` on the thread that holds the
+#: guard (an at-fork handler that collects): it never waits, it hands the release to the holder.
+_lifeline_guard = util.HandoffLock()
 _lifelines: set[int] = set()  # write ends held by this process
 
 
 def new_lifeline() -> tuple[int, int]:
     """A (read end, write end) pipe; the write end is closed in every child forked after this."""
-    with _lifeline_lock:
+    with _lifeline_guard:
         r, w = os.pipe()
         _lifelines.add(w)
     try:
@@ -58,17 +61,23 @@ def new_lifeline() -> tuple[int, int]:
 
 
 def release_lifeline(w: int) -> None:
-    """Close a lifeline's write end (the child sees EOF; a daemonic child is killed)."""
-    with _lifeline_lock:
-        if w in _lifelines:
-            _lifelines.discard(w)
-            util.close_fds(w)
+    """Close a lifeline's write end (the child sees EOF; a daemonic child is killed).
+
+    Never waits (safe in finalizers): if the guard is taken, its holder closes it before releasing.
+    """
+    _lifeline_guard.run_or_hand_off(_release_lifeline, w)
+
+
+def _release_lifeline(w: int) -> None:
+    if w in _lifelines:
+        _lifelines.discard(w)
+        util.close_fds(w)
 
 
 def _close_inherited_lifelines() -> None:
-    # runs in the child after any os.fork(): the parent's lifelines are not ours to hold
-    global _lifeline_lock
-    _lifeline_lock = threading.Lock()
+    # runs in the child after any os.fork(): the parent's lifelines are not ours to hold (those whose
+    # release was handed off are still in the set, so they are closed here too)
+    _lifeline_guard.reinit_in_child()
     for w in list(_lifelines):
         util.close_fds(w)
     _lifelines.clear()

@@ -18,9 +18,19 @@ class ForkPopen(_common.ChildPopen):
 
     def _launch(self, process_obj: process.BaseProcess) -> None:
         r, w = _common.new_lifeline()
-        # The lock makes sure no other thread's half-registered lifeline leaks into this child.
-        with _common._lifeline_lock:
+        # The guard makes sure no other thread's half-registered lifeline leaks into this child.  The
+        # at-fork handlers run under it (a collection there may release a dead child's lifeline: the
+        # guard hands that to us instead of waiting for itself); only the parent releases it, the
+        # child's was made fresh by the at-fork hook.
+        guard = _common._lifeline_guard
+        guard.acquire()
+        try:
             pid = os.fork()
+        except BaseException:
+            guard.release()
+            os.close(r)
+            _common.release_lifeline(w)
+            raise
         if pid == 0:  # child
             code = 1
             try:
@@ -29,5 +39,6 @@ class ForkPopen(_common.ChildPopen):
                 code = process_obj._bootstrap(parent_sentinel=r)
             finally:
                 os._exit(code)
+        guard.release()
         os.close(r)
         self._track(pid, w)
