@@ -12,6 +12,7 @@ import threading
 import time
 
 import pytest
+from _helpers import run_program, write_program
 
 from gilfree import TaskTimeoutError, WorkerLostError
 from gilfree import connection as gconnection
@@ -401,3 +402,57 @@ def test_imap_read_ahead_is_bounded_in_bytes(ctx, tmp_path):
         ahead = len(runs.read_text()) - 5
     bound = AHEAD_BYTES // (1 << 20) + it._ahead * (CHUNK_BYTES // (1 << 20) + 1)
     assert ahead <= bound, f"{ahead} MB of results computed ahead of a slow consumer"
+
+
+# -- 10. objects of classes defined in the main script come back from spawned workers ---------
+
+MAIN_SCRIPT_CLASSES = """
+from dataclasses import dataclass
+
+@dataclass
+class Point:
+    x: int
+    y: int
+
+class ScriptError(Exception):
+    pass
+
+def make(i):
+    return Point(i, -i)
+
+def fail(i):
+    raise ScriptError(i)
+
+def send_point(conn):
+    conn.send(Point(1, 2))
+    conn.close()
+
+if __name__ == "__main__":
+    with multiprocessing.Pool(2) as pool:
+        points = pool.map(make, range(3))
+        print(points, all(type(p) is Point for p in points))
+        try:
+            pool.apply(fail, (5,))
+        except ScriptError as exc:
+            print("caught", type(exc) is ScriptError, exc.args)
+    a, b = multiprocessing.Pipe()
+    child = multiprocessing.Process(target=send_point, args=(b,))
+    child.start()
+    got = a.recv()
+    child.join()
+    print(got, type(got) is Point)
+"""
+
+
+@pytest.mark.parametrize("module", ["gilfree", "multiprocessing"])
+def test_instances_of_main_script_classes_come_back(tmp_path, method, module):
+    """A child that is not forked runs the script as ``__mp_main__``; its objects name that module.
+    gilfree raised ``ModuleNotFoundError: No module named '__mp_main__'`` in the parent."""
+    prog = write_program(tmp_path, MAIN_SCRIPT_CLASSES, module=module, method=method)
+    out = run_program(prog, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == [
+        "[Point(x=0, y=0), Point(x=1, y=-1), Point(x=2, y=-2)] True",
+        "caught True (5,)",
+        "Point(x=1, y=2) True",
+    ]

@@ -10,6 +10,8 @@ default context (see :mod:`gilfree.context`).
 
 from __future__ import annotations
 
+import sys as _sys
+
 from . import connection as connection
 from . import context as context
 from . import process as process
@@ -31,6 +33,14 @@ from .context import Process as Process
 from .process import active_children as active_children
 from .process import current_process as current_process
 from .process import parent_process as parent_process
+
+# As the stdlib does: in the parent, ``__mp_main__`` names the main module, so an object whose class
+# a spawned or forkserver child defined in its copy of the main script (``__mp_main__.Point``, an
+# exception class of the script) unpickles here.  In a spawned child, the child's own main module is
+# installed under both names later (``_start._common._install_main``).
+if "__main__" in _sys.modules:
+    _sys.modules.setdefault("__mp_main__", _sys.modules["__main__"])
+del _sys
 
 # `typing` and the modules below cost a spawned child tens of milliseconds of start-up, and a child
 # imports `gilfree` before anything else.  They are loaded on first access instead: the names are
