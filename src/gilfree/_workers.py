@@ -1057,9 +1057,13 @@ class Engine(EngineBase):
         else:
             item_no = item
         error = WorkerLostError(worker.pid or 0, exitcode, task.tid, item_no, task.describe(), task.attempt, sending)
-        if task.policy == "break":
-            self._finish_task(worker, task, False, error)
-            self._break(BrokenPoolError(f"a worker died under on_worker_death='break': {error}"), cause=error)
+        if task.policy == "break":  # as the stdlib's executor: every unfinished task, this one too
+            broken = BrokenPoolError(
+                f"a worker died under on_worker_death='break' (a process in the pool was terminated abruptly "
+                f"while the task was running or pending): {error}")
+            broken.__cause__ = error
+            self._finish_task(worker, task, False, broken)
+            self._break(broken, cause=error)
             return
         self._task_failed(worker, task, None if sending else item, error, retry=task.policy == "retry")
 

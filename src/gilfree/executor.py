@@ -21,10 +21,11 @@ import itertools
 import threading
 import time
 import weakref
-from concurrent.futures import BrokenExecutor, Executor, Future
+from concurrent.futures import Executor, Future
 from concurrent.futures import TimeoutError as FuturesTimeoutError
+from concurrent.futures.process import BrokenProcessPool as _StdBrokenProcessPool
 
-from . import _workers
+from . import _workers, util
 from ._errors import BrokenPoolError
 from ._workers import CALL, STARMAP, Engine, Function, Task
 from .pool import _default_workers, as_context
@@ -36,11 +37,57 @@ if TYPE_CHECKING:
 __all__ = ["ProcessPoolExecutor", "BrokenProcessPool"]
 
 
-class BrokenProcessPool(BrokenPoolError, BrokenExecutor):
-    """The executor cannot run tasks any more (a ``concurrent.futures.BrokenExecutor``)."""
+class BrokenProcessPool(BrokenPoolError, _StdBrokenProcessPool):
+    """The executor cannot run tasks any more.
+
+    A subclass of the stdlib's ``concurrent.futures.process.BrokenProcessPool`` (so of
+    ``BrokenExecutor``): code written for the stdlib's executor catches it unchanged.
+    """
 
 
 BrokenProcessPool.__module__ = "gilfree.executor"
+
+
+#: Executors not shut down yet, and engines of executors collected without ``shutdown()``.  At
+#: interpreter exit -- before non-daemonic threads are joined and before ``atexit`` handlers, as the
+#: stdlib's executor does -- each one runs its pending futures to the end and its workers exit: "the
+#: program will not exit until all pending futures are done".  Submitting after that raises.
+_live: weakref.WeakSet[ProcessPoolExecutor] = weakref.WeakSet()
+_abandoned: set[Any] = set()
+_abandoned_lock = threading.Lock()
+_interpreter_exiting = False
+
+
+def _at_interpreter_exit() -> None:
+    global _interpreter_exiting
+    _interpreter_exiting = True
+    for executor in list(_live):
+        try:
+            executor.shutdown(wait=True)
+        except Exception as exc:  # one executor's failure must not leave the others' work unfinished
+            util.info("ProcessPoolExecutor: shutdown at exit failed: %r", exc)
+    with _abandoned_lock:
+        engines = list(_abandoned)
+        _abandoned.clear()
+    for engine in engines:
+        engine.join()
+
+
+def _abandon(engine: Any) -> None:
+    """The executor was collected without ``shutdown()``: its workers finish the futures already
+    submitted (someone may hold them) and exit, as the stdlib's do."""
+    engine.close()
+    with _abandoned_lock:
+        for done in [e for e in _abandoned if e.join(0)]:
+            _abandoned.discard(done)
+        if not engine.join(0):
+            _abandoned.add(engine)
+
+
+try:
+    threading._register_atexit(_at_interpreter_exit)  # type: ignore[attr-defined]
+except RuntimeError:  # imported while the interpreter is already shutting down
+    _interpreter_exiting = True
 
 
 class _FutureJob:
@@ -52,7 +99,13 @@ class _FutureJob:
         self.future = future
 
     def _start(self, task: Task) -> bool:
-        return self.future.set_running_or_notify_cancel()
+        """Mark the future RUNNING as its task is sent; False if it was cancelled.  Idempotent: a task
+        sent again (requeued after its worker died before starting it, or retried) is already RUNNING,
+        and a RUNNING future cannot be cancelled."""
+        future = self.future
+        if future.running():
+            return True
+        return future.set_running_or_notify_cancel()
 
     def _done(self, task: Task, ok: bool, value: Any) -> None:
         future = self.future
@@ -116,6 +169,8 @@ class ProcessPoolExecutor(Executor):
         self._shutdown_lock = threading.Lock()
         self._shutdown = False
         self._futures: weakref.WeakSet[Future[Any]] = weakref.WeakSet()
+        _live.add(self)
+        weakref.finalize(self, _abandon, self._engine)
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} max_workers={self._max_workers} state={self._engine.state}>"
@@ -125,13 +180,18 @@ class ProcessPoolExecutor(Executor):
         with self._shutdown_lock:
             if self._engine.broken is not None:
                 raise BrokenProcessPool(str(self._engine.broken))
-            if self._shutdown:
-                raise RuntimeError("cannot schedule new futures after shutdown")
+            self._check_open()
             future: Future[Any] = Future()
             task = Task(_FutureJob(future), 0, CALL, Function(fn), args, kwargs or None, 1, **self._options)
             self._futures.add(future)
             self._engine.submit([task])
             return future
+
+    def _check_open(self) -> None:
+        if _interpreter_exiting:
+            raise RuntimeError("cannot schedule new futures after interpreter shutdown")
+        if self._shutdown:
+            raise RuntimeError("cannot schedule new futures after shutdown")
 
     def map(self, fn: Callable[..., Any], *iterables: Iterable[Any], timeout: float | None = None,
             chunksize: int = 1) -> Iterator[Any]:
@@ -144,8 +204,9 @@ class ProcessPoolExecutor(Executor):
         tasks = []
         args = zip(*iterables)
         with self._shutdown_lock:
-            if self._shutdown:
-                raise RuntimeError("cannot schedule new futures after shutdown")
+            if self._engine.broken is not None:
+                raise BrokenProcessPool(str(self._engine.broken))
+            self._check_open()
             for index in itertools.count():
                 chunk = list(itertools.islice(args, chunksize))
                 if not chunk:
@@ -183,6 +244,7 @@ class ProcessPoolExecutor(Executor):
                 for future in list(self._futures):
                     future.cancel()
         self._engine.close()
+        _live.discard(self)
         if wait:
             self._engine.join()
 

@@ -403,7 +403,8 @@ def parent_process() -> BaseProcess | None:
 
 def _cleanup() -> None:
     for p in list(_children):
-        if p._popen is not None and p._popen.poll() is not None:
+        popen = p._popen  # read once: another thread may close the object meanwhile
+        if popen is None or popen.poll() is not None:
             _children.discard(p)
 
 
@@ -414,27 +415,35 @@ def active_children() -> list[BaseProcess]:
 
 
 def _exit_function() -> None:
-    """At exit: run finalizers, terminate daemonic children (SIGKILL after a grace), join the rest."""
+    """At exit: run finalizers, terminate daemonic children (SIGKILL after a grace), join the rest.
+
+    Another thread (a pool's supervisor) may close a Process object while this runs: a closed one
+    is skipped, never allowed to end the function early (that left non-daemonic children orphaned).
+    """
     util._set_exiting()
     util.info("process shutting down")
     util._run_finalizers(0)
-    children = active_children()
-    daemons = [p for p in children if p.daemon]
+    daemons = [p for p in active_children() if p.daemon]
     for p in daemons:
         util.info("calling terminate() for daemon %s", p.name)
-        try:
-            p._popen.terminate()
-        except OSError:
-            pass
+        _ignoring_closed(p, "terminate")
     for p in daemons:
-        p.join(DAEMON_GRACE)
-        if p.is_alive():
+        _ignoring_closed(p, "join", DAEMON_GRACE)
+        if _ignoring_closed(p, "is_alive"):
             util.info("daemon %s ignored SIGTERM for %s s: killing it", p.name, DAEMON_GRACE)
-            p._popen.kill()
+            _ignoring_closed(p, "kill")
     for p in active_children():
         util.info("calling join() for process %s", p.name)
-        p.join()
+        _ignoring_closed(p, "join")
     util._run_finalizers()
+
+
+def _ignoring_closed(p: BaseProcess, method: str, *args: Any) -> Any:
+    """``p.method(*args)``; None if the object was closed meanwhile or its child already reaped."""
+    try:
+        return getattr(p, method)(*args)
+    except (ValueError, AttributeError, OSError):  # closed (no _popen), or reaped by its closer
+        return None
 
 
 atexit.register(_exit_function)

@@ -1,0 +1,231 @@
+"""ProcessPoolExecutor where it used to break (issue 12): requeued futures, the "break" policy, exit
+with pending work, an executor left to the GC, and the exit function racing a closed Process.
+
+Each test failed before the change it covers; the ones that compare run the stdlib beside gilfree.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import concurrent.futures.process as cfp
+import gc
+import os
+import signal
+import time
+
+import pytest
+from _helpers import run_program, write_program
+
+import gilfree
+from gilfree import TaskTimeoutError, WorkerLostError
+from gilfree.executor import ProcessPoolExecutor
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def die_on(x, bad=0):
+    if x == bad:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return x
+
+
+def sleep_then(x, seconds):
+    time.sleep(seconds)
+    return x
+
+
+def die_after(seconds):
+    time.sleep(seconds)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _gone(pid: int, within: float) -> bool:
+    end = time.monotonic() + within
+    while time.monotonic() < end:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        try:  # our own child: reaped by its owner, or a zombie until then
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().split(") ", 1)[1].startswith("Z"):
+                    return True
+        except OSError:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+# -- 3. a future requeued after its worker died before starting it ---------------------------
+
+
+@pytest.mark.parametrize("policy", ["fail", "retry"])
+def test_futures_sent_to_a_dying_worker_run_elsewhere(method, policy):
+    """The worker had the next futures in hand (prefetched, RUNNING) when it died: they went back to
+    the queue, ``set_running_or_notify_cancel`` raised on a RUNNING future, the supervisor died and
+    the futures stayed RUNNING for good."""
+    with ProcessPoolExecutor(1, mp_context=method, on_worker_death=policy, retries=0) as ex:
+        doomed = ex.submit(die_on, 0)
+        after = [ex.submit(sleep_then, i, 0.01) for i in range(1, 8)]
+        with pytest.raises(WorkerLostError):
+            doomed.result(30)
+        assert [f.result(30) for f in after] == list(range(1, 8))
+        assert ex.submit(die_on, 5).result(30) == 5  # the supervisor is alive
+
+
+def test_futures_sent_behind_a_timed_out_task_run_elsewhere(method):
+    with ProcessPoolExecutor(1, mp_context=method, task_timeout=0.5) as ex:
+        slow = ex.submit(sleep_then, "slow", 30)
+        after = [ex.submit(sleep_then, i, 0.01) for i in range(5)]
+        with pytest.raises(TaskTimeoutError):
+            slow.result(30)
+        assert [f.result(30) for f in after] == list(range(5))
+
+
+# -- 12. on_worker_death="break" is the stdlib's behaviour -----------------------------------
+
+
+@pytest.mark.parametrize("impl", ["gilfree", "stdlib"])
+def test_break_gives_every_unfinished_future_broken_process_pool(method, impl):
+    if impl == "stdlib":
+        ex = cf.ProcessPoolExecutor(2, mp_context=__import__("multiprocessing").get_context(method))
+    else:
+        ex = ProcessPoolExecutor(2, mp_context=method, on_worker_death="break")
+    with ex:
+        doomed = ex.submit(die_after, 0.5)
+        slow = [ex.submit(sleep_then, i, 5) for i in range(4)]  # running, sent, or waiting
+        for f in [doomed, *slow]:
+            with pytest.raises(cfp.BrokenProcessPool):  # the stdlib's class catches gilfree's
+                f.result(30)
+        with pytest.raises(cfp.BrokenProcessPool):
+            ex.submit(sleep_then, 1, 0)
+        with pytest.raises(cfp.BrokenProcessPool):
+            ex.map(sleep_then, [1], [0])
+
+
+def test_broken_process_pool_is_the_stdlibs_and_gilfrees():
+    assert issubclass(gilfree.executor.BrokenProcessPool, cfp.BrokenProcessPool)
+    assert issubclass(gilfree.executor.BrokenProcessPool, cf.BrokenExecutor)
+    assert issubclass(gilfree.executor.BrokenProcessPool, gilfree.BrokenPoolError)
+
+
+# -- 9. exit with pending futures; an executor left to the GC ----------------------------------
+
+EXIT_WITH_PENDING = """
+import os, sys, time
+from concurrent.futures import ProcessPoolExecutor as StdExecutor
+
+def record(path, i):
+    time.sleep(0.05)
+    with open(os.path.join(path, str(i)), "w"):
+        pass
+    return i
+
+if __name__ == "__main__":
+    out = sys.argv[1]
+    if multiprocessing.__name__ == "gilfree":
+        ex = multiprocessing.ProcessPoolExecutor(2)
+    else:
+        ex = StdExecutor(2, mp_context=multiprocessing.get_context())
+    futures = [ex.submit(record, out, i) for i in range(20)]
+    print("submitted", len(futures))
+    # no shutdown(): the program ends with the futures pending
+"""
+
+
+@pytest.mark.parametrize("module", ["gilfree", "multiprocessing"])
+def test_exit_runs_the_pending_futures(tmp_path, method, module):
+    out = tmp_path / "out"
+    out.mkdir()
+    prog = write_program(tmp_path, EXIT_WITH_PENDING, module=module, method=method)
+    res = run_program([str(prog), str(out)], timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert "Traceback" not in res.stderr, res.stderr
+    assert sorted(int(n) for n in os.listdir(out)) == list(range(20))
+
+
+SUBMIT_AT_EXIT = """
+import atexit
+
+@atexit.register
+def run_last():
+    try:
+        ex.submit(abs, -1)
+    except RuntimeError as exc:
+        print("runtime-error:", exc)
+
+if __name__ == "__main__":
+    if multiprocessing.__name__ == "gilfree":
+        ex = multiprocessing.ProcessPoolExecutor(2)
+    else:
+        from concurrent.futures import ProcessPoolExecutor
+        ex = ProcessPoolExecutor(2, mp_context=multiprocessing.get_context())
+    print(ex.submit(abs, -42).result())
+"""
+
+
+@pytest.mark.parametrize("module", ["gilfree", "multiprocessing"])
+def test_submit_after_interpreter_shutdown_raises(tmp_path, module):
+    prog = write_program(tmp_path, SUBMIT_AT_EXIT, module=module, method="spawn")
+    res = run_program(prog, timeout=60)
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    assert lines[0] == "42" and len(lines) == 2, res.stdout
+    # the stdlib says "after shutdown" (its exit hook marked the executor shut down); gilfree names why
+    assert lines[1].startswith("runtime-error: cannot schedule new futures after"), res.stdout
+
+
+def _abandoned_executor(method):
+    ex = ProcessPoolExecutor(2, mp_context=method)
+    future = ex.submit(sleep_then, "done", 0.3)
+    pids = set(ex.pids)
+    return future, pids
+
+
+def test_an_executor_left_to_the_gc_finishes_its_futures_and_stops_its_workers(method):
+    future, pids = _abandoned_executor(method)
+    gc.collect()
+    assert future.result(30) == "done"  # what was submitted still runs
+    assert pids and all(_gone(pid, 10) for pid in pids), "the workers outlived their executor"
+
+
+# -- 9. the exit function and a Process closed by another thread -------------------------------
+
+EXIT_FUNCTION_RACE = """
+import os, sys, time
+import gilfree.process as gp
+
+def noop():
+    pass
+
+def slow_write(path):
+    time.sleep(1.0)
+    with open(path, "w") as f:
+        f.write("done")
+
+if __name__ == "__main__":
+    finished = multiprocessing.Process(target=noop)
+    finished.start()
+    finished.join()
+    slow = multiprocessing.Process(target=slow_write, args=(sys.argv[1],))
+    slow.start()
+    listed = gp.active_children
+
+    def racing():
+        # what a pool's supervisor thread does between the exit function's look and its join:
+        # close a Process object the exit function has already listed
+        children = listed()
+        finished.close()
+        return [finished, *children]
+
+    gp.active_children = racing
+"""
+
+
+def test_exit_function_skips_a_process_closed_meanwhile(tmp_path, method):
+    marker = tmp_path / "marker"
+    prog = write_program(tmp_path, EXIT_FUNCTION_RACE, method=method)
+    res = run_program([str(prog), str(marker)], timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert "process object is closed" not in res.stderr, res.stderr
+    assert marker.exists() and marker.read_text() == "done", "the non-daemonic child was not joined at exit"
