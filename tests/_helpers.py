@@ -87,6 +87,112 @@ def session_members(sessions: set[int]) -> set[int]:
     return found
 
 
+#: The reaper's program: reads session ids from stdin ("+sid" to watch, "-sid" to forget); when its
+#: stdin reads EOF or its parent ends (pidfd), it SIGKILLs every process of the watched sessions,
+#: again until none is left (a dying process may still be forking), and exits.
+_REAPER = r"""
+import os, select, signal, sys, time
+parent = int(sys.argv[1])
+watched = set()
+try:
+    pidfd = os.pidfd_open(parent)
+except (OSError, AttributeError):
+    pidfd = None
+buf = b""
+
+def take(chunk):
+    global buf
+    buf += chunk
+    *lines, buf = buf.split(b"\n")
+    for line in lines:
+        sid = int(line[1:])
+        (watched.add if line[:1] == b"+" else watched.discard)(sid)
+
+poller = select.poll()
+poller.register(0, select.POLLIN)
+if pidfd is not None:
+    poller.register(pidfd, select.POLLIN)
+done = pidfd is None and os.getppid() != parent  # the parent ended before we looked: reap now
+while not done:
+    for fd, _ in poller.poll(1000 if pidfd is None else None):
+        if fd == pidfd:
+            done = True
+            continue
+        chunk = os.read(0, 4096)
+        if not chunk:
+            done = True
+            continue
+        take(chunk)
+    if pidfd is None and os.getppid() != parent:
+        done = True
+os.set_blocking(0, False)  # what the parent wrote before it died may not have been read yet
+while True:
+    try:
+        chunk = os.read(0, 4096)
+    except BlockingIOError:  # a forked child of the parent still holds the write end
+        break
+    if not chunk:
+        break
+    take(chunk)
+
+def members():
+    found = set()
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat", "rb") as f:
+                    stat = f.read()
+            except OSError:
+                continue
+            if int(stat[stat.rindex(b")") + 2:].split()[3]) in watched:
+                found.add(int(name))
+    return found
+
+end = time.monotonic() + 10
+while watched and time.monotonic() < end:
+    pids = members()
+    if not pids:
+        break
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    time.sleep(0.1)
+"""
+
+
+class SessionReaper:
+    """A watchdog process that kills every process of the registered sessions if this one dies.
+
+    The clusters of test_backends run in sessions of their own (``start_new_session``) and fork
+    further processes (Ray's raylet and GCS, Dask's nannies); a fixture stops them when the session
+    ends, but a test runner killed with SIGKILL runs no fixture.  The reaper, in a session of its own
+    (so a Ctrl-C to the terminal's group does not take it first), notices its parent's end through a
+    pidfd and the EOF of its stdin, which only this process holds, and kills what was registered.
+    """
+
+    def __init__(self) -> None:
+        r, w = os.pipe()
+        self.proc = subprocess.Popen([sys.executable, "-c", _REAPER, str(os.getpid())], stdin=r,
+                                     start_new_session=True, close_fds=True)
+        os.close(r)
+        self._w = w
+
+    def watch(self, sid: int) -> None:
+        os.write(self._w, f"+{sid}\n".encode())
+
+    def forget(self, sid: int) -> None:
+        os.write(self._w, f"-{sid}\n".encode())
+
+    def close(self) -> None:
+        """Stop the reaper (it kills what is still registered), and wait for it."""
+        if self._w >= 0:
+            os.close(self._w)
+            self._w = -1
+        self.proc.wait(30)
+
+
 def session_shm(sessions: set[int]) -> set[str]:
     """The /dev/shm entries that processes of these sessions have mapped (their semaphores and
     segments: Dask's nannies use the stdlib's named semaphores)."""

@@ -26,7 +26,7 @@ import warnings
 from pathlib import Path
 
 import pytest
-from _helpers import INFRA_SESSIONS, SRC, session_members, session_shm
+from _helpers import INFRA_SESSIONS, SRC, SessionReaper, session_members, session_shm
 
 import gilfree
 from gilfree.executor import ProcessPoolExecutor
@@ -110,11 +110,25 @@ def _cluster_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+@pytest.fixture(scope="session")
+def reaper():
+    """Kills the clusters' sessions if this test runner dies without running the fixtures' teardown
+    (a SIGKILLed pytest left a Dask scheduler, its workers and a two-node Ray cluster running)."""
+    watchdog = SessionReaper()
+    INFRA_SESSIONS.add(watchdog.proc.pid)
+    try:
+        yield watchdog
+    finally:
+        watchdog.close()
+        INFRA_SESSIONS.discard(watchdog.proc.pid)
+
+
 class _Programs:
     """Programs started each in its own session, stopped by killing every process of those sessions."""
 
-    def __init__(self, logdir: str) -> None:
+    def __init__(self, logdir: str, reaper: SessionReaper) -> None:
         self.logdir = logdir
+        self.reaper = reaper
         self.procs: list[subprocess.Popen] = []
 
     def start(self, name: str, args: list[str], env: dict[str, str]) -> subprocess.Popen:
@@ -124,6 +138,7 @@ class _Programs:
         log.close()
         self.procs.append(proc)
         INFRA_SESSIONS.add(proc.pid)
+        self.reaper.watch(proc.pid)
         return proc
 
     def log(self, name: str) -> str:
@@ -148,6 +163,8 @@ class _Programs:
                 p.wait(5)
         _reap()
         INFRA_SESSIONS.difference_update(sessions)
+        for sid in sessions:
+            self.reaper.forget(sid)
         for name in shm:  # mapped by these processes: theirs, left behind by a SIGKILL
             with contextlib.suppress(OSError):
                 os.unlink(os.path.join("/dev/shm", name))
@@ -171,11 +188,11 @@ def _reap() -> None:
 
 
 @pytest.fixture(scope="session")
-def dask_cluster():
+def dask_cluster(reaper):
     """A Dask scheduler and two single-threaded workers on 127.0.0.1; yields the scheduler address."""
     distributed = pytest.importorskip("distributed")
     logdir = tempfile.mkdtemp(prefix="gf-dask-")
-    programs = _Programs(logdir)
+    programs = _Programs(logdir, reaper)
     port = _free_port()
     address = f"tcp://127.0.0.1:{port}"
     env = _cluster_env()
@@ -197,13 +214,13 @@ def dask_cluster():
 
 
 @pytest.fixture(scope="session")
-def ray_cluster():
+def ray_cluster(reaper):
     """A two-node Ray cluster (1 CPU each) on 127.0.0.2 / 127.0.0.3 with token authentication on every
     node and on this driver; yields the head's address."""
     if not HAVE_RAY:
         pytest.skip(needs_ray.kwargs["reason"])
     temp = tempfile.mkdtemp(prefix="gf-ray-", dir="/tmp")  # short: Ray puts unix sockets in it
-    programs = _Programs(temp)
+    programs = _Programs(temp, reaper)
     port = _free_port()
     address = f"127.0.0.2:{port}"
     auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}  # the same on every node

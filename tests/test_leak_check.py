@@ -151,3 +151,80 @@ def test_a_leak_of_this_run_is_caught(tmp_path):
         assert re.search(rf"ERROR at teardown of {name} _+\nleak check: left in /dev/shm", out), out[-3000:]
     assert "test_clean" not in out, out[-3000:]
     assert re.search(r"\b4 passed, .*\b3 errors\b", out), out[-3000:]
+
+
+# -- the clusters' watchdog: a test runner killed with SIGKILL leaves no cluster behind ---------
+
+RUNNER = r"""
+import os, subprocess, sys, time
+sys.path.insert(0, sys.argv[1])
+from _helpers import SessionReaper
+
+reaper = SessionReaper()
+sessions = []
+for watched in (True, False):
+    # a "cluster": a program in a session of its own that forks a grandchild, as Ray's head does
+    p = subprocess.Popen(["sh", "-c", "sleep 120 & sleep 120"], start_new_session=True)
+    if watched:
+        reaper.watch(p.pid)
+    sessions.append(p.pid)
+print(reaper.proc.pid, *sessions, flush=True)
+time.sleep(120)
+"""
+
+
+def _members(sid: int) -> set[int]:
+    from _helpers import session_members
+
+    return {pid for pid in session_members({sid}) if not _zombie(pid)}
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] == b"Z"
+    except OSError:
+        return True
+
+
+def test_a_killed_runner_leaves_no_watched_session_behind():
+    runner = subprocess.Popen([sys.executable, "-c", RUNNER, str(TESTS)], stdout=subprocess.PIPE, text=True)
+    try:
+        reaper_pid, watched, unwatched = map(int, runner.stdout.readline().split())
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and (len(_members(watched)) < 2 or len(_members(unwatched)) < 2):
+            time.sleep(0.05)
+        assert len(_members(watched)) >= 2 and len(_members(unwatched)) >= 2  # sh and its children
+        runner.kill()  # as SIGKILL to pytest: no fixture teardown runs
+        runner.wait(10)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and _members(watched):
+            time.sleep(0.05)
+        assert not _members(watched), "the watched session outlived the killed runner"
+        assert len(_members(unwatched)) >= 2  # the control: nothing else would have killed them
+    finally:
+        runner.kill()
+        runner.wait(10)
+        from _helpers import session_members
+
+        leftovers = session_members({watched, unwatched, reaper_pid}) if "watched" in locals() else set()
+        for pid in leftovers:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        # they were re-parented to this pytest (a child subreaper): reap them
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                pid, _ = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid == 0:
+                if not any(not _zombie(p) for p in leftovers) and not _pending_zombies(leftovers):
+                    break
+                time.sleep(0.05)
+
+
+def _pending_zombies(pids: set[int]) -> bool:
+    return any(os.path.exists(f"/proc/{p}") for p in pids)
