@@ -1044,9 +1044,10 @@ class Engine(EngineBase):
                 from ._errors import describe_exit
 
                 self._break(BrokenPoolError(
-                    f"{self._start_failures} workers in a row {describe_exit(exitcode)} before finishing a task "
-                    f"(last pid {worker.pid}); the pool cannot run tasks.  Does the worker start fail (an import "
-                    f"error under spawn, a crash at start)?"
+                    f"{self._start_failures} workers in a row ended before finishing a task (the last, pid "
+                    f"{worker.pid}, {describe_exit(exitcode)}); the pool cannot run tasks.  Does the worker start "
+                    f"fail (an import error under spawn, a crash at start), or do a task's arguments fail to "
+                    f"unpickle in the worker (its output says)?"
                 ))
         self._replace()
 
