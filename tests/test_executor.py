@@ -229,3 +229,26 @@ def test_exit_function_skips_a_process_closed_meanwhile(tmp_path, method):
     assert res.returncode == 0, res.stderr
     assert "process object is closed" not in res.stderr, res.stderr
     assert marker.exists() and marker.read_text() == "done", "the non-daemonic child was not joined at exit"
+
+
+# -- the results of map are not kept alive by the executor --------------------------------------
+
+
+class Dummy:
+    pass
+
+
+def make_dummy(_):
+    return Dummy()
+
+
+def test_map_keeps_no_reference_to_a_result_the_caller_dropped(method):
+    """CPython's test_free_reference: each result is freed once the caller lets it go."""
+    import weakref
+
+    with ProcessPoolExecutor(2, mp_context=method) as ex:
+        for obj in ex.map(make_dummy, range(10)):
+            ref = weakref.ref(obj)
+            del obj
+            gc.collect()
+            assert ref() is None

@@ -230,7 +230,12 @@ class ProcessPoolExecutor(Executor):
                 except FuturesTimeoutError:
                     raise FuturesTimeoutError() from None
                 futures.pop()
-                yield from chunk
+                del future
+                # hand each result over and keep no reference to it (the future holds this same list):
+                # a result the caller drops is freed at once, as with the stdlib
+                chunk.reverse()
+                while chunk:
+                    yield chunk.pop()
         finally:
             for future in futures:
                 future.cancel()
