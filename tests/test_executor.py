@@ -252,3 +252,33 @@ def test_map_keeps_no_reference_to_a_result_the_caller_dropped(method):
             del obj
             gc.collect()
             assert ref() is None
+
+
+# -- a forked child does not wait at its exit for its parent's executors (found by the breaker) ---
+
+
+def noop():
+    pass
+
+
+def test_a_forked_child_exits_while_an_executor_is_open_in_the_parent():
+    """The exit hook ran in forked children too, on their copies of the parent's executors: it
+    waited for a supervisor thread that did not come along, and the child never exited."""
+    ctx = gilfree.get_context("fork")
+    with ProcessPoolExecutor(1, mp_context=ctx) as ex:
+        assert ex.submit(abs, -3).result(30) == 3
+        p = ctx.Process(target=noop)
+        start = time.monotonic()
+        p.start()
+        p.join(20)
+        if p.exitcode is None:
+            p.kill()
+            p.join()
+        assert p.exitcode == 0
+        assert time.monotonic() - start < 4  # it waited for nothing (it used to hang, or take 5 s)
+        with ctx.Pool(2) as pool:  # pool workers are forked children too
+            assert pool.map(abs, [-1, -2]) == [1, 2]
+            pool.close()
+            start = time.monotonic()
+            pool.join()
+            assert time.monotonic() - start < 4

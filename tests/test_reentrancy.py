@@ -208,3 +208,64 @@ def test_gc_during_proxy_traffic_loses_no_reference():
         assert [k["i"] for k in keep] == list(range(0, 300, 7))
         m._number_of_objects()  # a request: the decrefs waiting on this channel go with it
         assert m._number_of_objects() == len(keep)
+
+
+FINALIZER_STARTS_A_PROCESS_DURING_A_LAUNCH = """
+import gc, os, weakref
+
+def noop():
+    pass
+
+busy = False
+
+def start_one(ctx):
+    global busy
+    if busy:
+        return
+    busy = True
+    p = ctx.Process(target=noop)
+    p.start()
+    p.join(10)
+    print("from the finalizer", p.exitcode, flush=True)
+    busy = False
+
+class Cycle:
+    def __init__(self, ctx):
+        self.me = self
+        weakref.finalize(self, start_one, ctx)
+
+if __name__ == "__main__":
+    ctx = multiprocessing.get_context()
+    os.register_at_fork(before=gc.collect)  # the finalizer runs inside os.fork(), in the launch
+    gc.disable()
+    for i in range(2):
+        Cycle(ctx)
+        p = ctx.Process(target=noop)
+        p.start()
+        p.join(10)
+        print("launched", p.exitcode, flush=True)
+"""
+
+
+def test_a_finalizer_that_starts_a_process_inside_a_launch(tmp_path):
+    """Found by the breaker: the finalizer's start() waited for the lifeline guard its own thread
+    held across os.fork()."""
+    prog = write_program(tmp_path, FINALIZER_STARTS_A_PROCESS_DURING_A_LAUNCH, method="fork")
+    out = run_program(prog, timeout=30)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines.count("launched 0") == 2 and lines.count("from the finalizer 0") >= 1, out.stdout
+
+
+def test_reentrant_handoff_lock_nests_and_runs_handed_work_at_the_outermost_release():
+    lock = util.HandoffLock(reentrant=True)
+    ran: list[str] = []
+
+    def go():
+        with lock:
+            with lock:  # the same thread, again (a finalizer inside the launch)
+                lock.run_or_hand_off(ran.append, "handed")
+            assert ran == [] and lock.locked()
+        return list(ran), lock.locked()
+
+    assert _in_thread(go) == (["handed"], False)

@@ -18,6 +18,7 @@ Where this runs: ``submit`` and ``map`` return at once; iterating ``map``'s resu
 from __future__ import annotations
 
 import itertools
+import os
 import threading
 import time
 import weakref
@@ -84,10 +85,20 @@ def _abandon(engine: Any) -> None:
             _abandoned.add(engine)
 
 
+def _forget_the_parents() -> None:
+    # a forked child holds copies of its parent's executors, whose supervisor threads did not come
+    # along: they are the parent's to finish, never this child's to wait for at its exit
+    global _abandoned_lock
+    _live.clear()
+    _abandoned.clear()
+    _abandoned_lock = threading.Lock()
+
+
 try:
     threading._register_atexit(_at_interpreter_exit)  # type: ignore[attr-defined]
 except RuntimeError:  # imported while the interpreter is already shutting down
     _interpreter_exiting = True
+os.register_at_fork(after_in_child=_forget_the_parents)
 
 
 class _FutureJob:

@@ -342,17 +342,36 @@ class HandoffLock:
     waits in a deque (whose ``append`` is atomic, no lock) and the holder runs it before it releases.
     Ordinary code uses ``with lock:``.  No handed-off work is left behind: a releaser looks at the
     deque after releasing and takes the lock again if something arrived meanwhile.
+
+    ``reentrant=True``: the holding thread may take it again (for state whose every change is safe
+    to nest, such as the set of lifelines: a finalizer run inside ``os.fork()`` may start a process);
+    handed-off work then runs when the outermost holder releases.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, reentrant: bool = False) -> None:
         self._lock = threading.Lock()
         self._handed: collections.deque[tuple[Callable[..., Any], tuple[Any, ...]]] = collections.deque()
+        self._reentrant = reentrant
+        self._owner = 0  # thread ident of the holder (reentrant locks only)
+        self._depth = 0
 
     def acquire(self) -> None:
+        if self._reentrant:
+            me = threading.get_ident()
+            if self._owner == me:
+                self._depth += 1
+                return
+            self._lock.acquire()
+            self._owner, self._depth = me, 1
+            return
         self._lock.acquire()
 
     def release(self) -> None:
         """Run the handed-off work, then release (again while work keeps arriving)."""
+        if self._reentrant:
+            if self._depth > 1:
+                self._depth -= 1
+                return
         handed = self._handed
         while True:
             while handed:
@@ -361,15 +380,19 @@ class HandoffLock:
                     func(*args)
                 except Exception as exc:  # finalizer work: report, never break the holder's code
                     info("handed-off %r raised %r", func, exc)
+            if self._reentrant:
+                self._owner, self._depth = 0, 0
             self._lock.release()
             if not handed or not self._lock.acquire(False):
                 return
+            if self._reentrant:
+                self._owner, self._depth = threading.get_ident(), 1
 
     def locked(self) -> bool:
         return self._lock.locked()
 
     def __enter__(self) -> HandoffLock:
-        self._lock.acquire()
+        self.acquire()
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -379,9 +402,12 @@ class HandoffLock:
         """Run ``func(*args)`` under the lock now if it is free, else leave it to the holder.  Never waits."""
         self._handed.append((func, args))
         if self._lock.acquire(False):
+            if self._reentrant:
+                self._owner, self._depth = threading.get_ident(), 1
             self.release()
 
     def reinit_in_child(self) -> None:
         """In a forked child: unlocked, and the parent's handed-off work dropped (it is the parent's)."""
         self._lock = threading.Lock()
         self._handed.clear()
+        self._owner, self._depth = 0, 0

@@ -44,7 +44,8 @@ _PAYLOAD = struct.Struct("!QQI")  # length of preparation data, of the process o
 #: between a write end's removal and its close (a child would keep a sibling's lifeline open).
 #: ``release_lifeline`` runs in finalizers, maybe inside ``os.fork()`` on the thread that holds the
 #: guard (an at-fork handler that collects): it never waits, it hands the release to the holder.
-_lifeline_guard = util.HandoffLock()
+#: Reentrant: a finalizer run there may also start a process (a new lifeline, a nested fork).
+_lifeline_guard = util.HandoffLock(reentrant=True)
 _lifelines: set[int] = set()  # write ends held by this process
 
 
