@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
 import time
 
@@ -456,3 +457,140 @@ def test_instances_of_main_script_classes_come_back(tmp_path, method, module):
         "caught True (5,)",
         "Point(x=1, y=2) True",
     ]
+
+
+# -- found by the breaker ---------------------------------------------------------------------
+
+
+def die_first_time(directory, x, doomed=(2, 3)):
+    """Dies on the first attempt at an item in ``doomed`` (one marker file per item)."""
+    if x in doomed:
+        try:
+            os.close(os.open(os.path.join(directory, str(x)), os.O_CREAT | os.O_EXCL))
+            os.kill(os.getpid(), signal.SIGKILL)
+        except FileExistsError:
+            pass
+    return x * 10
+
+
+def _outcomes(iterator):
+    out = []
+    while True:
+        try:
+            out.append(next(iterator))
+        except StopIteration:
+            return out
+        except Exception as exc:
+            out.append(type(exc).__name__)
+
+
+def test_a_death_in_the_last_piece_of_a_cut_chunk_fails_only_its_item(ctx, tmp_path):
+    """Item 2's death cut the chunk; item 3, alone in its piece, killed the next worker: the whole
+    chunk failed, and the results of items 0 and 1 were lost."""
+    with ctx.Pool(2) as pool:
+        out = _outcomes(pool.istarmap(die_first_time, [(str(tmp_path), i) for i in range(8)], chunksize=4))
+    assert out == [0, 10, "WorkerLostError", "WorkerLostError", 40, 50, 60, 70]
+
+
+class Unpicklable:
+    def __reduce__(self):
+        raise TypeError("cannot pickle this result")
+
+
+def unpicklable_at(x, bad=50):
+    return Unpicklable() if x == bad else x
+
+
+@pytest.mark.parametrize("unordered", [False, True])
+def test_imap_an_unpicklable_result_fails_only_its_item(ctx, unordered):
+    """The chunk's send failed as a whole: one MaybeEncodingError, and the rest of the chunk lost."""
+    with ctx.Pool(2) as pool:
+        method = pool.imap_unordered if unordered else pool.imap
+        out = _outcomes(method(unpicklable_at, range(200)))
+    assert out.count("MaybeEncodingError") == 1
+    values = [x for x in out if isinstance(x, int)]
+    assert sorted(values) == [x for x in range(200) if x != 50]
+    if not unordered:
+        assert out == [x if x != 50 else "MaybeEncodingError" for x in range(200)]
+
+
+class ExitsWhenRebuilt:
+    def __reduce__(self):
+        return (sys.exit, (3,))  # rebuilding it in the parent raises SystemExit
+
+
+def exits_when_rebuilt_at(x, bad=3):
+    return ExitsWhenRebuilt() if x == bad else x
+
+
+def test_a_result_whose_rebuilding_raises_system_exit_fails_only_its_task(ctx):
+    """The supervisor caught only Exception: SystemExit killed it and broke the pool."""
+    with ctx.Pool(2) as pool:
+        results = [pool.apply_async(exits_when_rebuilt_at, (i,)) for i in range(8)]
+        out = []
+        for r in results:
+            try:
+                out.append(r.get(30))
+            except RuntimeError as exc:
+                assert isinstance(exc.__cause__, SystemExit)
+                out.append("RuntimeError")
+    assert out == [0, 1, 2, "RuntimeError", 4, 5, 6, 7]
+
+
+def test_a_callback_raising_system_exit_keeps_the_pool(ctx, capsys):
+    def callback(value):
+        if value == 9:
+            raise SystemExit(1)
+
+    with ctx.Pool(2) as pool:
+        results = [pool.apply_async(square, (i,), callback=callback) for i in range(6)]
+        assert [r.get(30) for r in results] == [i * i for i in range(6)]
+        assert pool.apply(square, (7,)) == 49
+
+
+def square(x):
+    return x * x
+
+
+def test_a_callback_that_waits_on_its_own_pool_is_refused_not_hung(ctx, capsys):
+    """The callback's apply() waited for a result only its own thread could deliver: the pool hung
+    and even terminate() + join() never returned (the stdlib hangs the same way)."""
+    errors = []
+
+    def callback(value):
+        try:
+            pool.apply(square, (value,))
+        except RuntimeError as exc:
+            errors.append(str(exc))
+
+    with ctx.Pool(2) as pool:
+        r = pool.apply_async(square, (3,), callback=callback)
+        assert r.get(30) == 9
+        assert pool.apply(square, (4,)) == 16  # the pool goes on
+    assert len(errors) == 1 and "callback" in errors[0]
+
+
+def hang(x):
+    time.sleep(60)
+
+
+def _a_pool_whose_task_timed_out(ctx):
+    import weakref
+
+    pool = ctx.Pool(2, task_timeout=0.5)
+    with pytest.raises(TaskTimeoutError):
+        pool.apply(hang, (1,))
+    return weakref.ref(pool), pool.pids
+
+
+def test_a_pool_whose_task_timed_out_can_be_collected(ctx):
+    """The killed worker's record kept the TaskTimeoutError raised to the caller, whose traceback
+    holds the pool: the pool was never collected and its workers lived on."""
+    import gc
+
+    ref, pids = _a_pool_whose_task_timed_out(ctx)
+    deadline = time.monotonic() + 20
+    while ref() is not None and time.monotonic() < deadline:
+        gc.collect()
+        time.sleep(0.1)
+    assert ref() is None, "the pool was not collected"

@@ -279,12 +279,28 @@ def _serve(recv: Callable[[], Any], send: Callable[[Any], None], slot: Any, init
             except (EOFError, BrokenPipeError, ConnectionResetError):
                 return  # the pool is gone
             except Exception as exc:  # the result cannot be pickled: say so instead
-                error = MaybeEncodingError(exc, value.exc if isinstance(value, _RemoteException) else value)
-                send((tid, False, _RemoteException(error), over, elapsed))
+                if ok and kind >= EACH and type(value) is list:  # an imap chunk: only the bad items fail
+                    send((tid, True, _encodable_items(value), over, elapsed))
+                else:
+                    error = MaybeEncodingError(exc, value.exc if isinstance(value, _RemoteException) else value)
+                    send((tid, False, _RemoteException(error), over, elapsed))
             if _crash.on:
                 _crash.hit("pool.worker.sent")  # the result is out: it counts; only the worker is replaced
             slot[0] = _IDLE
             del value
+
+
+def _encodable_items(values: list[Any]) -> list[Any]:
+    """An imap chunk's results with each one that cannot be pickled replaced by its failure, so the
+    others still arrive (the stdlib's imap fails only that item)."""
+    out = []
+    for value in values:
+        try:
+            reduction.dumps(value)
+        except Exception as exc:
+            value = Failure(_RemoteException(MaybeEncodingError(exc, value)))
+        out.append(value)
+    return out
 
 
 class _Unloadable:
@@ -786,14 +802,15 @@ class Engine(EngineBase):
                 for frame in frames:
                     try:
                         msg = reduction.loads(frame)
-                    except Exception as exc:  # a result that cannot be unpickled here
+                    except BaseException as exc:  # a result that cannot be unpickled here (even a
+                        # __reduce__ that calls sys.exit: the supervisor thread must not die of it)
                         self._unreadable(worker, exc)
                         continue
                     self._handle(worker, msg, len(frame))
         except (EOFError, OSError):
             if not worker.ended:
                 self._hung_up(worker)
-        except Exception as exc:  # a result (with buffers) that cannot be unpickled here
+        except BaseException as exc:  # a result (with buffers) that cannot be unpickled here
             self._unreadable(worker, exc)
 
     def _hung_up(self, worker: _Worker) -> None:
@@ -822,10 +839,15 @@ class Engine(EngineBase):
             else:
                 self._handle(worker, msg, sizes[i] if i < len(sizes) else 0)
 
-    def _unreadable(self, worker: _Worker, exc: Exception) -> None:
+    def _unreadable(self, worker: _Worker, exc: BaseException) -> None:
         util.sub_warning("pool: result from worker %s could not be read: %r", worker.pid, exc)
         if worker.inflight:
             task = worker.inflight.popleft()
+            if not isinstance(exc, Exception):  # SystemExit from a __reduce__: get() must not exit
+                wrapped = RuntimeError(f"the result of {task.describe()} could not be unpickled here: "
+                                       f"rebuilding it raised {exc!r}")
+                wrapped.__cause__ = exc
+                exc = wrapped
             self._finish_task(worker, task, False, exc)
 
     def _collect_thread_results(self) -> None:
@@ -868,7 +890,7 @@ class Engine(EngineBase):
         task.worker = None
         try:
             task.job._done(task, ok, value)
-        except Exception as exc:  # a callback raised: report it, keep the pool alive
+        except BaseException as exc:  # a callback raised (SystemExit too): report it, keep the pool alive
             util.sub_warning("pool: result callback raised %r", exc)
             sys.stderr.write(f"gilfree: a callback of {task.describe()} raised:\n")
             traceback.print_exception(type(exc), exc, exc.__traceback__)
@@ -1029,7 +1051,8 @@ class Engine(EngineBase):
         task, item, sending = self._running(worker)
         if task is not None:
             worker.inflight.popleft()
-        timed_out = worker.killed_for
+        timed_out, worker.killed_for = worker.killed_for, None  # the error goes to the caller, with a
+        # traceback through the caller's frames (the pool): the engine keeps no reference to it
         expected = worker.stopping and task is None and not worker.inflight
         self._requeue(worker)
         self._forget_worker(worker)
@@ -1077,7 +1100,8 @@ class Engine(EngineBase):
         after it run again; the chunk's job gets the whole as one result.  Anything else fails (or
         runs again) whole."""
         retry = retry and task.attempt <= task.retries
-        if task.kind >= EACH and item is not None and 0 <= item < task.size and task.size > 1:
+        if (task.kind >= EACH and item is not None and 0 <= item < task.size
+                and (task.size > 1 or isinstance(task.job, _Parts))):  # a one-item piece of a cut chunk too
             self._cut(task, item, error, retry)
             return
         if retry:

@@ -116,6 +116,18 @@ def _stdlib_chunksize(n: int, workers: int) -> int:
 # Results
 
 
+def _not_on_the_supervisor(pool: Any) -> None:
+    """Refuse to wait, on the pool's own supervisor thread (in a callback), for a result: only that
+    thread can deliver it, so the wait would never end (and would stall every other result)."""
+    engine = getattr(pool, "_engine", None)
+    if engine is not None and threading.current_thread() is getattr(engine, "_thread", None):
+        raise RuntimeError(
+            "a pool callback waited for a result of its own pool (apply, map, get, or iterating imap): "
+            "callbacks run on the thread that delivers results, so it would wait forever.  Use "
+            "apply_async/map_async there, or hand the work to another thread."
+        )
+
+
 class ApplyResult:
     """The result of ``apply_async`` (``multiprocessing.pool.AsyncResult``)."""
 
@@ -141,6 +153,8 @@ class ApplyResult:
         return bool(self._success)
 
     def wait(self, timeout: float | None = None) -> None:
+        if not self._event.is_set():
+            _not_on_the_supervisor(self._pool)
         self._event.wait(timeout)
 
     def get(self, timeout: float | None = None) -> Any:
@@ -358,6 +372,8 @@ class IMapIterator:
             self._feed()
             with self._cond:
                 outcome = self._take()
+                if outcome is None:
+                    _not_on_the_supervisor(self._pool)
                 while outcome is None:
                     if self._exhausted and self._consumed >= self._submitted:
                         self._finish()
