@@ -535,6 +535,23 @@ def test_served_manager_with_connect(ctx):
         m.shutdown()
 
 
+def test_shutdown_of_a_connected_manager_leaves_other_managers_objects_alone():
+    """Issue 13, item 6: a second manager connected to the same server and shut down closed the
+    process-wide link to it, and the server released the first manager's objects
+    (``RemoteError: no object with id '1'``)."""
+    with SyncManager(("127.0.0.1", 0), KEY, ctx=gilfree.get_context("fork")) as a:
+        d = a.dict(x=1)
+        b = SyncManager(a.address, KEY)
+        b.connect()
+        assert b.dict(y=2)["y"] == 2
+        b.shutdown()
+        assert d.copy() == {"x": 1}  # the first manager's object is still there
+        d["z"] = 3
+        assert a.dict(w=4)["w"] == 4 and d["z"] == 3
+        with pytest.raises(gilfree.ProcessError, match="shut down"):
+            b.dict()
+
+
 def test_wrong_authkey_is_refused():
     with SyncManager(("127.0.0.1", 0), KEY, ctx=gilfree.get_context("fork")) as m:
         other = SyncManager(m.address, b"not the key")

@@ -2101,12 +2101,16 @@ class BaseManager:
         _forget_link(address, authkey)
 
     def shutdown(self) -> None:
-        """Stop the server this manager started (no-op if it started none, or did already)."""
+        """Stop the server this manager started (no-op if it started none, or did already).
+
+        A manager that only connected (``connect()``) stops being usable itself; the server goes on
+        and so does this process's link to it, which every other manager and proxy here that talks
+        to that server shares: closing it would make the server release their objects.
+        """
         if self._finalizer is not None:
             self._finalizer()
         elif self._state.value == State.STARTED and self._process is None:
             self._state.value = State.SHUTDOWN
-            _forget_link(self._address, self._authkey)
 
     def join(self, timeout: float | None = None) -> None:
         """Wait for the server process to end."""
