@@ -1177,11 +1177,16 @@ class Engine(EngineBase):
 
     def _kill_all(self) -> None:
         """Stop every worker now: idle ones are told to exit (they flush their output, as the stdlib's
-        do), busy ones get SIGTERM; whatever is left after a second gets SIGKILL."""
+        do), busy ones get SIGTERM; whatever is left after a second gets SIGKILL.
+
+        Busy means it holds a task whose result has not arrived.  Not the slot: a worker that has
+        sent its last result marks its slot idle a moment later, and a SIGTERM in that moment lost
+        what it had printed (seen at interpreter exit, where the pool is terminated right after
+        the last result was read)."""
         for worker in list(self._workers):
             if worker.process is None:
                 self._stop_worker(worker)
-            elif self._slots[worker.index * _SLOT_WORDS] != _IDLE:  # running a task
+            elif worker.inflight:  # running a task, or about to
                 worker.process.terminate()
             else:
                 self._stop_worker(worker)
