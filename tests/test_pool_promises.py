@@ -594,3 +594,37 @@ def test_a_pool_whose_task_timed_out_can_be_collected(ctx):
         gc.collect()
         time.sleep(0.1)
     assert ref() is None, "the pool was not collected"
+
+
+# -- terminate() does not SIGTERM a worker that has answered everything --------------------------
+
+TERMINATE_RIGHT_AFTER_THE_LAST_RESULT = """
+import os, signal, threading, time
+
+def arm():
+    from gilfree import _crash
+    _crash.arm("pool.worker.sent", 0, "stop")  # stop between sending the result and marking the slot idle
+
+def work(x):
+    print("printed by the worker", x)  # into the pipe's buffer: flushed only by a normal exit
+    return os.getpid()
+
+if __name__ == "__main__":
+    pool = multiprocessing.Pool(1, initializer=arm)
+    pid = pool.apply(work, (1,))
+    stopper = threading.Thread(target=lambda: (pool.terminate(), pool.join()))
+    stopper.start()
+    time.sleep(0.3)  # terminate() has decided what to do with the stopped worker
+    os.kill(pid, signal.SIGCONT)
+    stopper.join(30)
+    print("joined", not stopper.is_alive())
+"""
+
+
+def test_terminate_right_after_the_last_result_keeps_the_workers_output(tmp_path, method):
+    """The slot still named the answered task, so terminate() sent SIGTERM and what the worker had
+    printed was lost (the seed's ex8 under spawn lost lines in CI this way, at interpreter exit)."""
+    prog = write_program(tmp_path, TERMINATE_RIGHT_AFTER_THE_LAST_RESULT, method=method)
+    out = run_program(prog, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert sorted(out.stdout.splitlines()) == ["joined True", "printed by the worker 1"]
