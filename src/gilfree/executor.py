@@ -189,8 +189,6 @@ class ProcessPoolExecutor(Executor):
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
         """Schedule ``fn(*args, **kwargs)``; return its Future."""
         with self._shutdown_lock:
-            if self._engine.broken is not None:
-                raise BrokenProcessPool(str(self._engine.broken))
             self._check_open()
             future: Future[Any] = Future()
             task = Task(_FutureJob(future), 0, CALL, Function(fn), args, kwargs or None, 1, **self._options)
@@ -199,6 +197,9 @@ class ProcessPoolExecutor(Executor):
             return future
 
     def _check_open(self) -> None:
+        """Raise what a submission now gets: the pool broke, the interpreter is exiting, or shutdown."""
+        if self._engine.broken is not None:
+            raise BrokenProcessPool(str(self._engine.broken))
         if _interpreter_exiting:
             raise RuntimeError("cannot schedule new futures after interpreter shutdown")
         if self._shutdown:
@@ -215,8 +216,6 @@ class ProcessPoolExecutor(Executor):
         tasks = []
         args = zip(*iterables)
         with self._shutdown_lock:
-            if self._engine.broken is not None:
-                raise BrokenProcessPool(str(self._engine.broken))
             self._check_open()
             for index in itertools.count():
                 chunk = list(itertools.islice(args, chunksize))
