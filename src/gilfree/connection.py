@@ -67,6 +67,8 @@ __all__ = ["Client", "Connection", "Listener", "Pipe", "wait", "deliver_challeng
 OOB_MIN = 256 * 1024
 #: Seconds a peer gets to complete the authentication handshake.
 HANDSHAKE_TIMEOUT = 20.0
+#: peers a Listener authenticates at once; when more arrive, the oldest of the largest group is dropped
+LISTENER_HANDSHAKES = 256
 #: Bytes asked of the kernel for a pipe's buffer (fewer context switches for large messages).
 PIPE_BUFFER = 1 << 20
 #: Most descriptors one message may carry.
@@ -1143,6 +1145,8 @@ def wait(object_list: Iterable[Any], timeout: float | None = None) -> list[Any]:
 _CHALLENGE = b"#CHALLENGE#"
 _WELCOME = b"#WELCOME#"
 _FAILURE = b"#FAILURE#"
+#: what a gilfree server sends, followed by the reason, to a peer it turns away before authentication
+_REFUSED = b"#REFUSED#"
 _DIGEST = b"{sha256}"
 _NONCE_BYTES = 40
 _AUTH_MAX = 256
@@ -1173,6 +1177,22 @@ def _auth_send(conn: Connection, data: bytes, step: str) -> None:
         raise AuthenticationError(f"the peer closed the connection during the handshake ({step}): {exc}") from exc
 
 
+def _auth_digest(key: bytes, message: bytes, binding: bytes = b"") -> bytes:
+    """The HMAC-SHA256 that answers challenge ``message``, bound to the channel by ``binding``
+    (b"" on a plain connection: the digest the stdlib computes)."""
+    import hmac
+
+    return hmac.new(key, message + binding, "sha256").digest()
+
+
+def _refusal(message: bytes) -> AuthenticationError | None:
+    """The error for a ``#REFUSED#`` frame (a gilfree server turned us away and said why), else None."""
+    if message.startswith(_REFUSED):
+        reason = message[len(_REFUSED):].decode("utf-8", "replace")
+        return AuthenticationError(f"the server refused the connection: {reason}")
+    return None
+
+
 def _check_key(authkey: Any) -> bytes:
     if not isinstance(authkey, (bytes, bytearray)):
         raise TypeError(f"authkey should be a byte string, not {type(authkey).__name__}")
@@ -1189,7 +1209,7 @@ def deliver_challenge(conn: Connection, authkey: bytes, timeout: float | None = 
     response = _auth_recv(conn, deadline, timeout, "waiting for the answer to our challenge")
     import hmac
 
-    expected = _DIGEST + hmac.new(key, message, "sha256").digest()
+    expected = _DIGEST + _auth_digest(key, message)
     if not hmac.compare_digest(response, expected):
         try:
             conn.send_bytes(_FAILURE)
@@ -1207,15 +1227,19 @@ def answer_challenge(conn: Connection, authkey: bytes, timeout: float | None = N
     timeout = HANDSHAKE_TIMEOUT if timeout is None else timeout
     deadline = time.monotonic() + timeout
     message = _auth_recv(conn, deadline, timeout, "waiting for the challenge")
+    refused = _refusal(message)
+    if refused is not None:
+        raise refused
     if not message.startswith(_CHALLENGE + _DIGEST):
         raise AuthenticationError(f"expected an HMAC-SHA256 challenge, received {message[:40]!r}")
     payload = message[len(_CHALLENGE) :]
     if len(payload) < len(_DIGEST) + 20:
         raise AuthenticationError("the challenge is too short to be safe")
-    import hmac
-
-    _auth_send(conn, _DIGEST + hmac.new(key, payload, "sha256").digest(), "answering the challenge")
+    _auth_send(conn, _DIGEST + _auth_digest(key, payload), "answering the challenge")
     reply = _auth_recv(conn, deadline, timeout, "waiting for the verdict")
+    refused = _refusal(reply)
+    if refused is not None:
+        raise refused
     if reply != _WELCOME:
         raise AuthenticationError("digest sent was rejected: the peer has a different authkey")
 
@@ -1299,6 +1323,8 @@ class Listener:
         if family == "AF_UNIX" and isinstance(address, (str, bytes)) and address[:1] not in ("\0", b"\0"):
             self._unlink = util.Finalize(self, os.unlink, args=(address,), exitpriority=0)
         self._last_accepted: Any = None
+        self._gate: Any = None
+        self._failures: list[Any] = []
 
     def __repr__(self) -> str:
         state = "closed" if self._socket is None else "listening"
@@ -1306,31 +1332,50 @@ class Listener:
         return f"<{type(self).__name__} {self._family} {self._address!r} {auth} {state}>"
 
     def accept(self) -> Connection:
-        """Wait for a peer; authenticate it if there is an authkey; return the connection."""
+        """Wait for a peer; authenticate it if there is an authkey; return the connection.
+
+        With an authkey, peers are authenticated concurrently (see :mod:`gilfree._gate`): a peer that
+        is slow or silent never delays another.  A peer that fails its handshake makes ``accept``
+        raise :class:`AuthenticationError` (as in the stdlib), but only when no authenticated peer
+        is waiting; the listener keeps serving either way."""
         if self._socket is None:
             raise OSError("listener is closed")
-        while True:
-            try:
-                s, self._last_accepted = self._socket.accept()
-                break
-            except InterruptedError:  # pragma: no cover - PEP 475 retries for us
-                continue
-        s.setblocking(True)
-        if self._family != "AF_UNIX":
-            s.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY, 1)
-        conn = Connection(s.detach())
-        if self._authkey is not None:
-            try:
-                deliver_challenge(conn, self._authkey)
-                answer_challenge(conn, self._authkey)
-            except BaseException:
-                conn.close()
-                raise
-        return conn
+        if self._authkey is None:
+            s, self._last_accepted = self._socket.accept()  # EINTR: retried (PEP 475)
+            s.setblocking(True)
+            if self._family != "AF_UNIX":
+                s.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY, 1)
+            return Connection(s.detach())
+        gate = self._gate
+        if gate is None:
+            from . import _gate
+
+            gate = self._gate = _gate.Gate(self._socket, self._authkey, timeout=HANDSHAKE_TIMEOUT,
+                                           capacity=LISTENER_HANDSHAKES, on_failure=self._failures.append)
+        gate.timeout = HANDSHAKE_TIMEOUT
+        while not gate.ready:
+            if self._failures:
+                failure = self._failures[-1]
+                others = len(self._failures) - 1
+                self._failures.clear()
+                more = f" (and {others} other peer{'s' if others > 1 else ''} since the last accept)" if others else ""
+                raise AuthenticationError(f"{failure.reason}{more}")
+            gate.step(1.0)  # wakes now and then: another thread may close the listener
+            if self._socket is None:
+                raise OSError("listener is closed")
+        s, _ = gate.ready.popleft()
+        try:
+            self._last_accepted = s.getpeername()
+        except OSError:
+            self._last_accepted = None
+        return Connection(s.detach())
 
     def close(self) -> None:
         """Stop listening (and remove the Unix socket file).  Idempotent."""
         sock, self._socket = self._socket, None
+        gate, self._gate = self._gate, None
+        if gate is not None:
+            gate.close()
         if sock is not None:
             sock.close()
         if self._unlink is not None:

@@ -53,9 +53,11 @@ are limited to :data:`MAX_MESSAGE` bytes and memory is allocated as the data arr
 length prefix claims.  The handshake is :mod:`gilfree.connection`'s HMAC-SHA256 challenge in both
 directions: nothing an unauthenticated peer sends is unpickled.
 
-*Server* (:class:`Server`).  An accept thread hands each connection to a thread of its own, which
-authenticates it (at most :data:`MAX_HANDSHAKES` at a time; a peer that says nothing is dropped at
-the deadline) and then serves its requests one at a time.  Objects are kept in one table with a
+*Server* (:class:`Server`).  An accept thread runs the gate (:mod:`gilfree._gate`): it authenticates
+every connection at once, with no thread and a few hundred bytes per peer (at most
+:data:`MAX_HANDSHAKES` at a time, the oldest of the largest group dropped when one more comes; a
+peer that says nothing is dropped at the deadline), and hands each authenticated connection to a
+thread of its own, which serves its requests one at a time.  Objects are kept in one table with a
 reference count per client process (identified by the HELLO that opens each of its connections):
 when the last connection of a client closes -- it exited, was killed, or lost the network -- all its
 references are dropped, so objects only a dead client referred to are released.  A proxy that
@@ -104,8 +106,8 @@ import time
 import types
 import weakref
 
-from . import connection, process, reduction, util
-from ._errors import AuthenticationError, ProcessError
+from . import _gate, connection, process, reduction, util
+from ._errors import ProcessError
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -173,8 +175,12 @@ SPIN_SKIP = 256
 MAX_MESSAGE = 1 << 31
 #: Largest message accepted during the handshake (bytes).
 HANDSHAKE_MAX = 256
-#: Connections that may be in their handshake at once; more are closed at once (and logged).
-MAX_HANDSHAKES = 64
+#: Connections that may be in their handshake at once; when one more arrives, the oldest of the largest
+#: group (an address, an IPv6 /64, a uid) is dropped (see :mod:`gilfree._gate`).
+MAX_HANDSHAKES = 1024
+#: Seconds a plain client waits for the server's challenge before it sends an empty probe frame (a TLS
+#: server answers it with "this manager speaks TLS"; a plain server skips it).
+PROBE_AFTER = 1.0
 #: Seconds a manager's server process gets to report its address after start().
 START_TIMEOUT = 60.0
 
@@ -780,6 +786,8 @@ class Server:
         self.max_message = max_message
         self.max_handshakes = max_handshakes
         self._log = logger
+        #: the default abstract socket: no file permissions guard it, so only this uid (and root) may connect
+        self._private = address is None
         if address is None:
             address = f"\0gilfree-manager-{os.getpid()}-{os.urandom(6).hex()}"
         family = _address_family(address)
@@ -821,7 +829,8 @@ class Server:
         self._watched: dict[int, _ConnState] = {}
         self._watcher: threading.Thread | None = None
         self._epoll = select.epoll()
-        self._handshaking = 0
+        self._gate: _gate.Gate | None = None
+        self._log_marks: dict[str, tuple[float, int]] = {}
         self.stats = {"accepted": 0, "refused": 0, "disconnected": 0}
         self.pid = os.getpid()
         _local_servers[self.address] = self
@@ -919,64 +928,60 @@ class Server:
         _local_servers.pop(self.address, None)
 
     def _accept_loop(self) -> None:
+        """Accept and authenticate connections (all at once, in this thread: see :mod:`gilfree._gate`);
+        give each authenticated one a thread of its own."""
         listener = self._listener
         assert listener is not None
-        poller = select.poll()
-        poller.register(listener.fileno(), select.POLLIN)
-        poller.register(self._stop_r, select.POLLIN)
-        while not self._stop.is_set():
-            try:
-                events = poller.poll()
-            except OSError:
-                return
-            if self._stop.is_set():
-                return
-            if not any(fd == listener.fileno() for fd, _ in events):
-                continue
-            try:
-                sock, addr = listener.accept()
-            except OSError as exc:  # EMFILE, a connection reset before accept...
-                self._warn("manager server %s: accept failed: %s", _describe(self.address), exc)
-                time.sleep(0.01)
-                continue
-            peer = _peer_name(sock, addr)
-            with self._lock:
-                crowded = self._handshaking >= self.max_handshakes
-                if not crowded:
-                    self._handshaking += 1
-            if crowded:
-                self.stats["refused"] += 1
-                self._warn("manager server %s: refused %s: %d connections are already authenticating",
-                           _describe(self.address), peer, self.max_handshakes)
-                sock.close()
-                continue
-            t = threading.Thread(target=self._handle, args=(sock, peer), name=f"gilfree-manager {peer}", daemon=True)
-            t.start()
+        uids = None
+        if self._private:  # the default abstract socket has no file permissions: only our uid (and root)
+            uids = frozenset({os.geteuid(), 0})
+        binding = None
+        gate = _gate.Gate(listener, self.authkey, timeout=self.handshake_timeout, capacity=self.max_handshakes,
+                          ssl_context=self._ssl, binding=binding, uids=uids, on_failure=self._handshake_failed)
+        self._gate = gate
+        gate.watch(self._stop_r)
+        try:
+            while not self._stop.is_set():
+                try:
+                    woken = gate.step()
+                except OSError as exc:
+                    if self._stop.is_set():
+                        return
+                    self._warn("manager server %s: accept failed: %s", _describe(self.address), exc)
+                    time.sleep(0.01)
+                    continue
+                if woken or self._stop.is_set():
+                    return
+                while gate.ready:
+                    sock, peer = gate.ready.popleft()
+                    t = threading.Thread(target=self._handle, args=(sock, peer), name=f"gilfree-manager {peer}",
+                                         daemon=True)
+                    t.start()
+        finally:
+            gate.close()
+
+    def _handshake_failed(self, failure: _gate.HandshakeFailed) -> None:
+        """A peer failed to authenticate: count it, and log it -- at most one line per kind of failure
+        every :data:`gilfree._gate.LOG_INTERVAL` seconds (a flood must not become a flood of log lines)."""
+        self.stats["refused"] += 1
+        kind = failure.kind
+        now = time.monotonic()
+        last, quiet = self._log_marks.get(kind, (0.0, 0))
+        if now - last < _gate.LOG_INTERVAL and last:
+            self._log_marks[kind] = (last, quiet + 1)
+            return
+        self._log_marks[kind] = (now, 0)
+        more = f" (and {quiet} more {kind} in the last {now - last:.0f} s)" if quiet else ""
+        self._warn("manager server %s: refused %s: %s%s", _describe(self.address), failure.peer, failure.reason, more)
 
     def _handle(self, sock: Any, peer: str) -> None:
-        """A connection's thread: handshake, HELLO, then requests until the client goes away."""
-        sock.setblocking(True)
-        if sock.family != socket.AF_UNIX:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        """An authenticated connection's thread: HELLO, then requests until the client goes away."""
         with self._lock:
             self._conns.add(sock)
         client = None
         chan: _Channel | None = None
         try:
-            try:
-                chan = self._handshake(sock, peer)
-                if chan.sock is not sock:  # wrapped in TLS: the plain socket object is detached
-                    with self._lock:
-                        self._conns.discard(sock)
-                        self._conns.add(chan.sock)
-                    sock = chan.sock
-            except (AuthenticationError, OSError, EOFError, ValueError) as exc:
-                self.stats["refused"] += 1
-                self._warn("manager server %s: refused %s: %s", _describe(self.address), peer, exc)
-                return
-            finally:
-                with self._lock:
-                    self._handshaking -= 1
+            chan = _Channel(sock, peer, self.max_message)
             try:
                 hello = reduction.loads(chan.recv_bytes())
                 if type(hello) is not tuple or len(hello) != 4 or hello[0] != OP_HELLO:
@@ -1055,23 +1060,6 @@ class Server:
                                _describe(self.address), state.client.pid)
                     self.stats["disconnected"] += 1
                     self._drop_connection(state.client)
-
-    def _handshake(self, sock: Any, peer: str) -> _Channel:
-        deadline = time.monotonic() + self.handshake_timeout
-        if self._ssl is not None:
-            import ssl
-
-            sock.settimeout(self.handshake_timeout)
-            try:
-                sock = self._ssl.wrap_socket(sock, server_side=True)
-            except (ssl.SSLError, OSError) as exc:
-                raise AuthenticationError(f"TLS handshake failed: {exc}") from None
-            sock.settimeout(None)
-        chan = _Channel(sock, peer, self.max_message)
-        remaining = max(0.0, deadline - time.monotonic())
-        connection.deliver_challenge(chan, self.authkey, remaining)  # type: ignore[arg-type]
-        connection.answer_challenge(chan, self.authkey, max(0.0, deadline - time.monotonic()))  # type: ignore[arg-type]
-        return chan
 
     def _hello(self, hello: tuple[Any, ...], peer: str) -> _ClientState:
         _, client_id, pid, alias = hello
@@ -1411,6 +1399,21 @@ class Server:
             self.decref(self._local, idents)
 
 
+def raise_fd_limit() -> None:
+    """In a process that only serves (a manager's server): let it hold as many descriptors as the hard
+    limit allows (up to 65,536), so that a flood of unauthenticated connections meets the gate's
+    table limit, not EMFILE.  Nothing here uses ``select.select``, whose limit is 1,024."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        want = 65536 if hard == resource.RLIM_INFINITY else min(hard, 65536)
+        if soft != resource.RLIM_INFINITY and soft < want:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    except (ImportError, ValueError, OSError):
+        pass
+
+
 def _check_serializer(serializer: str) -> None:
     if serializer != "pickle":
         raise ValueError(
@@ -1506,8 +1509,15 @@ class _Link:
                 if family == socket.AF_UNIX:
                     raise ValueError(f"TLS is for TCP addresses only, not the Unix socket {address!r}")
                 sock.settimeout(connection.HANDSHAKE_TIMEOUT)
-                sock = self.tls.client_context().wrap_socket(sock, server_hostname=self.tls.server_hostname)
+                try:
+                    sock = self.tls.client_context().wrap_socket(sock, server_hostname=self.tls.server_hostname)
+                except OSError as exc:
+                    raise _tls_failure(exc, address) from None
                 sock.settimeout(None)
+            elif not select.select([sock], [], [], PROBE_AFTER)[0]:
+                # no challenge yet: a TLS server waits for our ClientHello and would never send one.
+                # An empty frame makes a TLS server say so at once; a plain gilfree server skips it.
+                sock.sendall(_HDR_pack(0))
             chan = _Channel(sock, f"manager at {_describe(address)}")
             connection.answer_challenge(chan, self.authkey)  # type: ignore[arg-type]
             connection.deliver_challenge(chan, self.authkey)  # type: ignore[arg-type]
@@ -1613,6 +1623,19 @@ class _Link:
             self.discard(chan)
             raise
         chan.busy = False
+
+
+def _tls_failure(exc: OSError, address: Any) -> OSError:
+    """The error for a TLS handshake that failed, saying what the usual causes mean."""
+    reason = getattr(exc, "reason", None)
+    where = _describe(address)
+    if reason == "WRONG_VERSION_NUMBER" or reason == "RECORD_LAYER_FAILURE":
+        return ConnectionError(f"the manager at {where} does not speak TLS (it answered in plain text): "
+                               "connect without tls=, or start its server with TLS")
+    if isinstance(exc, TimeoutError):
+        return TimeoutError(f"the TLS handshake with the manager at {where} did not finish within "
+                            f"{connection.HANDSHAKE_TIMEOUT:g} s")
+    return exc
 
 
 def _get_link(address: Any, authkey: bytes, tls: TLSConfig | None = None) -> _Link:
@@ -2071,6 +2094,7 @@ class BaseManager:
             raise
         writer.send((R_OK, server.address))
         writer.close()
+        raise_fd_limit()
         util.info("manager serving at %r", server.address)
         parent = process.parent_process()
         server.serve_forever(lifeline=parent.sentinel if parent is not None else None)
