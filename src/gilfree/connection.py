@@ -30,6 +30,8 @@ ancillary data with the header, so they work over duplex pipes and Unix-socket c
 Authentication (:class:`Listener` / :func:`Client` with an ``authkey``) is the HMAC-SHA256
 challenge-response of CPython 3.12+, done in both directions before a single pickled byte is read,
 within :data:`HANDSHAKE_TIMEOUT` seconds, so a silent or hostile peer cannot stall ``accept()``.
+TCP connections have keepalive and a user timeout (:func:`_tune_tcp`, :data:`KEEPALIVE`): a peer that
+vanished without a FIN or RST (machine off, network cut) makes a read fail within 25 s.
 
 Where this runs: in any process, on the calling thread.  ``recv``/``send`` block until the whole
 message has moved; ``poll`` and ``wait`` block up to their timeout.  A Connection is not

@@ -58,7 +58,13 @@ authenticates it (at most :data:`MAX_HANDSHAKES` at a time; a peer that says not
 the deadline) and then serves its requests one at a time.  Objects are kept in one table with a
 reference count per client process (identified by the HELLO that opens each of its connections):
 when the last connection of a client closes -- it exited, was killed, or lost the network -- all its
-references are dropped, so objects only a dead client referred to are released.  A proxy that
+references are dropped, so objects only a dead client referred to are released.  A client machine that
+vanishes without a FIN or RST (power off, network cut) is noticed by TCP keepalive: its objects are
+released within 25 s (``keepalive=``; :data:`gilfree.connection.KEEPALIVE`), and a client's call to a
+server that vanished raises within 25 s, saying it stopped answering.  There is no heartbeat of our own:
+a stopped process (SIGSTOP, a debugger) is alive and keeps its objects, a client has no thread to
+answer a ping, and the peer's kernel answers keepalive probes exactly when its machine and the network
+are alive (docs/design.md, "A peer that vanishes").  A proxy that
 arrives *inside* a request for an object of this server (a list stored in a managed dict) becomes a
 server-side proxy that counts as a reference of the server itself; when it is sent back in a reply
 it carries a reference taken for the receiving client, so nothing is freed while it is in flight.
