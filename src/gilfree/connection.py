@@ -30,6 +30,8 @@ ancillary data with the header, so they work over duplex pipes and Unix-socket c
 Authentication (:class:`Listener` / :func:`Client` with an ``authkey``) is the HMAC-SHA256
 challenge-response of CPython 3.12+, done in both directions before a single pickled byte is read,
 within :data:`HANDSHAKE_TIMEOUT` seconds, so a silent or hostile peer cannot stall ``accept()``.
+TCP connections have keepalive and a user timeout (:func:`_tune_tcp`, :data:`KEEPALIVE`): a peer that
+vanished without a FIN or RST (machine off, network cut) makes a read fail within 25 s.
 
 Where this runs: in any process, on the calling thread.  ``recv``/``send`` block until the whole
 message has moved; ``poll`` and ``wait`` block up to their timeout.  A Connection is not
@@ -41,6 +43,7 @@ from __future__ import annotations
 import _pickle as pickle  # the C pickler itself: `pickle.py` would also import `re` (start-up imports, design.md)
 import _socket  # the C module: `_socket.py` costs a spawned child ~5 ms (start-up imports, design.md)
 import array
+import errno
 import fcntl
 import mmap
 import operator
@@ -104,6 +107,94 @@ _MEMFD_KEEP = 8
 _MEMFD_IDLE_BYTES = 256 << 20
 #: Bytes asked of the kernel for each direction of a duplex Pipe (as PIPE_BUFFER for one-way pipes).
 SOCKET_BUFFER = 1 << 20  # a plain int: enum arithmetic costs a microsecond per message
+
+#: How long a TCP peer that vanished without FIN or RST (machine off, network cut) goes unnoticed, in
+#: seconds: every TCP connection gilfree makes or accepts (:class:`Listener`, :func:`Client`, managers)
+#: asks the kernel to probe an idle peer (``SO_KEEPALIVE``) and to give up on data it does not
+#: acknowledge (``TCP_USER_TIMEOUT``) -- see :func:`_keepalive_timers` and :func:`_tune_tcp`.
+KEEPALIVE_BOUND = 25.0
+
+
+def _keepalive_timers(keepalive: Any) -> tuple[int, int, int, float] | None:
+    """``(idle s, interval s, probes, user timeout s)`` for a keepalive setting, or None (leave the kernel's).
+
+    ``keepalive`` is None (or ``"off"``, ``0``): the kernel's defaults (no keepalive at all on Linux);
+    a number ``N`` of seconds: idle ``0.4 N``, then a probe every ``0.2 N``, 3 probes, so a silent
+    peer is given up after ``N`` (25 -> 10 + 3 x 5); a tuple or a string ``"idle,interval,count"``
+    with an optional fourth item, the user timeout in seconds.
+
+    The user timeout is ``idle + interval x count`` unless given: Linux lets ``TCP_USER_TIMEOUT``
+    override ``TCP_KEEPCNT`` (man 7 tcp: an idle connection is dropped at the first probe due after
+    the user timeout has passed since the peer was last heard from), so a longer one would stretch the
+    keepalive bound and a shorter one would cut the probes short.  With this choice both say the same:
+    a peer silent for ``idle + interval x count`` seconds is gone -- whether the connection was idle
+    (probes unanswered) or had data in flight (retransmissions unacknowledged; without a user timeout
+    the kernel retries for ~15 minutes, and keepalive does not probe while data is outstanding).
+    """
+    if keepalive is None or keepalive is False:
+        return None
+    if isinstance(keepalive, str):
+        text = keepalive.strip().lower()
+        if text in ("", "off", "no", "none", "0"):
+            return None
+        keepalive = tuple(float(x) for x in text.split(",")) if "," in text else float(text)
+    if isinstance(keepalive, (int, float)):
+        if keepalive <= 0:
+            return None
+        n = float(keepalive)
+        keepalive = (n * 0.4, n * 0.2, 3)
+    if not 3 <= len(keepalive) <= 4:
+        raise ValueError(f"keepalive should be seconds, None or (idle, interval, count[, user timeout]), not {keepalive!r}")
+    idle, interval, count = max(1, round(keepalive[0])), max(1, round(keepalive[1])), max(1, int(keepalive[2]))
+    user = float(keepalive[3]) if len(keepalive) == 4 else float(idle + interval * count)
+    if user <= 0:
+        raise ValueError(f"keepalive: the user timeout should be positive, not {user!r}")
+    return idle, interval, count, user
+
+
+def _keepalive_bound(timers: tuple[int, int, int, float]) -> float:
+    """Seconds after which a silent peer is given up with these timers (Linux: the first probe due
+    once the user timeout has passed since the peer was last heard from)."""
+    idle, interval, _, user = timers
+    k = max(1, -(-(user - idle) // interval))
+    return idle + k * interval
+
+
+#: The keepalive timers of TCP connections (see :func:`_keepalive_timers`): ``GILFREE_TCP_KEEPALIVE``
+#: is seconds (the bound), ``idle,interval,count[,user_timeout]``, or ``off`` (the kernel's defaults).
+KEEPALIVE = _keepalive_timers(os.environ.get("GILFREE_TCP_KEEPALIVE", str(KEEPALIVE_BOUND)))
+_SOL_TCP = _socket.IPPROTO_TCP
+_TCP_OPTS = tuple(getattr(_socket, name, None) for name in ("TCP_KEEPIDLE", "TCP_KEEPINTVL", "TCP_KEEPCNT", "TCP_USER_TIMEOUT"))
+
+
+def _tune_tcp(sock: Any, keepalive: Any = ...) -> None:
+    """Set a connected socket's options for gilfree's traffic: ``TCP_NODELAY`` (small messages go at
+    once), and the keepalive timers (``...``: :data:`KEEPALIVE`; else as :func:`_keepalive_timers`
+    reads them) so that a peer that vanished without a FIN or RST is noticed: a read then fails with
+    ``TimeoutError`` (``ETIMEDOUT``, or ``EHOSTUNREACH`` if a router said so).  Unix sockets are left
+    alone (a Unix peer's end is always seen)."""
+    if sock.family not in (_socket.AF_INET, _socket.AF_INET6):
+        return
+    sock.setsockopt(_SOL_TCP, _socket.TCP_NODELAY, 1)
+    timers = _keepalive_timers(KEEPALIVE if keepalive is ... else keepalive)
+    if timers is None:
+        return
+    sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_KEEPALIVE, 1)
+    idle, interval, count, user = timers
+    for opt, value in zip(_TCP_OPTS, (idle, interval, count, max(1, round(user * 1000)))):
+        if opt is not None:
+            sock.setsockopt(_SOL_TCP, opt, value)
+
+
+#: errnos of a connection whose peer stopped answering (keepalive or user timeout; a router's verdict)
+_GONE_ERRNOS = frozenset({errno.ETIMEDOUT, errno.EHOSTUNREACH, errno.ENETUNREACH})
+
+
+def _peer_gone(exc: BaseException) -> bool:
+    """Whether ``exc`` (from a read or write) says the TCP peer stopped answering: keepalive probes or
+    data went unacknowledged for the whole bound (not a FIN, an RST or our own timeout)."""
+    return isinstance(exc, OSError) and exc.errno in _GONE_ERRNOS
+
 
 default_family = "AF_UNIX"
 families = ["AF_INET", "AF_UNIX"] + (["AF_INET6"] if _socket.has_ipv6 else [])
@@ -1343,8 +1434,7 @@ class Listener:
         if self._authkey is None:
             s, self._last_accepted = self._socket.accept()  # EINTR: retried (PEP 475)
             s.setblocking(True)
-            if self._family != "AF_UNIX":
-                s.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY, 1)
+            _tune_tcp(s)
             return Connection(s.detach())
         gate = self._gate
         if gate is None:
@@ -1364,6 +1454,7 @@ class Listener:
             if self._socket is None:
                 raise OSError("listener is closed")
         s, _ = gate.ready.popleft()
+        _tune_tcp(s)
         try:
             self._last_accepted = s.getpeername()
         except OSError:
@@ -1412,8 +1503,7 @@ def Client(address: Any, family: str | None = None, authkey: bytes | None = None
     try:
         s.setblocking(True)
         s.connect(address)
-        if family != "AF_UNIX":
-            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        _tune_tcp(s)
     except BaseException:
         s.close()
         raise

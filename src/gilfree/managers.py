@@ -60,7 +60,13 @@ peer that says nothing is dropped at the deadline), and hands each authenticated
 thread of its own, which serves its requests one at a time.  Objects are kept in one table with a
 reference count per client process (identified by the HELLO that opens each of its connections):
 when the last connection of a client closes -- it exited, was killed, or lost the network -- all its
-references are dropped, so objects only a dead client referred to are released.  A proxy that
+references are dropped, so objects only a dead client referred to are released.  A client machine that
+vanishes without a FIN or RST (power off, network cut) is noticed by TCP keepalive: its objects are
+released within 25 s (``keepalive=``; :data:`gilfree.connection.KEEPALIVE`), and a client's call to a
+server that vanished raises within 25 s, saying it stopped answering.  There is no heartbeat of our own:
+a stopped process (SIGSTOP, a debugger) is alive and keeps its objects, a client has no thread to
+answer a ping, and the peer's kernel answers keepalive probes exactly when its machine and the network
+are alive (docs/design.md, "A peer that vanishes").  A proxy that
 arrives *inside* a request for an object of this server (a list stored in a managed dict) becomes a
 server-side proxy that counts as a reference of the server itself; when it is sent back in a reply
 it carries a reference taken for the receiving client, so nothing is freed while it is in flight.
@@ -698,11 +704,12 @@ def _peer_name(sock: Any, address: Any) -> str:
 class _ConnState:
     """A served connection, as its thread and the server's hang-up watcher see it."""
 
-    __slots__ = ("client", "in_call", "dead", "hup", "fd", "wake")
+    __slots__ = ("client", "in_call", "dead", "hup", "fd", "wake", "sock")
 
-    def __init__(self, client: _ClientState, fd: int) -> None:
+    def __init__(self, client: _ClientState, sock: Any) -> None:
         self.client = client
-        self.fd = fd
+        self.sock = sock
+        self.fd = sock.fileno()
         self.wake = -1  # piped connection: the server's own write end of the request pipe (see _wake)
         self.in_call = False  # a method of a shared object is running for this connection
         self.dead = False  # the peer hung up while a method ran; its references are released
@@ -754,6 +761,9 @@ class Server:
     (when the caller installs a handler that calls :meth:`stop`) or, with ``lifeline``, until that
     descriptor becomes readable (the parent's sentinel).  ``tls`` (a :class:`TLSConfig`) is for TCP
     addresses only.  ``handshake_timeout`` bounds TLS and authentication for each connection.
+    ``keepalive`` (seconds, ``(idle, interval, count[, user timeout])``, or None for the kernel's
+    defaults; default :data:`gilfree.connection.KEEPALIVE`, 25 s) bounds how long a TCP client that
+    vanished without a FIN or RST keeps its objects (see :func:`gilfree.connection._keepalive_timers`).
 
     Where this runs: in the server process; :meth:`serve_forever` blocks the calling thread.  Each
     connection gets a thread; methods of the objects run in those threads, concurrently.
@@ -771,6 +781,7 @@ class Server:
         *,
         tls: TLSConfig | None = None,
         handshake_timeout: float | None = None,
+        keepalive: Any = ...,
         max_message: int = MAX_MESSAGE,
         max_handshakes: int = MAX_HANDSHAKES,
         logger: logging.Logger | None = None,
@@ -783,6 +794,8 @@ class Server:
         self.serializer = serializer
         self.tls = tls
         self.handshake_timeout = connection.HANDSHAKE_TIMEOUT if handshake_timeout is None else handshake_timeout
+        #: keepalive timers of accepted TCP connections (idle s, interval s, probes, user timeout s), or None
+        self.keepalive = connection._keepalive_timers(connection.KEEPALIVE if keepalive is ... else keepalive)
         self.max_message = max_message
         self.max_handshakes = max_handshakes
         self._log = logger
@@ -976,6 +989,7 @@ class Server:
 
     def _handle(self, sock: Any, peer: str) -> None:
         """An authenticated connection's thread: HELLO, then requests until the client goes away."""
+        connection._tune_tcp(sock, self.keepalive)
         with self._lock:
             self._conns.add(sock)
         client = None
@@ -994,7 +1008,7 @@ class Server:
                 return
             self.stats["accepted"] += 1
             self._info("manager server %s: accepted %s (client pid %d)", _describe(self.address), peer, client.pid)
-            _ctx.conn = conn_state = _ConnState(client, sock.fileno())
+            _ctx.conn = conn_state = _ConnState(client, sock)
             self._watch(conn_state)
             self._serve(chan, client, hello[3])
         finally:
@@ -1043,7 +1057,7 @@ class Server:
                 events = self._epoll.poll()
             except OSError:
                 return
-            for fd, _ in events:
+            for fd, mask in events:
                 with self._lock:
                     state = self._watched.get(fd)
                     if state is not None:
@@ -1056,10 +1070,27 @@ class Server:
                     else:
                         state.dead = True
                 if state is not None:
-                    self._info("manager server %s: client pid %d hung up while a call was running for it",
-                               _describe(self.address), state.client.pid)
+                    err = 0
+                    if mask & select.EPOLLERR:  # the connection failed: a keepalive or user timeout, an RST
+                        try:
+                            err = state.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                        except OSError:  # its thread closed it meanwhile
+                            pass
+                    if err in connection._GONE_ERRNOS:
+                        self._warn("manager server %s: client pid %d stopped answering%s while a call was running "
+                                   "for it; dropping it (%s)", _describe(self.address), state.client.pid,
+                                   self._keepalive_text(), os.strerror(err))
+                    else:
+                        self._info("manager server %s: client pid %d hung up while a call was running for it",
+                                   _describe(self.address), state.client.pid)
                     self.stats["disconnected"] += 1
                     self._drop_connection(state.client)
+
+    def _keepalive_text(self) -> str:
+        timers = self.keepalive
+        if timers is None:
+            return " (its machine or the network is gone)"
+        return f" (no answer to TCP keepalive for {connection._keepalive_bound(timers):g} s: its machine or the network is gone)"
 
     def _hello(self, hello: tuple[Any, ...], peer: str) -> _ClientState:
         _, client_id, pid, alias = hello
@@ -1195,7 +1226,12 @@ class Server:
             except EOFError:
                 return
             except OSError as exc:
-                if not self._stopping:
+                if self._stopping:
+                    pass
+                elif connection._peer_gone(exc):
+                    self._warn("manager server %s: client pid %d (%s) stopped answering%s; dropping it (%s)",
+                               _describe(self.address), client.pid, chan.peer, self._keepalive_text(), exc.strerror or exc)
+                else:
                     self._warn("manager server %s: dropped client pid %d (%s): %s",
                                _describe(self.address), client.pid, chan.peer, exc)
                 return
@@ -1503,8 +1539,7 @@ class _Link:
                     raise
                 raise type(exc)(exc.errno, f"cannot connect to the manager at {_describe(address)}: "
                                 f"{exc.strerror} (is it running? it may have been shut down)") from None
-            if family != socket.AF_UNIX:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            connection._tune_tcp(sock)
             if self.tls is not None:
                 if family == socket.AF_UNIX:
                     raise ValueError(f"TLS is for TCP addresses only, not the Unix socket {address!r}")
@@ -1534,9 +1569,25 @@ class _Link:
         self._all.add(chan)
         return chan
 
-    def discard(self, chan: _Channel) -> None:
+    def broken(self, chan: _Channel, exc: BaseException) -> None:
+        """A call on ``chan`` failed with ``exc``: discard the channel; if the server stopped answering
+        (TCP keepalive or user timeout), raise an error that says so, and open no replacement (a connect
+        to a vanished machine would hang for minutes; the server drops this client anyway)."""
+        if not connection._peer_gone(exc):
+            self.discard(chan)
+            return
+        self.discard(chan, reconnect=False)
+        assert isinstance(exc, OSError)
+        bound = ""
+        timers = connection._keepalive_timers(connection.KEEPALIVE)
+        if timers is not None:
+            bound = f" for {connection._keepalive_bound(timers):g} s (TCP keepalive)"
+        raise OSError(exc.errno, f"the manager at {_describe(self.address)} stopped answering{bound}: its machine "
+                      f"or the network to it is gone ({exc.strerror or exc})") from exc
+
+    def discard(self, chan: _Channel, reconnect: bool = True) -> None:
         """Close a channel left in an unknown state (a call interrupted half-way)."""
-        last = all(c is chan or c.sock is None for c in list(self._all))
+        last = reconnect and all(c is chan or c.sock is None for c in list(self._all))
         if last and chan.sock is not None and chan.pid == os.getpid():
             # keep the client known to the server: open the replacement before closing this one
             try:
@@ -1569,9 +1620,9 @@ class _Link:
         chan.busy = True
         try:
             msg = chan.request(request)
-        except BaseException:
+        except BaseException as exc:
             chan.busy = False
-            self.discard(chan)
+            self.broken(chan, exc)
             raise
         chan.busy = False
         if msg[0] == R_OK:
@@ -1618,9 +1669,9 @@ class _Link:
         chan.busy = True
         try:
             chan.send((OP_DECREF, tuple(pending)))
-        except BaseException:
+        except BaseException as exc:
             chan.busy = False
-            self.discard(chan)
+            self.broken(chan, exc)
             raise
         chan.busy = False
 
@@ -1838,9 +1889,9 @@ class BaseProxy:
         chan.busy = True
         try:
             msg = chan.request((OP_CALL, self._id, methodname, args, kwds or None))
-        except BaseException:
+        except BaseException as exc:
             chan.busy = False
-            link.discard(chan)
+            link.broken(chan, exc)
             raise
         chan.busy = False
         if msg[0] == R_OK:
@@ -1977,7 +2028,9 @@ class BaseManager:
     ``BaseManager(address=None, authkey=None, serializer='pickle', ctx=None, *, shutdown_timeout=1.0,
     tls=None)``.  ``address=None`` serves on an abstract Unix socket; a ``(host, port)`` serves TCP on
     that interface only (give ``("0.0.0.0", port)`` to accept other machines).  ``authkey`` defaults
-    to the current process's authkey.  ``tls``: a :class:`TLSConfig` (TCP only).
+    to the current process's authkey.  ``tls``: a :class:`TLSConfig` (TCP only).  ``keepalive``: the
+    TCP keepalive of the server's connections (see :class:`Server`; default 25 s: a client machine
+    that vanished without closing its connections has its objects released within that).
 
     Where this runs: in the process that creates it; :meth:`start` starts the server in a child
     (with ``ctx``'s start method) and blocks until it listens.
@@ -1987,7 +2040,8 @@ class BaseManager:
     _Server: type[Server] = Server
 
     def __init__(self, address: Any = None, authkey: bytes | None = None, serializer: str = "pickle",
-                 ctx: Any = None, *, shutdown_timeout: float = 1.0, tls: TLSConfig | None = None) -> None:
+                 ctx: Any = None, *, shutdown_timeout: float = 1.0, tls: TLSConfig | None = None,
+                 keepalive: Any = ...) -> None:
         _check_serializer(serializer)
         if authkey is None:
             authkey = process.current_process().authkey
@@ -2000,6 +2054,8 @@ class BaseManager:
         self._ctx = ctx
         self._shutdown_timeout = shutdown_timeout
         self._tls = tls
+        connection._keepalive_timers(connection.KEEPALIVE if keepalive is ... else keepalive)  # checked here
+        self._keepalive = keepalive
         self._process: Any = None
         self._finalizer: util.Finalize | None = None
 
@@ -2022,6 +2078,7 @@ class BaseManager:
     def get_server(self, **options: Any) -> Server:
         """A :class:`Server` for this manager's registry, bound now, to run with ``serve_forever()``."""
         self._check_initial()
+        options.setdefault("keepalive", self._keepalive)
         return self._Server(self._registry, self._address, self._authkey, self._serializer, tls=self._tls, **options)
 
     def connect(self) -> None:
@@ -2042,7 +2099,7 @@ class BaseManager:
         self._process = ctx.Process(
             target=type(self)._run_server,
             args=(self._registry, self._address, self._authkey, self._serializer, writer,
-                  initializer, tuple(initargs), self._tls),
+                  initializer, tuple(initargs), self._tls, self._keepalive),
         )
         ident = ":".join(str(i) for i in self._process._identity)
         self._process.name = f"{type(self).__name__}-{ident}"
@@ -2078,13 +2135,13 @@ class BaseManager:
     @classmethod
     def _run_server(cls, registry: dict[str, Any], address: Any, authkey: bytes, serializer: str, writer: Any,
                     initializer: Callable[..., Any] | None = None, initargs: tuple[Any, ...] = (),
-                    tls: TLSConfig | None = None) -> None:
+                    tls: TLSConfig | None = None, keepalive: Any = ...) -> None:
         """In the server process: run ``initializer``, bind, report the address, serve."""
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C in the terminal is for the parent
         try:
             if initializer is not None:
                 initializer(*initargs)
-            server = cls._Server(registry, address, authkey, serializer, tls=tls)
+            server = cls._Server(registry, address, authkey, serializer, tls=tls, keepalive=keepalive)
         except BaseException as exc:
             try:
                 writer.send((R_ERR, exc))
