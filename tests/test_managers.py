@@ -13,6 +13,7 @@ import re
 import shutil
 import signal
 import socket
+import ssl
 import struct
 import subprocess
 import sys
@@ -24,7 +25,7 @@ import pytest
 from _helpers import SRC, WAIT, running
 
 import gilfree
-from gilfree import managers
+from gilfree import connection, managers
 from gilfree.managers import BaseManager, BaseProxy, SyncManager, TLSConfig, Token
 
 pytestmark = pytest.mark.timeout(60)
@@ -794,12 +795,15 @@ def _make_certs(tmp: Path) -> dict:
     run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
         "-subj", "/CN=gilfree test CA")
     (tmp / "ext.cnf").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
-    for name in ("server", "client"):
+    # evil.example: a certificate the same CA signed for another machine (what an attacker may hold)
+    (tmp / "evil.cnf").write_text("subjectAltName=DNS:evil.example\n")
+    for name, ext in (("server", "ext.cnf"), ("client", "ext.cnf"), ("evil", "evil.cnf")):
         run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
             "-subj", f"/CN={name}")
         run("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-            "-out", f"{name}.pem", "-days", "2", "-extfile", "ext.cnf")
-    return {n: str(tmp / n) for n in ("ca.pem", "server.pem", "server.key", "client.pem", "client.key")}
+            "-out", f"{name}.pem", "-days", "2", "-extfile", ext)
+    return {n: str(tmp / n) for n in ("ca.pem", "server.pem", "server.key", "client.pem", "client.key",
+                                      "evil.pem", "evil.key")}
 
 
 def test_tls_with_client_certificates(tmp_path):
@@ -827,6 +831,79 @@ def test_tls_with_client_certificates(tmp_path):
             untrusting.connect()
         assert d["a"] == 1
         good.shutdown()
+
+
+def _handshake_with_bindings(server_binding, client_binding):
+    """The manager's handshake over a pipe with these bindings: what each end said ("welcomed" or its error)."""
+    r, w = gilfree.Pipe()
+    result = []
+
+    def serve():
+        try:
+            connection.deliver_challenge(r, KEY, WAIT, binding=server_binding)
+            result.append("welcomed")
+        except gilfree.AuthenticationError as exc:
+            result.append(str(exc))
+
+    t = threading.Thread(target=serve)
+    t.start()
+    try:
+        connection.answer_challenge(w, KEY, WAIT, binding=client_binding)
+        client = "welcomed"
+    except gilfree.AuthenticationError as exc:
+        client = str(exc)
+    finally:
+        t.join(WAIT)
+        r.close()
+        w.close()
+    assert not t.is_alive()
+    return result[0], client
+
+
+def test_channel_binding(tmp_path):
+    c = _make_certs(tmp_path)
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(c["server.pem"], c["server.key"])
+    client_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    client_ctx.load_verify_locations(c["ca.pem"])
+
+    def tls_pair(version):
+        a, b = socket.socketpair()
+        a.settimeout(WAIT)
+        b.settimeout(WAIT)
+        server_ctx.maximum_version = version
+        out = []
+        t = threading.Thread(target=lambda: out.append(server_ctx.wrap_socket(a, server_side=True)))
+        t.start()
+        client = client_ctx.wrap_socket(b, server_hostname="localhost")
+        t.join(WAIT)
+        return out[0], client
+
+    plain = socket.socket()
+    assert connection.channel_binding(plain) == b""
+    plain.close()
+    for version in (ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3):
+        s1, c1 = tls_pair(version)
+        s2, c2 = tls_pair(version)
+        try:
+            assert c1.version() == version.name.replace("v1_", "v1.")
+            b1, b2 = connection.channel_binding(c1), connection.channel_binding(c2)
+            # the same on both ends of one connection, different on another connection
+            assert b1 == connection.channel_binding(s1, c["server.pem"])
+            assert b2 == connection.channel_binding(s2, c["server.pem"])
+            assert b1 != b2
+            # ... and it names the server's certificate: another certificate gives another binding
+            assert b1 != connection.channel_binding(s1, c["evil.pem"])
+            with pytest.raises(ValueError, match="certfile"):
+                connection.channel_binding(s1)
+            # the handshake with bindings: equal ones pass, unequal ones fail on both ends
+            assert _handshake_with_bindings(b1, b1) == ("welcomed", "welcomed")
+            server, client = _handshake_with_bindings(b1, b2)
+            assert "answered for another TLS connection" in server
+            assert "did not match this TLS connection" in client
+        finally:
+            for s in (s1, c1, s2, c2):
+                s.close()
 
 
 def test_tls_refuses_unix_addresses(tmp_path):
