@@ -8,6 +8,7 @@ import gc
 import multiprocessing as std_mp
 import multiprocessing.managers as std_managers
 import os
+import pickle
 import queue
 import re
 import shutil
@@ -831,6 +832,40 @@ def test_tls_with_client_certificates(tmp_path):
             untrusting.connect()
         assert d["a"] == 1
         good.shutdown()
+
+
+def test_tls_config_check_hostname_travels():
+    tls = TLSConfig("c.pem", "k.pem", "ca.pem", check_hostname=False)
+    assert repr(tls) == "TLSConfig(certfile='c.pem', keyfile='k.pem', cafile='ca.pem', check_hostname=False)"
+    copy = pickle.loads(pickle.dumps(tls))
+    assert copy == tls and hash(copy) == hash(tls) and copy.check_hostname is False
+    assert TLSConfig("c.pem") != TLSConfig("c.pem", check_hostname=False)
+    assert TLSConfig().check_hostname is True
+    assert TLSConfig().hostname_for(("127.0.0.1", 5)) == "127.0.0.1"
+    assert TLSConfig(server_hostname="db.example").hostname_for(("10.0.0.1", 5)) == "db.example"
+
+
+def test_tls_checks_the_hostname_by_default(tmp_path):
+    # the server's certificate names only evil.example: signed by the right CA, made for another machine
+    c = _make_certs(tmp_path)
+    server_tls = TLSConfig(c["evil.pem"], c["evil.key"], cafile=c["ca.pem"], server_hostname="evil.example")
+    with SyncManager(("127.0.0.1", 0), KEY, ctx=gilfree.get_context("fork"), tls=server_tls) as m:
+        port = m.address[1]
+        for host in ("127.0.0.1", "localhost"):
+            client = SyncManager((host, port), KEY, tls=TLSConfig(c["client.pem"], c["client.key"], c["ca.pem"]))
+            with pytest.raises(ssl.SSLCertVerificationError, match=f"does not name '{host}'.*check_hostname=False"):
+                client.connect()
+        # the name the certificate holds, given explicitly: accepted
+        named = SyncManager(m.address, KEY, tls=TLSConfig(c["client.pem"], c["client.key"], c["ca.pem"], "evil.example"))
+        named.connect()
+        assert named.dict(a=1)["a"] == 1
+        # the explicit opt-out: any certificate the CA signed
+        unchecked = SyncManager(m.address, KEY, tls=TLSConfig(c["client.pem"], c["client.key"], c["ca.pem"],
+                                                              check_hostname=False))
+        unchecked.connect()
+        assert unchecked.list([2])[0] == 2
+        named.shutdown()
+        unchecked.shutdown()
 
 
 def _handshake_with_bindings(server_binding, client_binding):
