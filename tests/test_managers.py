@@ -11,6 +11,7 @@ import os
 import pickle
 import queue
 import re
+import select
 import shutil
 import signal
 import socket
@@ -866,6 +867,122 @@ def test_tls_checks_the_hostname_by_default(tmp_path):
         assert unchecked.list([2])[0] == 2
         named.shutdown()
         unchecked.shutdown()
+
+
+class _TLSRelay:
+    """A man in the middle: accepts TLS with the evil.example certificate, opens its own TLS connection
+    (with a client certificate the CA signed) to ``target``, and pipes the decrypted bytes both ways."""
+
+    def __init__(self, target, certs):
+        self.target = target
+        self.downstream = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.downstream.load_cert_chain(certs["evil.pem"], certs["evil.key"])
+        self.upstream = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        self.upstream.load_verify_locations(certs["ca.pem"])
+        self.upstream.load_cert_chain(certs["client.pem"], certs["client.key"])
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(0.1)
+        self.address = self.listener.getsockname()
+        self.stop = threading.Event()
+        self.relayed = 0  # connections piped both ways
+        self.threads = [threading.Thread(target=self._accept, daemon=True)]
+        self.threads[0].start()
+
+    def _accept(self):
+        while not self.stop.is_set():
+            try:
+                sock, _ = self.listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            t = threading.Thread(target=self._pipe, args=(sock,), daemon=True)
+            self.threads.append(t)
+            t.start()
+
+    def _pipe(self, sock):
+        down = up = None
+        try:
+            sock.settimeout(WAIT)
+            down = self.downstream.wrap_socket(sock, server_side=True)
+            up = self.upstream.wrap_socket(socket.create_connection(self.target, timeout=WAIT), server_hostname="localhost")
+            down.setblocking(False)
+            up.setblocking(False)
+            self.relayed += 1
+            other = {down: up, up: down}
+            while not self.stop.is_set():
+                ready, _, _ = select.select([down, up], [], [], 0.1)
+                for src in set(ready) | {s for s in (down, up) if s.pending()}:
+                    try:
+                        data = src.recv(65536)
+                    except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                        continue
+                    if not data:
+                        return
+                    self._send(other[src], data)
+        except (OSError, ValueError):
+            return
+        finally:
+            for s in (down, up, sock):
+                if s is not None:
+                    s.close()
+
+    def _send(self, dst, data):
+        view = memoryview(data)
+        while view:
+            try:
+                view = view[dst.send(view):]
+            except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                select.select([dst], [dst], [], 0.1)
+
+    def close(self):
+        self.stop.set()
+        self.listener.close()
+        for t in self.threads:
+            t.join(WAIT)
+        assert not any(t.is_alive() for t in self.threads)
+
+
+def _relayed_client(relay, c):
+    # check_hostname=False: the only setting in which a certificate for evil.example is accepted
+    return SyncManager(relay.address, KEY, tls=TLSConfig(c["client.pem"], c["client.key"], c["ca.pem"], check_hostname=False))
+
+
+def test_tls_authentication_is_bound_to_the_channel(tmp_path):
+    c = _make_certs(tmp_path)
+    ctx = gilfree.get_context("fork")
+    server_tls = TLSConfig(c["server.pem"], c["server.key"], cafile=c["ca.pem"])  # client certificates required
+    # control: with bindings left out on both ends (the server forked while patched), the relay passes
+    # the handshake and then reads and writes every pickle -- so the relay below is a working one
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(connection, "channel_binding", lambda sock, certfile=None: b"")
+        with SyncManager(("127.0.0.1", 0), KEY, ctx=ctx, tls=server_tls) as unbound:
+            relay = _TLSRelay(unbound.address, c)
+            try:
+                victim = _relayed_client(relay, c)
+                victim.connect()
+                assert victim.dict(a=1)["a"] == 1
+                assert relay.relayed == 1
+            finally:
+                managers._forget_link(relay.address, KEY)
+                relay.close()
+    with SyncManager(("127.0.0.1", 0), KEY, ctx=ctx, tls=server_tls) as m:
+        d = m.dict(a=1)
+        relay = _TLSRelay(m.address, c)
+        try:
+            victim = _relayed_client(relay, c)
+            with pytest.raises(gilfree.AuthenticationError, match="did not match this TLS connection.*TLS-terminating proxy"):
+                victim.connect()
+            assert relay.relayed == 1  # the relay did connect to the server: the handshake, not TLS, failed
+        finally:
+            managers._forget_link(relay.address, KEY)
+            relay.close()
+        # the server survives, and serves a good client (and the manager's own proxies) afterwards
+        good = SyncManager(m.address, KEY, tls=TLSConfig(c["client.pem"], c["client.key"], c["ca.pem"]))
+        good.connect()
+        assert good.dict(b=2)["b"] == 2
+        assert d["a"] == 1
+        good.shutdown()
 
 
 def _handshake_with_bindings(server_binding, client_binding):

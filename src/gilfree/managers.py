@@ -245,6 +245,10 @@ class TLSConfig:
     on ``("0.0.0.0", port)`` and is its own client connects to the name ``0.0.0.0``: give it the
     ``server_hostname`` its certificate holds.
 
+    Authentication is bound to the TLS connection (:func:`gilfree.connection.channel_binding`): the
+    authkey handshake succeeds only if client and server see the same TLS session and the same server
+    certificate, so a relay that terminates TLS cannot pass it on.
+
     One ``TLSConfig`` may hold both sides (a test, or a manager whose server and clients share a
     directory of certificates).  The same object is used by :class:`BaseManager`'s server and by every
     proxy of that manager, including proxies passed to other processes.
@@ -301,6 +305,7 @@ class TLSConfig:
             ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
             ctx.minimum_version = ssl.TLSVersion.TLSv1_2
             ctx.load_cert_chain(self.certfile, self.keyfile)
+            connection._server_cert_digest(self.certfile)  # the channel binding reads the file when the context does
             if self.cafile:
                 ctx.load_verify_locations(self.cafile)
                 ctx.verify_mode = ssl.CERT_REQUIRED
@@ -1082,9 +1087,11 @@ class Server:
                 raise AuthenticationError(f"TLS handshake failed: {exc}") from None
             sock.settimeout(None)
         chan = _Channel(sock, peer, self.max_message)
+        binding = connection.channel_binding(sock, self.tls.certfile if self.tls is not None else None)
         remaining = max(0.0, deadline - time.monotonic())
-        connection.deliver_challenge(chan, self.authkey, remaining)  # type: ignore[arg-type]
-        connection.answer_challenge(chan, self.authkey, max(0.0, deadline - time.monotonic()))  # type: ignore[arg-type]
+        connection.deliver_challenge(chan, self.authkey, remaining, binding=binding)  # type: ignore[arg-type]
+        connection.answer_challenge(chan, self.authkey, max(0.0, deadline - time.monotonic()),  # type: ignore[arg-type]
+                                    binding=binding)
         return chan
 
     def _hello(self, hello: tuple[Any, ...], peer: str) -> _ClientState:
@@ -1523,8 +1530,9 @@ class _Link:
                 sock = _wrap_client(self.tls, sock, address)
                 sock.settimeout(None)
             chan = _Channel(sock, f"manager at {_describe(address)}")
-            connection.answer_challenge(chan, self.authkey)  # type: ignore[arg-type]
-            connection.deliver_challenge(chan, self.authkey)  # type: ignore[arg-type]
+            binding = connection.channel_binding(sock)
+            connection.answer_challenge(chan, self.authkey, binding=binding)  # type: ignore[arg-type]
+            connection.deliver_challenge(chan, self.authkey, binding=binding)  # type: ignore[arg-type]
             chan.send((OP_HELLO, _client_id, os.getpid(), address))
             kind, value = reduction.loads(chan.recv_bytes())
             if kind != R_OK:
