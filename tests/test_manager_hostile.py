@@ -226,6 +226,9 @@ def test_a_full_table_drops_the_oldest_pending_peer_not_the_newcomer():
         # it, and four more arrivals push out silent[1], [2], [3] and then x
         x = socket.create_connection(s.address)
         late = [socket.create_connection(s.address) for _ in range(4)]
+        for sock in late:
+            sock.settimeout(10)
+            assert sock.recv(4096)[4:].startswith(b"#CHALLENGE#")  # admitted: x is out when the last one is
         conn = connection.Connection(x.detach())
         with pytest.raises(gilfree.AuthenticationError, match="the server refused the connection: the server is busy"):
             connection.answer_challenge(conn, KEY, timeout=10)

@@ -8,11 +8,14 @@ import gc
 import multiprocessing as std_mp
 import multiprocessing.managers as std_managers
 import os
+import pickle
 import queue
 import re
+import select
 import shutil
 import signal
 import socket
+import ssl
 import struct
 import subprocess
 import sys
@@ -24,7 +27,7 @@ import pytest
 from _helpers import SRC, WAIT, running
 
 import gilfree
-from gilfree import managers
+from gilfree import connection, managers
 from gilfree.managers import BaseManager, BaseProxy, SyncManager, TLSConfig, Token
 
 pytestmark = pytest.mark.timeout(60)
@@ -794,12 +797,15 @@ def _make_certs(tmp: Path) -> dict:
     run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
         "-subj", "/CN=gilfree test CA")
     (tmp / "ext.cnf").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
-    for name in ("server", "client"):
+    # evil.example: a certificate the same CA signed for another machine (what an attacker may hold)
+    (tmp / "evil.cnf").write_text("subjectAltName=DNS:evil.example\n")
+    for name, ext in (("server", "ext.cnf"), ("client", "ext.cnf"), ("evil", "evil.cnf")):
         run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
             "-subj", f"/CN={name}")
         run("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-            "-out", f"{name}.pem", "-days", "2", "-extfile", "ext.cnf")
-    return {n: str(tmp / n) for n in ("ca.pem", "server.pem", "server.key", "client.pem", "client.key")}
+            "-out", f"{name}.pem", "-days", "2", "-extfile", ext)
+    return {n: str(tmp / n) for n in ("ca.pem", "server.pem", "server.key", "client.pem", "client.key",
+                                      "evil.pem", "evil.key")}
 
 
 def test_tls_with_client_certificates(tmp_path):
@@ -827,6 +833,229 @@ def test_tls_with_client_certificates(tmp_path):
             untrusting.connect()
         assert d["a"] == 1
         good.shutdown()
+
+
+def test_tls_config_check_hostname_travels():
+    tls = TLSConfig("c.pem", "k.pem", "ca.pem", check_hostname=False)
+    assert repr(tls) == "TLSConfig(certfile='c.pem', keyfile='k.pem', cafile='ca.pem', check_hostname=False)"
+    copy = pickle.loads(pickle.dumps(tls))
+    assert copy == tls and hash(copy) == hash(tls) and copy.check_hostname is False
+    assert TLSConfig("c.pem") != TLSConfig("c.pem", check_hostname=False)
+    assert TLSConfig().check_hostname is True
+    assert TLSConfig().hostname_for(("127.0.0.1", 5)) == "127.0.0.1"
+    assert TLSConfig(server_hostname="db.example").hostname_for(("10.0.0.1", 5)) == "db.example"
+
+
+def test_tls_checks_the_hostname_by_default(tmp_path):
+    # the server's certificate names only evil.example: signed by the right CA, made for another machine
+    c = _make_certs(tmp_path)
+    server_tls = TLSConfig(c["evil.pem"], c["evil.key"], cafile=c["ca.pem"], server_hostname="evil.example")
+    with SyncManager(("127.0.0.1", 0), KEY, ctx=gilfree.get_context("fork"), tls=server_tls) as m:
+        port = m.address[1]
+        for host in ("127.0.0.1", "localhost"):
+            client = SyncManager((host, port), KEY, tls=TLSConfig(c["client.pem"], c["client.key"], c["ca.pem"]))
+            with pytest.raises(ssl.SSLCertVerificationError, match=f"does not name '{host}'.*check_hostname=False"):
+                client.connect()
+        # the name the certificate holds, given explicitly: accepted
+        named = SyncManager(m.address, KEY, tls=TLSConfig(c["client.pem"], c["client.key"], c["ca.pem"], "evil.example"))
+        named.connect()
+        assert named.dict(a=1)["a"] == 1
+        # the explicit opt-out: any certificate the CA signed
+        unchecked = SyncManager(m.address, KEY, tls=TLSConfig(c["client.pem"], c["client.key"], c["ca.pem"],
+                                                              check_hostname=False))
+        unchecked.connect()
+        assert unchecked.list([2])[0] == 2
+        named.shutdown()
+        unchecked.shutdown()
+
+
+class _TLSRelay:
+    """A man in the middle: accepts TLS with the evil.example certificate, opens its own TLS connection
+    (with a client certificate the CA signed) to ``target``, and pipes the decrypted bytes both ways."""
+
+    def __init__(self, target, certs):
+        self.target = target
+        self.downstream = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.downstream.load_cert_chain(certs["evil.pem"], certs["evil.key"])
+        self.upstream = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        self.upstream.load_verify_locations(certs["ca.pem"])
+        self.upstream.load_cert_chain(certs["client.pem"], certs["client.key"])
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(0.1)
+        self.address = self.listener.getsockname()
+        self.stop = threading.Event()
+        self.relayed = 0  # connections piped both ways
+        self.threads = [threading.Thread(target=self._accept, daemon=True)]
+        self.threads[0].start()
+
+    def _accept(self):
+        while not self.stop.is_set():
+            try:
+                sock, _ = self.listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            t = threading.Thread(target=self._pipe, args=(sock,), daemon=True)
+            self.threads.append(t)
+            t.start()
+
+    def _pipe(self, sock):
+        down = up = None
+        try:
+            sock.settimeout(WAIT)
+            down = self.downstream.wrap_socket(sock, server_side=True)
+            up = self.upstream.wrap_socket(socket.create_connection(self.target, timeout=WAIT), server_hostname="localhost")
+            down.setblocking(False)
+            up.setblocking(False)
+            self.relayed += 1
+            other = {down: up, up: down}
+            while not self.stop.is_set():
+                ready, _, _ = select.select([down, up], [], [], 0.1)
+                for src in set(ready) | {s for s in (down, up) if s.pending()}:
+                    try:
+                        data = src.recv(65536)
+                    except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                        continue
+                    if not data:
+                        return
+                    self._send(other[src], data)
+        except (OSError, ValueError):
+            return
+        finally:
+            for s in (down, up, sock):
+                if s is not None:
+                    s.close()
+
+    def _send(self, dst, data):
+        view = memoryview(data)
+        while view:
+            try:
+                view = view[dst.send(view):]
+            except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                select.select([dst], [dst], [], 0.1)
+
+    def close(self):
+        self.stop.set()
+        self.listener.close()
+        for t in self.threads:
+            t.join(WAIT)
+        assert not any(t.is_alive() for t in self.threads)
+
+
+def _relayed_client(relay, c):
+    # check_hostname=False: the only setting in which a certificate for evil.example is accepted
+    return SyncManager(relay.address, KEY, tls=TLSConfig(c["client.pem"], c["client.key"], c["ca.pem"], check_hostname=False))
+
+
+def test_tls_authentication_is_bound_to_the_channel(tmp_path):
+    c = _make_certs(tmp_path)
+    ctx = gilfree.get_context("fork")
+    server_tls = TLSConfig(c["server.pem"], c["server.key"], cafile=c["ca.pem"])  # client certificates required
+    # control: with bindings left out on both ends (the server forked while patched), the relay passes
+    # the handshake and then reads and writes every pickle -- so the relay below is a working one
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(connection, "channel_binding", lambda sock, certfile=None: b"")
+        with SyncManager(("127.0.0.1", 0), KEY, ctx=ctx, tls=server_tls) as unbound:
+            relay = _TLSRelay(unbound.address, c)
+            try:
+                victim = _relayed_client(relay, c)
+                victim.connect()
+                assert victim.dict(a=1)["a"] == 1
+                assert relay.relayed == 1
+            finally:
+                managers._forget_link(relay.address, KEY)
+                relay.close()
+    with SyncManager(("127.0.0.1", 0), KEY, ctx=ctx, tls=server_tls) as m:
+        d = m.dict(a=1)
+        relay = _TLSRelay(m.address, c)
+        try:
+            victim = _relayed_client(relay, c)
+            with pytest.raises(gilfree.AuthenticationError, match="did not match this TLS connection.*TLS-terminating proxy"):
+                victim.connect()
+            assert relay.relayed == 1  # the relay did connect to the server: the handshake, not TLS, failed
+        finally:
+            managers._forget_link(relay.address, KEY)
+            relay.close()
+        # the server survives, and serves a good client (and the manager's own proxies) afterwards
+        good = SyncManager(m.address, KEY, tls=TLSConfig(c["client.pem"], c["client.key"], c["ca.pem"]))
+        good.connect()
+        assert good.dict(b=2)["b"] == 2
+        assert d["a"] == 1
+        good.shutdown()
+
+
+def _handshake_with_bindings(server_binding, client_binding):
+    """The manager's handshake over a pipe with these bindings: what each end said ("welcomed" or its error)."""
+    r, w = gilfree.Pipe()
+    result = []
+
+    def serve():
+        try:
+            connection.deliver_challenge(r, KEY, WAIT, binding=server_binding)
+            result.append("welcomed")
+        except gilfree.AuthenticationError as exc:
+            result.append(str(exc))
+
+    t = threading.Thread(target=serve)
+    t.start()
+    try:
+        connection.answer_challenge(w, KEY, WAIT, binding=client_binding)
+        client = "welcomed"
+    except gilfree.AuthenticationError as exc:
+        client = str(exc)
+    finally:
+        t.join(WAIT)
+        r.close()
+        w.close()
+    assert not t.is_alive()
+    return result[0], client
+
+
+def test_channel_binding(tmp_path):
+    c = _make_certs(tmp_path)
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(c["server.pem"], c["server.key"])
+    client_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    client_ctx.load_verify_locations(c["ca.pem"])
+
+    def tls_pair(version):
+        a, b = socket.socketpair()
+        a.settimeout(WAIT)
+        b.settimeout(WAIT)
+        server_ctx.maximum_version = version
+        out = []
+        t = threading.Thread(target=lambda: out.append(server_ctx.wrap_socket(a, server_side=True)))
+        t.start()
+        client = client_ctx.wrap_socket(b, server_hostname="localhost")
+        t.join(WAIT)
+        return out[0], client
+
+    plain = socket.socket()
+    assert connection.channel_binding(plain) == b""
+    plain.close()
+    for version in (ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3):
+        s1, c1 = tls_pair(version)
+        s2, c2 = tls_pair(version)
+        try:
+            assert c1.version() == version.name.replace("v1_", "v1.")
+            b1, b2 = connection.channel_binding(c1), connection.channel_binding(c2)
+            # the same on both ends of one connection, different on another connection
+            assert b1 == connection.channel_binding(s1, c["server.pem"])
+            assert b2 == connection.channel_binding(s2, c["server.pem"])
+            assert b1 != b2
+            # ... and it names the server's certificate: another certificate gives another binding
+            assert b1 != connection.channel_binding(s1, c["evil.pem"])
+            with pytest.raises(ValueError, match="certfile"):
+                connection.channel_binding(s1)
+            # the handshake with bindings: equal ones pass, unequal ones fail on both ends
+            assert _handshake_with_bindings(b1, b1) == ("welcomed", "welcomed")
+            server, client = _handshake_with_bindings(b1, b2)
+            assert "answered for another TLS connection" in server
+            assert "did not match this TLS connection" in client
+        finally:
+            for s in (s1, c1, s2, c2):
+                s.close()
 
 
 def test_tls_refuses_unix_addresses(tmp_path):

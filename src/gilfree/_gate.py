@@ -319,7 +319,7 @@ class Gate:
                     self._arm(p, select.EPOLLIN)
                     return
                 if step == _ANSWER:
-                    expected = _DIGEST + connection._auth_digest(self.authkey, p.message, p.binding)
+                    expected = connection._auth_digest(self.authkey, p.message, p.binding)
                     if not hmac.compare_digest(frame, expected):
                         try:
                             p.sock.send(_frame(_FAILURE))
@@ -343,7 +343,7 @@ class Gate:
                     if len(payload) < len(_DIGEST) + 20:
                         self._fail(p, "invalid", "its challenge is too short to be safe")
                         return
-                    p.out = _frame(_DIGEST + connection._auth_digest(self.authkey, payload, p.binding))
+                    p.out = _frame(connection._auth_digest(self.authkey, payload, p.binding))
                     p.step = _VERDICT
                 else:  # _VERDICT
                     if frame != _WELCOME:

@@ -629,7 +629,8 @@ def main(argv: list[str] | None = None) -> int:
                          help="file holding the shared secret (clients pass the same bytes as authkey)")
     p_serve.add_argument("--tls-cert", metavar="PEM", help="the server's certificate: serve TLS")
     p_serve.add_argument("--tls-key", metavar="PEM", help="the server certificate's private key")
-    p_serve.add_argument("--tls-ca", metavar="PEM", help="require client certificates signed by this CA")
+    p_serve.add_argument("--tls-ca", metavar="PEM",
+                         help="require client certificates signed by this CA (mutual TLS: recommended for other machines)")
     p_serve.add_argument("--register", action="append", metavar="TYPEID=module:callable",
                          help="serve objects made by module.callable under TYPEID (repeatable)")
     args, rest = parser.parse_known_args(argv)

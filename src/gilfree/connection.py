@@ -51,6 +51,7 @@ import os
 import select
 import stat
 import struct
+import sys
 import threading
 import time
 import weakref
@@ -59,12 +60,14 @@ from . import reduction, util
 from ._errors import AuthenticationError, BufferTooShort
 
 # Modules a spawned child would import for nothing are imported where they are used: `typing` (only
-# annotations), `hmac` (only Listener/Client authentication), `tempfile` (only default Unix addresses).
+# annotations), `hmac` (only Listener/Client authentication), `hashlib` and `ssl` (only TLS channel
+# bindings), `tempfile` (only default Unix addresses).
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any, Iterable, NoReturn
 
-__all__ = ["Client", "Connection", "Listener", "Pipe", "wait", "deliver_challenge", "answer_challenge"]
+__all__ = ["Client", "Connection", "Listener", "Pipe", "wait", "deliver_challenge", "answer_challenge",
+           "channel_binding"]
 
 #: Buffers at least this large travel out of band, read straight into their final memory.
 OOB_MIN = 256 * 1024
@@ -1268,14 +1271,6 @@ def _auth_send(conn: Connection, data: bytes, step: str) -> None:
         raise AuthenticationError(f"the peer closed the connection during the handshake ({step}): {exc}") from exc
 
 
-def _auth_digest(key: bytes, message: bytes, binding: bytes = b"") -> bytes:
-    """The HMAC-SHA256 that answers challenge ``message``, bound to the channel by ``binding``
-    (b"" on a plain connection: the digest the stdlib computes)."""
-    import hmac
-
-    return hmac.new(key, message + binding, "sha256").digest()
-
-
 def _refusal(message: bytes) -> AuthenticationError | None:
     """The error for a ``#REFUSED#`` frame (a gilfree server turned us away and said why), else None."""
     if message.startswith(_REFUSED):
@@ -1290,8 +1285,77 @@ def _check_key(authkey: Any) -> bytes:
     return bytes(authkey)
 
 
-def deliver_challenge(conn: Connection, authkey: bytes, timeout: float | None = None) -> None:
-    """Challenge the peer to prove it knows ``authkey``; raise AuthenticationError if it does not."""
+def _auth_digest(key: bytes, message: bytes, binding: bytes = b"") -> bytes:
+    """The answer to the challenge ``message`` (the bytes after ``#CHALLENGE#``, starting with
+    ``{sha256}``), as sent on the wire: ``b"{sha256}"`` + HMAC-SHA256(``key``, ``message`` + ``binding``).
+
+    With ``binding=b""`` this is CPython 3.12+'s answer.  Both sides of every handshake (this module's
+    and the manager server's) compute it here, so the two always agree.
+    """
+    import hmac
+
+    return _DIGEST + hmac.new(key, message + binding, "sha256").digest()
+
+
+_server_cert_digests: dict[str, bytes] = {}
+
+
+def _server_cert_digest(certfile: str) -> bytes:
+    """SHA-256 of the first certificate in the PEM file ``certfile`` (the server's own, as
+    ``load_cert_chain`` takes it), in DER form; read once per process and path, as the server's
+    SSLContext reads it once."""
+    digest = _server_cert_digests.get(certfile)
+    if digest is None:
+        import hashlib
+        import ssl
+
+        with open(certfile, encoding="ascii", errors="replace") as f:
+            text = f.read()
+        begin, end = "-----BEGIN CERTIFICATE-----", "-----END CERTIFICATE-----"
+        start = text.find(begin)
+        stop = text.find(end, start)
+        if start < 0 or stop < 0:
+            raise ValueError(f"{certfile} holds no PEM certificate (-----BEGIN CERTIFICATE-----)")
+        der = ssl.PEM_cert_to_DER_cert(text[start : stop + len(end)])
+        digest = _server_cert_digests[certfile] = hashlib.sha256(der).digest()
+    return digest
+
+
+def channel_binding(sock: Any, certfile: str | None = None) -> bytes:
+    """What ties an authentication handshake to the TLS connection ``sock`` it runs on.
+
+    ``b""`` for a socket that is not an ``ssl.SSLSocket``.  For a TLS socket: its ``tls-unique``
+    channel binding (a value both ends of one TLS session share and no other session has), followed
+    by the SHA-256 of the server's certificate in DER form -- on the client the certificate the peer
+    presented, on the server the first certificate of ``certfile`` (its own, required there).  Pass
+    the result as ``binding=`` to :func:`deliver_challenge` and :func:`answer_challenge` on both ends:
+    a relay that terminates TLS holds two sessions (and its own certificate), so the two ends compute
+    different values and the handshake fails.
+    """
+    ssl = sys.modules.get("ssl")  # not imported: then no socket can be an SSLSocket
+    if ssl is None or not isinstance(sock, ssl.SSLSocket):
+        return b""
+    unique = sock.get_channel_binding("tls-unique")
+    if not unique:
+        raise AuthenticationError("the TLS connection has no tls-unique channel binding (handshake not done?)")
+    if sock.server_side:
+        if certfile is None:
+            raise ValueError("channel_binding() of a server's TLS socket needs certfile= (the server's certificate)")
+        return unique + _server_cert_digest(os.fspath(certfile))
+    import hashlib
+
+    der = sock.getpeercert(binary_form=True)
+    if not der:
+        raise AuthenticationError("the TLS server presented no certificate")
+    return unique + hashlib.sha256(der).digest()
+
+
+def deliver_challenge(conn: Connection, authkey: bytes, timeout: float | None = None, *, binding: bytes = b"") -> None:
+    """Challenge the peer to prove it knows ``authkey``; raise AuthenticationError if it does not.
+
+    ``binding`` (see :func:`channel_binding`) is appended to the challenge before the HMAC: the peer
+    must have computed the same one.  With ``b""`` the exchange is CPython 3.12+'s, byte for byte.
+    """
     key = _check_key(authkey)
     timeout = HANDSHAKE_TIMEOUT if timeout is None else timeout
     deadline = time.monotonic() + timeout
@@ -1300,20 +1364,27 @@ def deliver_challenge(conn: Connection, authkey: bytes, timeout: float | None = 
     response = _auth_recv(conn, deadline, timeout, "waiting for the answer to our challenge")
     import hmac
 
-    expected = _DIGEST + _auth_digest(key, message)
-    if not hmac.compare_digest(response, expected):
+    if not hmac.compare_digest(response, _auth_digest(key, message, binding)):
         try:
             conn.send_bytes(_FAILURE)
         except OSError:
             pass
         if not response.startswith(_DIGEST):
             raise AuthenticationError("the peer answered the challenge without HMAC-SHA256 (wrong protocol or an old client)")
+        if binding:
+            raise AuthenticationError(
+                "digest received was wrong: the peer does not know the authkey, or it answered for another "
+                "TLS connection (a TLS-terminating relay between it and us?)"
+            )
         raise AuthenticationError("digest received was wrong: the peer does not know the authkey")
     _auth_send(conn, _WELCOME, "welcoming the peer")
 
 
-def answer_challenge(conn: Connection, authkey: bytes, timeout: float | None = None) -> None:
-    """Prove to the peer that we know ``authkey``; raise AuthenticationError if it refuses us."""
+def answer_challenge(conn: Connection, authkey: bytes, timeout: float | None = None, *, binding: bytes = b"") -> None:
+    """Prove to the peer that we know ``authkey``; raise AuthenticationError if it refuses us.
+
+    ``binding``: as for :func:`deliver_challenge` (the same value on both ends, or the proof fails).
+    """
     key = _check_key(authkey)
     timeout = HANDSHAKE_TIMEOUT if timeout is None else timeout
     deadline = time.monotonic() + timeout
@@ -1326,12 +1397,20 @@ def answer_challenge(conn: Connection, authkey: bytes, timeout: float | None = N
     payload = message[len(_CHALLENGE) :]
     if len(payload) < len(_DIGEST) + 20:
         raise AuthenticationError("the challenge is too short to be safe")
-    _auth_send(conn, _DIGEST + _auth_digest(key, payload), "answering the challenge")
+    _auth_send(conn, _auth_digest(key, payload, binding), "answering the challenge")
     reply = _auth_recv(conn, deadline, timeout, "waiting for the verdict")
     refused = _refusal(reply)
     if refused is not None:
         raise refused
     if reply != _WELCOME:
+        if binding:
+            raise AuthenticationError(
+                "the server refused our proof of the authkey on this TLS connection: either it has a different "
+                "authkey, or the authkey handshake did not match this TLS connection -- something between you "
+                "and the server (a TLS-terminating proxy?) holds its own TLS session, so the server saw another "
+                "connection than ours.  Connect to the server directly, and keep the hostname check on "
+                "(TLSConfig(check_hostname=True), the default), which refuses a certificate for another name"
+            )
         raise AuthenticationError("digest sent was rejected: the peer has a different authkey")
 
 

@@ -250,15 +250,23 @@ class TLSConfig:
     Server side: ``certfile``/``keyfile`` are the server's certificate and key (required);
     ``cafile``, if given, makes the server require a client certificate signed by it.
     Client side: ``cafile`` verifies the server's certificate (the system's CAs if None);
-    ``certfile``/``keyfile`` are the client's own certificate, if the server asks for one;
-    ``server_hostname`` is checked against the server's certificate when given.
+    ``certfile``/``keyfile`` are the client's own certificate, if the server asks for one.  The
+    server's certificate must name the host the client connects to (the address's host, a DNS name or
+    an IP address), or ``server_hostname`` when given; ``check_hostname=False`` turns that check off
+    (any certificate the CA signed is then accepted, whoever it was made for).  A manager that listens
+    on ``("0.0.0.0", port)`` and is its own client connects to the name ``0.0.0.0``: give it the
+    ``server_hostname`` its certificate holds.
+
+    Authentication is bound to the TLS connection (:func:`gilfree.connection.channel_binding`): the
+    authkey handshake succeeds only if client and server see the same TLS session and the same server
+    certificate, so a relay that terminates TLS cannot pass it on.
 
     One ``TLSConfig`` may hold both sides (a test, or a manager whose server and clients share a
     directory of certificates).  The same object is used by :class:`BaseManager`'s server and by every
     proxy of that manager, including proxies passed to other processes.
     """
 
-    __slots__ = ("certfile", "keyfile", "cafile", "server_hostname", "_contexts")
+    __slots__ = ("certfile", "keyfile", "cafile", "server_hostname", "check_hostname", "_contexts")
 
     def __init__(
         self,
@@ -266,18 +274,20 @@ class TLSConfig:
         keyfile: str | None = None,
         cafile: str | None = None,
         server_hostname: str | None = None,
+        check_hostname: bool = True,
     ) -> None:
         self.certfile = os.fspath(certfile) if certfile is not None else None
         self.keyfile = os.fspath(keyfile) if keyfile is not None else None
         self.cafile = os.fspath(cafile) if cafile is not None else None
         self.server_hostname = server_hostname
+        self.check_hostname = bool(check_hostname)
         self._contexts: dict[str, Any] = {}
 
     def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
-        return TLSConfig, (self.certfile, self.keyfile, self.cafile, self.server_hostname)
+        return TLSConfig, self._key()
 
     def _key(self) -> tuple[Any, ...]:
-        return (self.certfile, self.keyfile, self.cafile, self.server_hostname)
+        return (self.certfile, self.keyfile, self.cafile, self.server_hostname, self.check_hostname)
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, TLSConfig) and self._key() == other._key()
@@ -287,7 +297,14 @@ class TLSConfig:
 
     def __repr__(self) -> str:
         parts = [f"{k}={v!r}" for k, v in zip(("certfile", "keyfile", "cafile", "server_hostname"), self._key()) if v]
+        if not self.check_hostname:
+            parts.append("check_hostname=False")
         return f"TLSConfig({', '.join(parts)})"
+
+    def hostname_for(self, address: Any) -> str:
+        """The name a client checks the server's certificate against when it connects to ``address``
+        (and sends as SNI): ``server_hostname`` if given, else the address's host."""
+        return self.server_hostname if self.server_hostname is not None else str(address[0])
 
     def server_context(self) -> ssl.SSLContext:
         """The SSLContext a server wraps accepted sockets with (built once per process)."""
@@ -300,6 +317,7 @@ class TLSConfig:
             ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
             ctx.minimum_version = ssl.TLSVersion.TLSv1_2
             ctx.load_cert_chain(self.certfile, self.keyfile)
+            connection._server_cert_digest(self.certfile)  # the channel binding reads the file when the context does
             if self.cafile:
                 ctx.load_verify_locations(self.cafile)
                 ctx.verify_mode = ssl.CERT_REQUIRED
@@ -307,7 +325,8 @@ class TLSConfig:
         return ctx
 
     def client_context(self) -> ssl.SSLContext:
-        """The SSLContext a client connects with (built once per process)."""
+        """The SSLContext a client connects with (built once per process; the host name to check is
+        given to ``wrap_socket``, see :meth:`hostname_for`)."""
         ctx = self._contexts.get("client")
         if ctx is None:
             import ssl
@@ -318,7 +337,7 @@ class TLSConfig:
                 ctx.load_verify_locations(self.cafile)
             else:
                 ctx.load_default_certs()
-            ctx.check_hostname = self.server_hostname is not None
+            ctx.check_hostname = self.check_hostname
             ctx.verify_mode = ssl.CERT_REQUIRED
             if self.certfile:
                 ctx.load_cert_chain(self.certfile, self.keyfile)
@@ -949,6 +968,12 @@ class Server:
         if self._private:  # the default abstract socket has no file permissions: only our uid (and root)
             uids = frozenset({os.geteuid(), 0})
         binding = None
+        if self._ssl is not None:
+            certfile = self.tls.certfile if self.tls is not None else None
+
+            def binding(sock: Any) -> bytes:
+                return connection.channel_binding(sock, certfile)
+
         gate = _gate.Gate(listener, self.authkey, timeout=self.handshake_timeout, capacity=self.max_handshakes,
                           ssl_context=self._ssl, binding=binding, uids=uids, on_failure=self._handshake_failed)
         self._gate = gate
@@ -1545,7 +1570,7 @@ class _Link:
                     raise ValueError(f"TLS is for TCP addresses only, not the Unix socket {address!r}")
                 sock.settimeout(connection.HANDSHAKE_TIMEOUT)
                 try:
-                    sock = self.tls.client_context().wrap_socket(sock, server_hostname=self.tls.server_hostname)
+                    sock = _wrap_client(self.tls, sock, address)
                 except OSError as exc:
                     raise _tls_failure(exc, address) from None
                 sock.settimeout(None)
@@ -1554,8 +1579,9 @@ class _Link:
                 # An empty frame makes a TLS server say so at once; a plain gilfree server skips it.
                 sock.sendall(_HDR_pack(0))
             chan = _Channel(sock, f"manager at {_describe(address)}")
-            connection.answer_challenge(chan, self.authkey)  # type: ignore[arg-type]
-            connection.deliver_challenge(chan, self.authkey)  # type: ignore[arg-type]
+            binding = connection.channel_binding(sock)
+            connection.answer_challenge(chan, self.authkey, binding=binding)  # type: ignore[arg-type]
+            connection.deliver_challenge(chan, self.authkey, binding=binding)  # type: ignore[arg-type]
             chan.send((OP_HELLO, _client_id, os.getpid(), address))
             kind, value = reduction.loads(chan.recv_bytes())
             if kind != R_OK:
@@ -1687,6 +1713,29 @@ def _tls_failure(exc: OSError, address: Any) -> OSError:
         return TimeoutError(f"the TLS handshake with the manager at {where} did not finish within "
                             f"{connection.HANDSHAKE_TIMEOUT:g} s")
     return exc
+
+
+def _wrap_client(tls: TLSConfig, sock: socket.socket, address: Any) -> Any:
+    """``sock``, connected to the server at ``address``, wrapped in TLS; the server's certificate must
+    name ``tls.hostname_for(address)`` unless ``tls.check_hostname`` is False."""
+    import ssl
+
+    hostname = tls.hostname_for(address)
+    try:
+        return tls.client_context().wrap_socket(sock, server_hostname=hostname)
+    except ssl.SSLCertVerificationError as exc:
+        # 62: X509_V_ERR_HOSTNAME_MISMATCH, 64: X509_V_ERR_IP_ADDRESS_MISMATCH
+        if exc.verify_code not in (62, 64):
+            raise
+        err = ssl.SSLCertVerificationError(
+            exc.errno,
+            f"the manager at {_describe(address)} presented a certificate that does not name {hostname!r} "
+            f"({exc.verify_message}): connect by a name the certificate holds, or pass "
+            f"TLSConfig(server_hostname=...) naming it; TLSConfig(check_hostname=False) accepts any certificate "
+            f"the CA signed, including one made for another machine [{exc.reason}]",
+        )
+        err.verify_code, err.verify_message = exc.verify_code, exc.verify_message
+        raise err from None
 
 
 def _get_link(address: Any, authkey: bytes, tls: TLSConfig | None = None) -> _Link:
