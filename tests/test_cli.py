@@ -58,7 +58,8 @@ def test_manager_serve_logs_and_stops_on_sigterm(tmp_path):
     from _helpers import SRC
 
     key = tmp_path / "key"
-    key.write_bytes(b"secret\n")
+    key.write_bytes(b"a secret of 16+ bytes\n")  # a text key: the newline is not part of it
+    key.chmod(0o600)
     env = dict(os.environ, PYTHONPATH=SRC)
     server = subprocess.Popen([sys.executable, "-m", "gilfree", "manager", "serve", "--address", "127.0.0.1:0",
                                "--authkey-file", str(key), "--register", "od=collections:OrderedDict"],
@@ -70,7 +71,7 @@ def test_manager_serve_logs_and_stops_on_sigterm(tmp_path):
         client = (
             "import gilfree; from gilfree.managers import SyncManager\n"
             "SyncManager.register('od')\n"
-            f"m = SyncManager(('127.0.0.1', {port}), b'secret'); m.connect(); d = m.od(); d.update(a=1)\n"
+            f"m = SyncManager(('127.0.0.1', {port}), b'a secret of 16+ bytes'); m.connect(); d = m.od(); d.update(a=1)\n"
             "print(list(d.keys()))\n"
             f"try:\n    SyncManager(('127.0.0.1', {port}), b'nope').connect()\n"
             "except gilfree.AuthenticationError as e:\n    print('refused')\n"
@@ -84,6 +85,83 @@ def test_manager_serve_logs_and_stops_on_sigterm(tmp_path):
     assert "accepted 127.0.0.1:" in err
     assert "refused 127.0.0.1:" in err and "digest received was wrong" in err
     assert "stopped (SIGTERM)" in err
+    assert "NOT ENCRYPTED" not in err  # loopback
+
+
+def test_authkey_file_rule(tmp_path):
+    # the file's exact bytes; one trailing newline is dropped only after a printable text key
+    from gilfree.cli import authkey_from_file
+
+    f = tmp_path / "key"
+    for content, key in [
+        (b"secret\n", b"secret"), (b"secret\r\n", b"secret"), (b"secret", b"secret"),
+        (b"secret\n\n", b"secret\n\n"), (b" two spaces \n", b" two spaces "), (b"caf\xc3\xa9\n", b"caf\xc3\xa9"),
+        (b"\x00\xff binary\n", b"\x00\xff binary\n"), (b"\x8a\x01\x02 \n", b"\x8a\x01\x02 \n"),
+        (b"tab\tkey\n", b"tab\tkey\n"), (b"random ends in space ", b"random ends in space "), (b"\n", b""),
+    ]:
+        f.write_bytes(content)
+        assert authkey_from_file(f) == key, content
+
+
+def _serve(tmp_path, key_bytes, mode=0o600, address="127.0.0.1:0"):
+    import os
+    import subprocess
+
+    from _helpers import SRC
+
+    key = tmp_path / "key"
+    key.write_bytes(key_bytes)
+    key.chmod(mode)
+    env = dict(os.environ, PYTHONPATH=SRC)
+    return key, subprocess.Popen([sys.executable, "-m", "gilfree", "manager", "serve", "--address", address,
+                                  "--authkey-file", str(key)], stderr=subprocess.PIPE, text=True, env=env)
+
+
+@pytest.mark.parametrize("key_bytes, mode, expected", [
+    (b"a long enough text key\n", 0o644, "make it private with `chmod 600 {key}`"),
+    (b"a long enough text key\n", 0o640, "make it private with `chmod 600 {key}`"),
+    (b"short key\n", 0o600, "only 9 bytes; use at least 16 bytes: make a good key with `head -c 32 /dev/urandom > {key}"),
+    (b"\n", 0o600, "is empty; use at least 16 bytes"),
+])
+def test_manager_serve_refuses_weak_key_files(tmp_path, key_bytes, mode, expected):
+    key, server = _serve(tmp_path, key_bytes, mode)
+    try:
+        _, err = server.communicate(timeout=30)
+    finally:
+        if server.poll() is None:  # it served (before the fix)
+            server.kill()
+            server.communicate()
+    assert server.returncode == 2, err
+    assert expected.format(key=key) in err, err
+
+
+def test_manager_serve_binary_key_and_warning_without_tls(tmp_path):
+    # a random key whose last bytes are whitespace is used exactly as it is (it was stripped: clients
+    # holding the file's bytes were refused); serving on every interface without TLS warns on stderr
+    import signal
+
+    from gilfree import AuthenticationError
+    from gilfree.managers import SyncManager
+
+    key_bytes = b"\x9f\x00" + bytes(range(200, 226)) + b" \t\r\n"
+    _, server = _serve(tmp_path, key_bytes, address="0.0.0.0:0")
+    try:
+        lines = [server.stderr.readline()]
+        while lines[-1] and "serving on" not in lines[-1]:
+            lines.append(server.stderr.readline())
+        port = int(re.search(r"serving on 0\.0\.0\.0:(\d+)", lines[-1]).group(1))
+        warning = "".join(lines[:-1])
+        assert "NOT ENCRYPTED: listening on 0.0.0.0:" in warning and "without TLS" in warning, warning
+        assert "travels in clear" in warning and "--tls-cert/--tls-key" in warning, warning
+        m = SyncManager(("127.0.0.1", port), key_bytes)
+        m.connect()
+        assert m.dict(a=1)["a"] == 1
+        with pytest.raises(AuthenticationError):
+            SyncManager(("127.0.0.1", port), key_bytes.strip()).connect()
+    finally:
+        server.send_signal(signal.SIGTERM)
+        _, err = server.communicate(timeout=30)
+    assert server.returncode == 0, err
 
 
 def test_tour_pool_chapter():

@@ -1604,9 +1604,9 @@ def test_garbage_header_is_refused():
 
 
 def test_grown_buffer_for_a_genuine_large_message(monkeypatch):
-    # with a small allocation step, a real message larger than the step is read by growing the
-    # buffer; the contents arrive intact (in-band and out-of-band)
-    monkeypatch.setattr(connection, "_CHUNK", 100_000)
+    # with a small first piece, a real message larger than it is read in growing pieces; the
+    # contents arrive intact (in-band and out-of-band)
+    monkeypatch.setattr(connection, "_FIRST_PIECE", 100_000)
     r, w = Pipe()
     with r, w:
         payload = os.urandom(1_000_003)
@@ -1617,6 +1617,78 @@ def test_grown_buffer_for_a_genuine_large_message(monkeypatch):
         assert np.array_equal(exchange(w, r, [arr, b"tail"])[0], arr)
         big_pickle = list(range(200_000))
         assert exchange(w, r, big_pickle) == big_pickle
+
+
+_CLAIM_AND_STALL = r"""
+import os, socket, struct, sys, threading, time
+from gilfree.connection import Connection
+
+def peak_kib():
+    with open("/proc/self/status") as f:
+        return int(next(line for line in f if line.startswith("VmHWM:")).split()[1])
+
+kind, frame = sys.argv[1], sys.argv[2]
+if kind == "pipe":
+    r_fd, w_fd = os.pipe()
+    conn = Connection(r_fd, writable=False)
+else:
+    s1, s2 = socket.socketpair()
+    conn, w_fd = Connection(s1.detach()), s2.detach()
+big = 2 << 30  # 2 GiB claimed, 10 bytes sent
+if frame == "long":
+    data = struct.pack("!i", -1) + struct.pack("!Q", big) + b"x" * 10
+else:  # an object message whose one out-of-band buffer is claimed to be 2 GiB
+    data = struct.pack("!i", -2) + struct.pack("!IQ", 1, 10) + struct.pack("!Q", big) + b"p" * 10 + b"x" * 10
+before = peak_kib()
+os.write(w_fd, data)
+out = {}
+def read():
+    try:
+        conn.recv_bytes() if frame == "long" else conn.recv()
+    except EOFError as exc:
+        out["eof"] = str(exc)
+reader = threading.Thread(target=read)
+reader.start()
+time.sleep(0.5)  # the reader waits for the rest
+stalled = peak_kib()
+os.close(w_fd)
+reader.join(10)
+print(stalled - before, out.get("eof", "no EOFError"))
+"""
+
+
+@pytest.mark.parametrize("kind", ["pipe", "socketpair"])
+@pytest.mark.parametrize("frame", ["long", "oob"])
+def test_a_claimed_length_allocates_only_what_arrives(kind, frame):
+    # a peer claims 2 GiB, sends 10 bytes and stalls (issue 13, item 9): the reader's peak memory grows
+    # by a few MB at most (it was 64 MiB: the buffer was allocated and zero-filled for the claim);
+    # when the peer closes, the reader gets EOFError
+    from _helpers import run_program
+
+    proc = run_program(["-c", _CLAIM_AND_STALL, kind, frame])
+    assert proc.returncode == 0, proc.stderr
+    grown, eof = proc.stdout.split(maxsplit=1)
+    assert "in the middle of a message" in eof, eof
+    assert int(grown) < 8 * 1024, f"peak RSS grew by {grown} KiB while the peer stalled"
+
+
+def test_inbox_keeps_only_what_arrived_of_a_claimed_length():
+    # the Inbox reads what the socket holds and parses frames once they are whole: a claim of 2 GiB
+    # with 10 bytes sent leaves 22 bytes buffered, and the peer's close is an EOFError
+    from gilfree.connection import Inbox
+
+    a, b = socket.socketpair()
+    inbox = Inbox(Connection(b.detach()))
+    try:
+        a.sendall(struct.pack("!i", -1) + struct.pack("!Q", 2 << 30) + b"x" * 10)
+        assert inbox.receive() == []
+        assert inbox.partial and len(inbox._buf) == 22
+        a.close()
+        with pytest.raises(EOFError, match="in the middle of a message"):
+            inbox.receive()
+    finally:
+        a.close()
+        inbox.conn.close()
 
 
 # --------------------------------------------------------------------------------------------------

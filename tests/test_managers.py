@@ -687,6 +687,67 @@ def test_hostile_inputs_do_not_disturb_good_clients(served):
     assert m.dict(ok=True)["ok"] is True
 
 
+_SERVE_LOGGING = """
+import sys
+from gilfree.managers import SyncManager
+server = SyncManager(("127.0.0.1", 0), sys.argv[1].encode()).get_server()
+print(repr(server.address), flush=True)
+server.serve_forever()
+"""
+
+
+def test_malformed_requests_get_an_error_and_the_connection_goes_on():
+    """An authenticated client that sends requests of the wrong shape (issue 13, item 7) gets an
+    R_REMOTE reply for each (a malformed DECREF, which has no reply, is ignored) on the same
+    connection; nothing is printed by the server, and other clients are served."""
+    env = dict(os.environ, PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.Popen([sys.executable, "-c", _SERVE_LOGGING, KEY.decode()], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        address = eval(proc.stdout.readline())
+        link = managers._Link(address, KEY, None)
+        chan = link.channel()
+        ident, _ = link.call((managers.OP_CREATE, "dict", (), None))
+        C, S, D = managers.OP_CALL, managers.OP_SERVICE, managers.OP_DECREF
+        malformed = [
+            (C,), (), 5, None, "abc", [C], ([C],), (99,),
+            (C, [1], "x", (), None), (C, {}, "x", (), None), (C, ident), (C, ident, 5, (), None),
+            (C, ident, ["x"], (), None), (C, ident, "__len__"), (C, ident, "__len__", 5, None),
+            (C, ident, "__len__", (), 5), (C, ident, "__len__", (), ["k"]),
+            (managers.OP_CREATE,), (managers.OP_CREATE, ["dict"], (), None), (managers.OP_CREATE, "dict", 5, None),
+            (managers.OP_CREATE, "dict", (), 5), (managers.OP_INCREF,), (managers.OP_INCREF, [1]),
+            (managers.OP_GETVALUE,), (managers.OP_GETVALUE, {}), (S,), (S, ["dummy"], ()), (S, "dummy", 5),
+            (S, "dummy", (1, 2)), (S, "get_methods", ()), (S, "get_methods", ([1],)), (S, "get_methods", (5,)),
+            (S, "shutdown", 5), (S, 5, ()),
+        ]
+        for request in malformed:
+            reply = chan.request(request)
+            assert reply[0] == managers.R_REMOTE, (request, reply)
+            assert "request" in reply[1], (request, reply)
+        for request in [(D,), (D, 5), (D, None), (D, [[1]]), (D, ("nope", [1], 7)), (D, 5, 6)]:
+            chan.send(request)
+            assert chan.request((S, "dummy", ())) == (managers.R_OK, None), request
+        assert chan.request((C, ident, "__setitem__", ("a", 1), None)) == (managers.R_OK, None)
+        assert chan.request((C, ident, "__getitem__", ("a",), None)) == (managers.R_OK, 1)
+        # a method that raises still raises its own exception (not a "bad request")
+        reply = chan.request((C, ident, "__getitem__", ("zz",), None))
+        assert reply[0] == managers.R_ERR and isinstance(reply[1], KeyError)
+        other = SyncManager(address, KEY)
+        other.connect()
+        d = other.dict(x=1)
+        assert d["x"] == 1
+        del d
+        link.call((S, "shutdown", ()))
+        link.close()
+        assert proc.wait(WAIT) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    err = proc.stderr.read()
+    assert err == "", err
+
+
 def test_many_connections_keep_memory_bounded(served):
     m, server = served
 
@@ -1109,11 +1170,12 @@ sys.exit(main(["manager", "serve", "--address", "10.231.0.1:0", "--authkey-file"
 
 NETNS_CLIENT = """
 import os, sys, gilfree
+from gilfree.cli import authkey_from_file
 from gilfree.managers import SyncManager
 SyncManager.register("shared_dict")
 SyncManager.register("queue_box")
 host, port, keyfile, role = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
-key = open(keyfile, "rb").read().strip()
+key = authkey_from_file(keyfile)
 m = SyncManager((host, port), key)
 try:
     m.connect()
@@ -1172,7 +1234,8 @@ def netns():
 def test_manager_across_network_namespaces(netns, tmp_path):
     server_ns, ns_a, ns_b = netns
     keyfile = tmp_path / "key"
-    keyfile.write_bytes(KEY + b"\n")
+    keyfile.write_bytes(KEY + b"\n")  # a text key: the newline is dropped (see gilfree.cli.authkey_from_file)
+    keyfile.chmod(0o600)
     wrongfile = tmp_path / "wrong"
     wrongfile.write_bytes(b"wrong key\n")
     server_py = tmp_path / "server.py"
@@ -1184,9 +1247,13 @@ def test_manager_across_network_namespaces(netns, tmp_path):
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         line = server.stderr.readline()
+        before = ""
         while line and "serving on" not in line:
+            before += line
             line = server.stderr.readline()
         assert "serving on 10.231.0.1:" in line, line
+        # no TLS on an address that is not loopback: a warning before the "serving on" line
+        assert "NOT ENCRYPTED: listening on 10.231.0.1:" in before and "travels in clear" in before, before
         port = re.search(r"serving on 10\.231\.0\.1:(\d+)", line).group(1)
 
         def client(ns, key, role):

@@ -553,6 +553,60 @@ def _parse_address(text: str) -> tuple[str, int]:
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
+#: Shortest authkey ``gilfree manager serve`` accepts (bytes).
+MIN_AUTHKEY = 16
+
+_KEY_HOWTO = ("make a good key with `head -c 32 /dev/urandom > {f} && chmod 600 {f}` (or "
+              "`python -c \"import secrets; print(secrets.token_hex(32))\" > {f} && chmod 600 {f}`)")
+
+
+def authkey_from_file(path: str | os.PathLike[str]) -> bytes:
+    """The authkey a key file holds: its bytes exactly as they are, except that ONE trailing newline
+    (``\\n`` or ``\\r\\n``) is dropped when everything before it is printable UTF-8 text.
+
+    The rule: a text key written with ``echo secret > FILE`` (or an editor) means ``b"secret"``, the
+    bytes a client types; a binary key (``head -c 32 /dev/urandom > FILE``) is used as it is, even
+    when its last byte happens to be a newline or a space (stripping it would make a key that no
+    client uses).  Nothing else is ever removed: a text key's spaces are part of it.  Clients can
+    read a key file the same way with this function.
+    """
+    data = Path(path).read_bytes()
+    for newline in (b"\r\n", b"\n"):
+        if data.endswith(newline):
+            rest = data[: -len(newline)]
+            try:
+                text = rest.decode("utf-8")
+            except UnicodeDecodeError:
+                return data
+            return rest if text.isprintable() else data
+    return data
+
+
+def _serve_authkey(path: str) -> bytes:
+    """The authkey for ``manager serve``: refused (ValueError saying how to fix it) when the file can
+    be read by others than its owner, or the key is shorter than :data:`MIN_AUTHKEY` bytes."""
+    mode = os.stat(path).st_mode
+    if mode & 0o077:
+        raise ValueError(f"the authkey file {path} is open to its group or to others (mode {mode & 0o777:03o}): "
+                         f"anyone who can read it can use this server (and run code in it); "
+                         f"make it private with `chmod 600 {path}`")
+    key = authkey_from_file(path)
+    if len(key) < MIN_AUTHKEY:
+        what = "empty" if not key else f"only {len(key)} bytes"
+        raise ValueError(f"the authkey in {path} is {what}; use at least {MIN_AUTHKEY} bytes: "
+                         + _KEY_HOWTO.format(f=path))
+    return key
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def manager_serve(args: argparse.Namespace) -> int:
     """``gilfree manager serve``: a SyncManager server for other processes and machines.
 
@@ -573,9 +627,7 @@ def manager_serve(args: argparse.Namespace) -> int:
     logger.setLevel(logging.INFO)
     try:
         address = _parse_address(args.address)
-        key = Path(args.authkey_file).read_bytes().strip()
-        if not key:
-            raise ValueError(f"the authkey file {args.authkey_file} is empty")
+        key = _serve_authkey(args.authkey_file)
         tls = None
         if args.tls_cert or args.tls_key or args.tls_ca:
             if not args.tls_cert:
@@ -602,6 +654,13 @@ def manager_serve(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    if tls is None and not _is_loopback(server.address[0]):
+        logger.warning(
+            "NOT ENCRYPTED: listening on %s:%d without TLS.  The authkey handshake proves the key but does "
+            "not encrypt: every request and reply, pickles included, travels in clear, and anyone on the "
+            "path can read it or alter it (an altered pickle runs code in this server or its clients).  "
+            "Serve with --tls-cert/--tls-key (and --tls-ca to require client certificates), or on "
+            "127.0.0.1 behind a tunnel.", server.address[0], server.address[1])
     typeids = sorted(t for t, entry in ServedManager._registry.items() if entry[0] is not None)
     logger.info("serving on %s:%d%s; types: %s", server.address[0], server.address[1],
                 " with TLS" + (" (client certificates required)" if args.tls_ca else "") if tls else "",
@@ -626,7 +685,8 @@ def main(argv: list[str] | None = None) -> int:
     p_serve.add_argument("--address", required=True, metavar="HOST:PORT",
                          help="where to listen; 127.0.0.1 for this machine only, 0.0.0.0 for every interface")
     p_serve.add_argument("--authkey-file", required=True, metavar="FILE",
-                         help="file holding the shared secret (clients pass the same bytes as authkey)")
+                         help="file holding the shared secret, at least 16 bytes, mode 600: its exact bytes (one "
+                              "trailing newline after a text key is dropped); clients pass the same bytes as authkey")
     p_serve.add_argument("--tls-cert", metavar="PEM", help="the server's certificate: serve TLS")
     p_serve.add_argument("--tls-key", metavar="PEM", help="the server certificate's private key")
     p_serve.add_argument("--tls-ca", metavar="PEM",

@@ -84,7 +84,9 @@ _HDR = struct.Struct("!i")
 _HDR_LONG = struct.Struct("!Q")
 _HDR_EXT = struct.Struct("!IQ")
 _SMALL = 1 << 16
-_CHUNK = 64 << 20  # never pre-allocate more than this for a length the peer claims
+#: A large message is read in pieces: the first this large, each next one at most as large as what
+#: has arrived so far (so a length the peer claims but does not send allocates nothing more).
+_FIRST_PIECE = 1 << 20
 _IOV_MAX = 1024
 _F_SETPIPE_SZ = 1031
 _ANC_SPACE = _socket.CMSG_SPACE(MAX_FDS * 4)
@@ -201,6 +203,19 @@ def _peer_gone(exc: BaseException) -> bool:
 
 default_family = "AF_UNIX"
 families = ["AF_INET", "AF_UNIX"] + (["AF_INET6"] if _socket.has_ipv6 else [])
+
+
+_ZEROS = memoryview(bytes(_FIRST_PIECE))  # never written: all its pages map the kernel's one zero page
+
+
+def _grow(buf: bytearray, k: int) -> None:
+    """Append ``k`` zero bytes to ``buf``, copied from :data:`_ZEROS` (a source that stays in the cache;
+    ``buf += bytes(k)`` would fault in a fresh page for every 4 KiB it reads)."""
+    whole, rest = divmod(k, len(_ZEROS))
+    for _ in range(whole):
+        buf += _ZEROS
+    if rest:
+        buf += _ZEROS[:rest]
 
 
 def _socket_for(fd: int) -> _socket.socket:
@@ -556,19 +571,48 @@ class Connection:
                 )
             got += n
 
-    def _read_buffer(self, n: int, done: int = 0, total: int | None = None, what: str = "message") -> bytearray:
-        """Read exactly ``n`` bytes into a new bytearray.
+    def _read_pieces(self, n: int, done: int, total: int, what: str) -> list[bytes]:
+        """Read exactly ``n`` bytes as a list of ``bytes`` pieces (for a message read as ``bytes``).
 
-        Up to :data:`_CHUNK` bytes are allocated at once; beyond that the buffer at most doubles as
-        data arrives, so a length the peer claims but never sends cannot allocate that memory.
+        The first piece asks for at most :data:`_FIRST_PIECE` bytes, each next one for at most as
+        many as have arrived so far: memory grows with what the peer sends, not with the length it
+        claims (a peer that claims 2 GiB and stalls costs a megabyte).  The pieces are allocated
+        uninitialized (``recv``/``read``), so a large message costs no zero-fill: the kernel's copy
+        into the pieces and one copy to join them.
+        """
+        fd = self._handle
+        assert fd is not None
+        sock = self._sock
+        flags = _MSG_WAITALL if self._deadline is None else 0
+        pieces: list[bytes] = []
+        got = 0
+        while got < n:
+            ask = min(n - got, max(got, _FIRST_PIECE))
+            if self._deadline is not None:
+                self._await_data(fd)
+            # MSG_WAITALL: the kernel fills the whole piece before returning (a signal or EOF may
+            # still cut it short); a pipe returns what it holds
+            piece = sock.recv(ask, flags) if sock is not None else os.read(fd, ask)
+            if not piece:
+                raise EOFError(f"connection closed by the peer in the middle of a {what}: got {done + got} of {total} bytes")
+            got += len(piece)
+            pieces.append(piece)
+        return pieces
+
+    def _read_buffer(self, n: int, done: int = 0, total: int | None = None, what: str = "message") -> bytearray:
+        """Read exactly ``n`` bytes into a new (writable) bytearray: an out-of-band buffer.
+
+        The buffer starts at :data:`_FIRST_PIECE` bytes and at most doubles as the bytes arrive, so a
+        length the peer claims but never sends allocates nothing more.  (Measured against joining
+        pieces as :meth:`_read_pieces` does: reading straight into the buffer costs one copy less.)
         """
         if total is None:
             total = done + n
-        if n <= _CHUNK:
+        if n <= _FIRST_PIECE:
             buf = bytearray(n)
             self._read_into(memoryview(buf), done, total, what)
             return buf
-        buf = bytearray(_CHUNK)
+        buf = bytearray(_FIRST_PIECE)
         filled = 0
         while True:
             with memoryview(buf) as view, view[filled:] as rest:
@@ -576,16 +620,17 @@ class Connection:
             filled = len(buf)
             if filled == n:
                 return buf
-            buf += bytes(min(n - filled, filled))  # calloc'ed zero pages: nothing is touched twice
+            _grow(buf, min(n - filled, filled))
 
     def _read_exact(self, n: int, done: int = 0, total: int | None = None, what: str = "message") -> Any:
-        """Read exactly ``n`` bytes; return bytes (small) or a bytearray (large)."""
+        """Read exactly ``n`` bytes: ``bytes`` (or a bytearray when a small read came short)."""
         fd = self._handle
         assert fd is not None
         if total is None:
             total = done + n
         if n > _SMALL:
-            return self._read_buffer(n, done, total, what)
+            pieces = self._read_pieces(n, done, total, what)
+            return pieces[0] if len(pieces) == 1 else b"".join(pieces)
         if n == 0:
             return b""
         if self._deadline is not None:

@@ -1221,6 +1221,8 @@ class Server:
         doomed = []
         with self._lock:
             for ident in idents:
+                if type(ident) is not str:
+                    continue  # not an id (a malformed DECREF): nothing of this client's
                 n = client.refs.get(ident, 0)
                 if n <= 0:
                     continue  # not this client's (a stale or forged id): ignore
@@ -1264,52 +1266,68 @@ class Server:
                 msg = _loads(data)
                 op = msg[0]
             except Exception as exc:
-                # an authenticated peer sent something we cannot read (a class the server cannot
-                # import, a corrupt pickle): answer with an error, the stream itself is intact
-                reply = (R_REMOTE, f"the manager could not unpickle a request: {type(exc).__name__}: {exc}\n")
-                if not self._reply(chan, reply, client):
-                    return
-                continue
-            if op == OP_CALL:
-                try:
-                    entry = objects[msg[1]]
-                except KeyError:
-                    reply = (R_REMOTE, f"no object with id {msg[1]!r} in the manager (it was released)\n")
+                if msg is None:
+                    # an authenticated peer sent something we cannot read (a class the server cannot
+                    # import, a corrupt pickle): answer with an error, the stream itself is intact
+                    text = f"the manager could not unpickle a request: {type(exc).__name__}: {exc}\n"
                 else:
-                    name = msg[2]
-                    if name in entry[1]:  # exposed
-                        state.in_call = True
-                        try:
-                            kwds = msg[4]
-                            if kwds:
-                                result = getattr(entry[0], name)(*msg[3], **kwds)
-                            else:
-                                result = getattr(entry[0], name)(*msg[3])
-                        except Exception as exc:
-                            reply = (R_ERR, exc)
-                        else:
-                            m2t = entry[2]
-                            if m2t is None or name not in m2t:
-                                reply = (R_OK, result)
-                            else:
-                                reply = self._new_proxy(client, m2t[name], result)
-                        state.in_call = False
-                        if state.dead:
-                            return
-                    else:
-                        reply = self._not_exposed(entry, name)
-            elif op == OP_DECREF:
-                self.decref(client, msg[1])
-                continue
-            elif op == OP_PIPES:
-                if not self._pipes(chan, state):
+                    text = _bad_request(msg, exc)
+                if not self._reply(chan, (R_REMOTE, text), client):
                     return
                 continue
-            else:
-                reply = self._other(client, op, msg)
+            # A request of the wrong shape (a missing item, an unhashable id, a name that is not a str)
+            # fails with one of these exceptions somewhere below; it is answered here, so the checks
+            # cost nothing on the hot path (a try block is free until something raises).
+            try:
+                if op == OP_CALL:
+                    try:
+                        entry = objects[msg[1]]
+                    except KeyError:
+                        reply = (R_REMOTE, f"no object with id {msg[1]!r} in the manager (it was released)\n")
+                    else:
+                        name = msg[2]
+                        if name in entry[1]:  # exposed
+                            state.in_call = True
+                            try:
+                                kwds = msg[4]
+                                if kwds:
+                                    result = getattr(entry[0], name)(*msg[3], **kwds)
+                                else:
+                                    result = getattr(entry[0], name)(*msg[3])
+                            except Exception as exc:
+                                reply = _call_failed(msg, exc)
+                            else:
+                                m2t = entry[2]
+                                if m2t is None or name not in m2t:
+                                    reply = (R_OK, result)
+                                else:
+                                    reply = self._new_proxy(client, m2t[name], result)
+                            state.in_call = False
+                            if state.dead:
+                                return
+                        else:
+                            reply = self._not_exposed(entry, name)
+                elif op == OP_DECREF:
+                    self.decref(client, msg[1])
+                    continue
+                elif op == OP_PIPES:
+                    if not self._pipes(chan, state):
+                        return
+                    continue
+                else:
+                    reply = self._other(client, op, msg)
+            except (IndexError, TypeError, KeyError, ValueError, AttributeError) as exc:
+                state.in_call = False
+                if state.dead:
+                    return
+                if op == OP_DECREF:  # no reply: the client does not wait for one
+                    self._warn("manager server %s: ignored a malformed DECREF from client pid %d (%s): %s",
+                               _describe(self.address), client.pid, chan.peer, _bad_request(msg, exc).rstrip())
+                    continue
+                reply = (R_REMOTE, _bad_request(msg, exc))
             if not self._reply(chan, reply, client):
                 return
-            if op == OP_SERVICE and msg[1] == "shutdown":
+            if op == OP_SERVICE and reply[0] == R_OK and msg[1] == "shutdown":  # R_OK: msg[1] is a str
                 self.stop()
                 return
 
@@ -1349,6 +1367,8 @@ class Server:
 
     @staticmethod
     def _not_exposed(entry: list[Any], name: str) -> Any:
+        if type(name) is not str:
+            return (R_REMOTE, f"bad request: the method name should be a str, not {type(name).__name__}\n")
         if name == "__repr__" or name == "__str__":
             obj = entry[0]
             return (R_OK, repr(obj) if name == "__repr__" else str(obj))
@@ -1363,6 +1383,11 @@ class Server:
         return (R_PROXY, (self._spec_for(typeid), typeid, ident, exposed_new))
 
     def _other(self, client: _ClientState, op: int, msg: tuple[Any, ...]) -> Any:
+        """Every request but a call, a DECREF and OP_PIPES.  The request's shape is checked first (an
+        R_REMOTE reply saying what is wrong); an exception of the work itself is the R_ERR reply."""
+        problem = _request_problem(msg)
+        if problem is not None:
+            return (R_REMOTE, f"bad request {_short(msg)}: {problem}\n")
         try:
             if op == OP_CREATE:
                 return (R_OK, self.create(client, msg[1], msg[2], msg[3] or {}))
@@ -1378,10 +1403,23 @@ class Server:
                 name = msg[1]
                 if name not in self.services:
                     return (R_REMOTE, f"unknown manager request {name!r}; known: {sorted(self.services)}\n")
-                return (R_OK, getattr(self, "service_" + name)(client, *msg[2]))
+                method = getattr(self, "service_" + name)
+                try:
+                    return (R_OK, method(client, *msg[2]))
+                except TypeError as exc:
+                    import inspect  # only here: a service called with the wrong arguments, or failing
+
+                    try:
+                        inspect.signature(method).bind(client, *msg[2])
+                    except TypeError:
+                        return (R_REMOTE, f"bad request {_short(msg)}: wrong arguments for the manager request "
+                                          f"{name!r}: {exc}\n")
+                    raise
             if op == OP_HELLO:
                 return (R_REMOTE, "HELLO sent twice on one connection\n")
-            return (R_REMOTE, f"unknown opcode {op!r}\n")
+            return (R_REMOTE, f"bad request {_short(msg)}: unknown opcode {op!r}\n")
+        except _BadRequest as exc:
+            return (R_REMOTE, _bad_request(msg, exc))
         except Exception as exc:
             return (R_ERR, exc)
 
@@ -1432,6 +1470,8 @@ class Server:
         return "\n".join(lines)
 
     def service_get_methods(self, client: _ClientState, ident: str) -> tuple[str, ...]:
+        if type(ident) is not str:
+            raise _BadRequest(f"an object id should be a str, not {type(ident).__name__}")
         return tuple(self._objects[ident][1])
 
     def _local_incref(self, ident: str) -> bool:
@@ -1473,6 +1513,82 @@ def raise_fd_limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
     except (ImportError, ValueError, OSError):
         pass
+
+
+class _BadRequest(ValueError):
+    """A request whose shape or arguments are wrong (answered with R_REMOTE, not raised in the client as is)."""
+
+
+#: What each request looks like, for the message that answers a malformed one.
+_FORMS = {
+    OP_CALL: "(OP_CALL, id: str, method name: str, args: tuple, kwds: dict or None)",
+    OP_CREATE: "(OP_CREATE, typeid: str, args: tuple, kwds: dict or None)",
+    OP_INCREF: "(OP_INCREF, id: str)",
+    OP_DECREF: "(OP_DECREF, (id: str, ...))",
+    OP_GETVALUE: "(OP_GETVALUE, id: str)",
+    OP_SERVICE: "(OP_SERVICE, name: str, args: tuple)",
+}
+
+
+def _short(obj: Any) -> str:
+    try:
+        text = repr(obj)
+    except Exception:
+        text = f"<{type(obj).__name__}>"
+    return text if len(text) <= 200 else text[:200] + "..."
+
+
+def _request_problem(msg: Any) -> str | None:
+    """What is wrong with the shape of request ``msg`` (a str), or None.  Never on the hot path: a
+    call is only checked after it failed, the other requests are not frequent."""
+    if type(msg) is not tuple:
+        return f"a request should be a tuple (opcode, ...), not {type(msg).__name__}"
+    if not msg:
+        return "a request should be a tuple (opcode, ...), not an empty tuple"
+    op = msg[0]
+    form = _FORMS.get(op) if type(op) is int else None
+    if form is None:
+        return None  # an unknown opcode (or HELLO, PIPES): answered by the dispatch
+    n = {OP_CALL: 5, OP_CREATE: 4, OP_INCREF: 2, OP_DECREF: 2, OP_GETVALUE: 2, OP_SERVICE: 3}[op]
+    if len(msg) != n:
+        return f"{len(msg)} items, expected {form}"
+    what = None
+    if op in (OP_CALL, OP_INCREF, OP_GETVALUE) and type(msg[1]) is not str:
+        what = f"the object id should be a str, not {type(msg[1]).__name__}"
+    elif op == OP_CALL and type(msg[2]) is not str:
+        what = f"the method name should be a str, not {type(msg[2]).__name__}"
+    elif op in (OP_CALL, OP_CREATE) and type(msg[-2]) is not tuple:
+        what = f"the arguments should be a tuple, not {type(msg[-2]).__name__}"
+    elif op in (OP_CALL, OP_CREATE) and msg[-1] is not None and type(msg[-1]) is not dict:
+        what = f"the keyword arguments should be a dict or None, not {type(msg[-1]).__name__}"
+    elif op == OP_CREATE and type(msg[1]) is not str:
+        what = f"the typeid should be a str, not {type(msg[1]).__name__}"
+    elif op == OP_SERVICE and type(msg[1]) is not str:
+        what = f"the request name should be a str, not {type(msg[1]).__name__}"
+    elif op == OP_SERVICE and type(msg[2]) is not tuple:
+        what = f"the arguments should be a tuple, not {type(msg[2]).__name__}"
+    elif op == OP_DECREF and type(msg[1]) not in (tuple, list):
+        what = f"the ids should be a tuple, not {type(msg[1]).__name__}"
+    return None if what is None else f"{what}; expected {form}"
+
+
+def _bad_request(msg: Any, exc: BaseException) -> str:
+    """The text of the R_REMOTE reply to a request that failed with ``exc`` because of its shape."""
+    if isinstance(exc, _BadRequest):
+        return f"bad request {_short(msg)}: {exc}\n"
+    problem = _request_problem(msg)
+    if problem is None:
+        problem = f"{type(exc).__name__}: {exc}"
+    return f"bad request {_short(msg)}: {problem}\n"
+
+
+def _call_failed(msg: Any, exc: Exception) -> Any:
+    """The reply to a call whose method raised ``exc``: (R_ERR, exc), unless the request itself was
+    malformed (its arguments not a tuple, ...): then R_REMOTE saying so."""
+    problem = _request_problem(msg)
+    if problem is None:
+        return (R_ERR, exc)
+    return (R_REMOTE, f"bad request {_short(msg)}: {problem}\n")
 
 
 def _check_serializer(serializer: str) -> None:
