@@ -101,13 +101,15 @@ def _env():
 class Served:
     """A manager server in a process of its own."""
 
-    def __init__(self, address, **options):
-        self.proc = subprocess.Popen([sys.executable, "-c", SERVER, repr(address), repr(options)],
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+    def __init__(self, address, namespace=None, **options):
+        args = [sys.executable, "-c", SERVER, repr(address), repr(options)]
+        if namespace:
+            args = ["ip", "netns", "exec", namespace, *args]
+        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
         line = self.proc.stdout.readline()
         assert line, self.proc.stderr.read()
         self.address = eval(line)
-        self.pid = self.proc.pid
+        self.pid = self.proc.pid  # `ip netns exec` execs the interpreter: the same pid
         self.output = None
 
     def usage(self):
@@ -136,12 +138,12 @@ class Served:
 
 
 class Attacker:
-    def __init__(self, address, count, mode="silent", user=None, netns=None):
+    def __init__(self, address, count, mode="silent", user=None, namespace=None):
         args = [sys.executable, "-c", ATTACKER, repr(address), str(count), mode]
         if user is not None:
             args.append(str(user))
-        if netns:
-            args = ["ip", "netns", "exec", netns, *args]
+        if namespace:
+            args = ["ip", "netns", "exec", namespace, *args]
         self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
         line = self.proc.stdout.readline()
         assert line.strip() == "ready", self.proc.stderr.read()
@@ -400,3 +402,39 @@ def test_plain_client_at_a_tls_manager_is_told_at_once(tmp_path):
     with managers.SyncManager(("127.0.0.1", 0), KEY) as m:
         with pytest.raises(ConnectionError, match="does not speak TLS"):
             managers.SyncManager(m.address, KEY, tls=managers.TLSConfig(cafile=c["ca.pem"])).connect()
+
+
+LEGIT_LOOP = r"""
+import sys, time
+from gilfree import managers
+address, key = eval(sys.argv[1]), eval(sys.argv[2])
+times = []
+for _ in range(10):
+    t0 = time.monotonic()
+    link = managers._Link(address, key, None)
+    link.call((managers.OP_SERVICE, "dummy", ()))
+    link.close()
+    times.append(time.monotonic() - t0)
+    time.sleep(0.2)
+print(max(times))
+"""
+
+
+def test_a_flood_from_one_address_never_displaces_another(netns):
+    """Across network namespaces: an attacker at 10.231.0.2 keeps 1,000 connections open against a table
+    of 64, replacing each one dropped (a storm of evictions); a client at 10.231.0.3 is never the one
+    dropped (the oldest of the largest group goes), so it connects within a second every time."""
+    server_ns, ns_a, ns_b = netns
+    s = Served(("10.231.0.1", 0), namespace=server_ns, handshake_timeout=5.0, max_handshakes=64)
+    try:
+        attacker = Attacker(s.address, 1000, "silent", namespace=ns_a)
+        try:
+            legit = subprocess.run(["ip", "netns", "exec", ns_b, sys.executable, "-c", LEGIT_LOOP, repr(s.address),
+                                    repr(KEY)], capture_output=True, text=True, env=_env(), timeout=60)
+        finally:
+            attacker.stop()
+        assert legit.returncode == 0, legit.stderr
+        assert float(legit.stdout) < BOUND, legit.stdout
+    finally:
+        evicted = s.evicted()
+    assert evicted >= 1000 - 64

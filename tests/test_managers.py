@@ -1192,45 +1192,6 @@ else:
 """
 
 
-def _ip(*args, check=True):
-    return subprocess.run(["ip", *args], capture_output=True, text=True, check=check)
-
-
-@pytest.fixture
-def netns():
-    if os.geteuid() != 0:
-        pytest.skip("network namespaces need root")
-    if shutil.which("ip") is None:
-        pytest.skip("the `ip` command (iproute2) is not installed")
-    tag = f"gf{os.getpid() % 100000}"
-    names = [f"{tag}s", f"{tag}a", f"{tag}b"]
-    bridge = f"{tag}br"
-    try:
-        probe = _ip("netns", "add", names[0], check=False)
-        if probe.returncode != 0:
-            pytest.skip(f"cannot create network namespaces here: {probe.stderr.strip()}")
-        for ns in names[1:]:
-            _ip("netns", "add", ns)
-        # a bridge in the server's namespace, one veth pair per client namespace
-        _ip("-n", names[0], "link", "add", bridge, "type", "bridge")
-        _ip("-n", names[0], "link", "set", bridge, "up")
-        _ip("-n", names[0], "addr", "add", "10.231.0.1/24", "dev", bridge)
-        for i, ns in enumerate(names[1:], start=2):
-            _ip("link", "add", f"{tag}v{i}", "type", "veth", "peer", "name", f"{tag}p{i}")
-            _ip("link", "set", f"{tag}v{i}", "netns", ns)
-            _ip("link", "set", f"{tag}p{i}", "netns", names[0])
-            _ip("-n", names[0], "link", "set", f"{tag}p{i}", "master", bridge)
-            _ip("-n", names[0], "link", "set", f"{tag}p{i}", "up")
-            _ip("-n", ns, "addr", "add", f"10.231.0.{i}/24", "dev", f"{tag}v{i}")
-            _ip("-n", ns, "link", "set", f"{tag}v{i}", "up")
-        for ns in names:
-            _ip("-n", ns, "link", "set", "lo", "up")
-        yield names
-    finally:
-        for ns in names:
-            _ip("netns", "del", ns, check=False)
-
-
 def test_manager_across_network_namespaces(netns, tmp_path):
     server_ns, ns_a, ns_b = netns
     keyfile = tmp_path / "key"
