@@ -250,6 +250,7 @@ def test_fds_and_huge_claims_before_authentication_cost_nothing():
     s = Served(("127.0.0.1", 0), handshake_timeout=5.0)
     try:
         _legit_call(s.address)
+        time.sleep(0.5)  # its connection thread has ended
         threads0, fds0, rss0 = s.usage()
         for payload in (struct.pack("!i", -2) + struct.pack("!IQ", 65536, 10),
                         struct.pack("!i", -1) + struct.pack("!Q", 2 << 30),
@@ -263,8 +264,14 @@ def test_fds_and_huge_claims_before_authentication_cost_nothing():
             assert time.monotonic() - t0 < 2.5  # at once, not at the 5 s deadline
             sock.close()
         assert _legit_call(s.address) < BOUND
-        threads, fds, rss = s.usage()
-        assert fds <= fds0 and threads <= threads0
+        # the legitimate client's connection thread ends (and closes its socket) just after it leaves
+        deadline = time.monotonic() + 10
+        while True:
+            threads, fds, rss = s.usage()
+            if (fds <= fds0 and threads <= threads0) or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        assert fds <= fds0 and threads <= threads0, ((fds0, threads0), (fds, threads))
         assert rss - rss0 < 8 * 1024
     finally:
         s.stop()
@@ -438,3 +445,40 @@ def test_a_flood_from_one_address_never_displaces_another(netns):
     finally:
         evicted = s.evicted()
     assert evicted >= 1000 - 64
+
+
+def test_listener_accept_from_two_threads_and_close_from_a_third():
+    """Two threads in accept() at once each get their own authenticated peer; close() from a third thread
+    makes a waiting accept() raise OSError within a couple of seconds instead of waiting forever."""
+    import threading
+
+    listener = connection.Listener(("127.0.0.1", 0), authkey=KEY)
+    got, errors = [], []
+
+    def acceptor():
+        try:
+            with listener.accept() as conn:
+                got.append(conn.recv())
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=acceptor) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for i in range(2):
+        with connection.Client(listener.address, authkey=KEY) as c:
+            c.send(i)
+    for t in threads:
+        t.join(10)
+    assert sorted(got) == [0, 1] and not errors, (got, errors)
+    waiting = threading.Thread(target=acceptor)
+    waiting.start()
+    time.sleep(0.3)
+    t0 = time.monotonic()
+    listener.close()
+    waiting.join(10)
+    assert not waiting.is_alive()
+    assert len(errors) == 1 and isinstance(errors[0], OSError) and "closed" in str(errors[0]), errors
+    assert time.monotonic() - t0 < 3
+    with pytest.raises(OSError, match="closed"):
+        listener.accept()

@@ -1540,6 +1540,7 @@ class Listener:
         self._last_accepted: Any = None
         self._gate: Any = None
         self._failures: list[Any] = []
+        self._accept_lock = threading.Lock()
 
     def __repr__(self) -> str:
         state = "closed" if self._socket is None else "listening"
@@ -1560,24 +1561,35 @@ class Listener:
             s.setblocking(True)
             _tune_tcp(s)
             return Connection(s.detach())
-        gate = self._gate
-        if gate is None:
-            from . import _gate
+        with self._accept_lock:  # one thread at a time drives the gate; another waits here for its turn
+            gate = self._gate
+            if gate is None:
+                from . import _gate
 
-            gate = self._gate = _gate.Gate(self._socket, self._authkey, timeout=HANDSHAKE_TIMEOUT,
-                                           capacity=LISTENER_HANDSHAKES, on_failure=self._failures.append)
-        gate.timeout = HANDSHAKE_TIMEOUT
-        while not gate.ready:
-            if self._failures:
-                failure = self._failures[-1]
-                others = len(self._failures) - 1
-                self._failures.clear()
-                more = f" (and {others} other peer{'s' if others > 1 else ''} since the last accept)" if others else ""
-                raise AuthenticationError(f"{failure.reason}{more}")
-            gate.step(1.0)  # wakes now and then: another thread may close the listener
-            if self._socket is None:
-                raise OSError("listener is closed")
-        s, _ = gate.ready.popleft()
+                gate = self._gate = _gate.Gate(self._socket, self._authkey, timeout=HANDSHAKE_TIMEOUT,
+                                               capacity=LISTENER_HANDSHAKES, on_failure=self._failures.append)
+            gate.timeout = HANDSHAKE_TIMEOUT
+            try:
+                while not gate.ready:
+                    if self._failures:
+                        failure = self._failures[-1]
+                        others = len(self._failures) - 1
+                        self._failures.clear()
+                        more = f" (and {others} other peer{'s' if others > 1 else ''} since the last accept)" if others else ""
+                        raise AuthenticationError(f"{failure.reason}{more}")
+                    try:
+                        gate.step(1.0)  # wakes now and then: another thread may close the listener
+                    except (OSError, ValueError):
+                        if self._socket is None:
+                            raise OSError("listener is closed") from None
+                        raise
+                    if self._socket is None:
+                        raise OSError("listener is closed")
+                s, _ = gate.ready.popleft()
+            finally:
+                if self._socket is None and self._gate is gate:  # closed by another thread meanwhile
+                    self._gate = None
+                    gate.close()
         _tune_tcp(s)
         try:
             self._last_accepted = s.getpeername()
@@ -1588,9 +1600,13 @@ class Listener:
     def close(self) -> None:
         """Stop listening (and remove the Unix socket file).  Idempotent."""
         sock, self._socket = self._socket, None
-        gate, self._gate = self._gate, None
-        if gate is not None:
-            gate.close()
+        if self._accept_lock.acquire(blocking=False):  # else a thread in accept() closes the gate itself
+            try:
+                gate, self._gate = self._gate, None
+                if gate is not None:
+                    gate.close()
+            finally:
+                self._accept_lock.release()
         if sock is not None:
             sock.close()
         if self._unlink is not None:
