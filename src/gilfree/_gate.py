@@ -75,13 +75,15 @@ _STEP_NAMES = ("waiting for the TLS handshake", "in the TLS handshake", "waiting
 
 #: Most connections accepted per wake-up before pending handshakes get their turn.
 _ACCEPT_BATCH = 64
+#: Most reads or writes for one peer before the others get their turn (a whole handshake takes ~10).
+_STEPS_PER_TURN = 16
 #: Seconds between two log lines about the same kind of refusal (the others are counted).
 LOG_INTERVAL = 10.0
 
 
 class _Pending:
     __slots__ = ("sock", "fd", "group", "name", "deadline", "step", "buf", "want", "out", "message",
-                 "binding", "events")
+                 "binding", "events", "probed")
 
     def __init__(self, sock: Any, group: Any, name: str, deadline: float) -> None:
         self.sock = sock
@@ -96,6 +98,7 @@ class _Pending:
         self.message = b""  # our challenge's message (what their answer is an HMAC of)
         self.binding = b""
         self.events = 0
+        self.probed = False  # the one empty frame a peer may send (a manager client's TLS probe) came
 
 
 class HandshakeFailed(Exception):
@@ -116,8 +119,9 @@ def peer_group(sock: Any, address: Any) -> tuple[Any, str]:
             try:
                 import ipaddress
 
-                packed = ipaddress.IPv6Address(host.split("%")[0]).packed
-                group: Any = ("ip6", packed[:8])
+                ip6 = ipaddress.IPv6Address(host.split("%")[0])
+                mapped = ip6.ipv4_mapped  # an IPv4 client of a dual-stack server: its own group
+                group: Any = ("ip", str(mapped)) if mapped is not None else ("ip6", ip6.packed[:8])
             except ValueError:
                 group = ("ip6", host)
             return group, f"[{host}]:{address[1]}"
@@ -184,6 +188,8 @@ class Gate:
         self._pending: dict[int, _Pending] = {}
         self._groups: dict[Any, dict[int, _Pending]] = {}
         self.ready: collections.deque[tuple[Any, str]] = collections.deque()
+        #: a descriptor kept in reserve: closed to accept (and refuse) a peer when the process has no other
+        self._spare = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
         self.stats = {"authenticated": 0, "refused": 0, "evicted": 0, "timeout": 0, "closed": 0, "invalid": 0}
 
     def __repr__(self) -> str:
@@ -234,13 +240,45 @@ class Gate:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
-                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM) and self._pending:
-                    self._evict(next(iter(self._pending.values())), "out of file descriptors")
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    if not self._out_of_descriptors():
+                        return
                     continue
                 if exc.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EPERM):
                     continue  # the peer gave up before we accepted it
                 raise
             self._admit(sock, address)
+
+    def _out_of_descriptors(self) -> bool:
+        """``accept`` failed for want of a descriptor (Linux reserves one before it looks at the queue, so
+        this also happens when nobody waits).  If someone does wait: make room by dropping a pending
+        peer (the oldest of the largest group), or, with none pending, accept it on the spare descriptor
+        and turn it away saying why -- so that a full table of authenticated connections does not
+        leave a connection in the queue for ``epoll`` to report again and again.  True to try again."""
+        if not select.select([self._listen_fd], [], [], 0)[0]:
+            return False  # nobody is waiting
+        if self._pending:
+            biggest = max(self._groups.values(), key=len)
+            self._evict(next(iter(biggest.values())), "the server is out of file descriptors")
+            return True
+        if self._spare < 0:
+            return False
+        os.close(self._spare)
+        self._spare = -1
+        try:
+            sock, address = self.listener.accept()
+        except OSError:
+            return False
+        finally:
+            try:
+                self._spare = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                self._spare = -1
+        _, name = peer_group(sock, address)
+        self._say_refused(sock, "the server is out of file descriptors; try again later")
+        sock.close()
+        self._failed(HandshakeFailed(name, "refused", "refused: the server is out of file descriptors"))
+        return True
 
     def _admit(self, sock: socket.socket, address: Any) -> None:
         group, name = peer_group(sock, address)
@@ -288,7 +326,7 @@ class Gate:
     def _advance(self, p: _Pending) -> None:
         """Move ``p``'s handshake as far as its socket allows; re-arm its events."""
         try:
-            while True:
+            for _ in range(_STEPS_PER_TURN):
                 if p.out:
                     k = p.sock.send(p.out)
                     p.out = p.out[k:]
@@ -351,6 +389,7 @@ class Gate:
                         return
                     self._done(p)
                     return
+            self._arm(p, select.EPOLLOUT if p.out else select.EPOLLIN)  # its turn is over; it comes back
         except (BlockingIOError, InterruptedError):
             self._arm(p, select.EPOLLIN)
         except EOFError:
@@ -390,8 +429,9 @@ class Gate:
                                    "before authentication (not a gilfree peer, or not authenticated yet)")
                 if n == 0:
                     p.buf = b""
-                    if p.step == _ANSWER:
-                        continue  # a client's "are you TLS?" probe
+                    if p.step == _ANSWER and not p.probed:
+                        p.probed = True
+                        continue  # a client's "are you TLS?" probe: once
                     raise _Invalid("sent an empty handshake message")
                 p.want = n
             need = p.want - (len(buf) - 4)
@@ -482,6 +522,9 @@ class Gate:
             self._epoll.close()
         except OSError:
             pass
+        if self._spare >= 0:
+            os.close(self._spare)
+            self._spare = -1
 
 
 class _Invalid(OSError):

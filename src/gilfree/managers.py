@@ -181,6 +181,8 @@ SPIN_SKIP = 256
 MAX_MESSAGE = 1 << 31
 #: Largest message accepted during the handshake (bytes).
 HANDSHAKE_MAX = 256
+#: Largest HELLO (the first message after authentication) a server reads, within ``handshake_timeout``.
+HELLO_MAX = 1 << 16
 #: Connections that may be in their handshake at once; when one more arrives, the oldest of the largest
 #: group (an address, an IPv6 /64, a uid) is dropped (see :mod:`gilfree._gate`).
 MAX_HANDSHAKES = 1024
@@ -982,39 +984,62 @@ class Server:
             while not self._stop.is_set():
                 try:
                     woken = gate.step()
-                except OSError as exc:
+                except Exception as exc:  # never let this thread die: every later client would wait in vain
                     if self._stop.is_set():
                         return
-                    self._warn("manager server %s: accept failed: %s", _describe(self.address), exc)
-                    time.sleep(0.01)
+                    self._warn_limited("accept", "manager server %s: accepting connections failed: %s",
+                                       _describe(self.address), exc)
+                    time.sleep(0.05)
                     continue
                 if woken or self._stop.is_set():
                     return
                 while gate.ready:
                     sock, peer = gate.ready.popleft()
-                    t = threading.Thread(target=self._handle, args=(sock, peer), name=f"gilfree-manager {peer}",
-                                         daemon=True)
-                    t.start()
+                    try:
+                        threading.Thread(target=self._handle, args=(sock, peer), name=f"gilfree-manager {peer}",
+                                         daemon=True).start()
+                    except Exception as exc:  # RuntimeError: can't start new thread (RLIMIT_NPROC, memory)
+                        self._turn_away(sock, peer, f"the manager server cannot start a thread for this "
+                                                    f"connection ({exc}); try again later")
         finally:
             gate.close()
 
-    def _handshake_failed(self, failure: _gate.HandshakeFailed) -> None:
-        """A peer failed to authenticate: count it, and log it -- at most one line per kind of failure
-        every :data:`gilfree._gate.LOG_INTERVAL` seconds (a flood must not become a flood of log lines)."""
+    def _turn_away(self, sock: Any, peer: str, reason: str) -> None:
+        """Tell an authenticated client (waiting for the reply to its HELLO) why it is not served; close."""
         self.stats["refused"] += 1
-        kind = failure.kind
+        self._warn_limited("turned away", "manager server %s: turned away %s: %s", _describe(self.address), peer, reason)
+        try:
+            data = reduction.dumps((R_REMOTE, reason + "\n"))
+            sock.settimeout(1.0)
+            sock.sendall(_HDR_pack(len(data)) + data)
+        except OSError:
+            pass
+        try:
+            sock.close()
+        except OSError:
+            pass
+
+    def _warn_limited(self, kind: str, msg: str, *args: Any) -> None:
+        """Log a warning, at most one line per ``kind`` every :data:`gilfree._gate.LOG_INTERVAL` seconds,
+        with the count of the ones left out (a flood must not become a flood of log lines)."""
         now = time.monotonic()
         last, quiet = self._log_marks.get(kind, (0.0, 0))
-        if now - last < _gate.LOG_INTERVAL and last:
+        if last and now - last < _gate.LOG_INTERVAL:
             self._log_marks[kind] = (last, quiet + 1)
             return
         self._log_marks[kind] = (now, 0)
-        more = f" (and {quiet} more {kind} in the last {now - last:.0f} s)" if quiet else ""
-        self._warn("manager server %s: refused %s: %s%s", _describe(self.address), failure.peer, failure.reason, more)
+        if quiet:
+            msg += f" (and {quiet} more {kind} in the last {now - last:.0f} s)"
+        self._warn(msg, *args)
+
+    def _handshake_failed(self, failure: _gate.HandshakeFailed) -> None:
+        """A peer failed to authenticate: count it, and log it (rate-limited per kind of failure)."""
+        self.stats["refused"] += 1
+        self._warn_limited(failure.kind, "manager server %s: refused %s: %s", _describe(self.address), failure.peer,
+                           failure.reason)
 
     def _handle(self, sock: Any, peer: str) -> None:
         """An authenticated connection's thread: HELLO, then requests until the client goes away."""
-        connection._tune_tcp(sock, self.keepalive)
         with self._lock:
             self._conns.add(sock)
         client = None
@@ -1022,7 +1047,12 @@ class Server:
         try:
             chan = _Channel(sock, peer, self.max_message)
             try:
-                hello = reduction.loads(chan.recv_bytes())
+                connection._tune_tcp(sock, self.keepalive)
+                # the HELLO comes right behind the handshake: a peer that holds it back (it knows the key,
+                # but is stuck or hostile) must not hold a thread for good
+                chan._deadline = time.monotonic() + self.handshake_timeout
+                hello = reduction.loads(chan.recv_bytes(HELLO_MAX))
+                chan._deadline = None
                 if type(hello) is not tuple or len(hello) != 4 or hello[0] != OP_HELLO:
                     raise ValueError(f"expected HELLO, received {str(hello)[:80]}")
                 client = self._hello(hello, peer)
