@@ -665,7 +665,7 @@ def manager_serve(args: argparse.Namespace) -> int:
     logger.info("serving on %s:%d%s; types: %s", server.address[0], server.address[1],
                 " with TLS" + (" (client certificates required)" if args.tls_ca else "") if tls else "",
                 ", ".join(typeids))
-    managers.raise_fd_limit()
+    server.grow_fd_limit = True  # this process only serves: a flood may have the descriptors it can
     server.serve_forever()
     logger.info("stopped (%s); %d connections were accepted, %d refused",
                 stopped_by[0] if stopped_by else "shutdown request", server.stats["accepted"], server.stats["refused"])

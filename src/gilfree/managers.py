@@ -181,6 +181,8 @@ SPIN_SKIP = 256
 MAX_MESSAGE = 1 << 31
 #: Largest message accepted during the handshake (bytes).
 HANDSHAKE_MAX = 256
+#: Seconds the accept thread must have had nothing to do before it starts a thread for the next connection.
+SPARE_AFTER = 0.005
 #: Largest HELLO (the first message after authentication) a server reads, within ``handshake_timeout``.
 HELLO_MAX = 1 << 16
 #: Connections that may be in their handshake at once; when one more arrives, the oldest of the largest
@@ -864,6 +866,11 @@ class Server:
         self._watcher: threading.Thread | None = None
         self._epoll = select.epoll()
         self._gate: _gate.Gate | None = None
+        #: raise the soft RLIMIT_NOFILE when descriptors run out (set it in a process that only serves)
+        self.grow_fd_limit = False
+        #: an authenticated connection for the thread started ahead (see _dispatch); None: stop waiting
+        self._handoff: queue.SimpleQueue[tuple[Any, str] | None] = queue.SimpleQueue()
+        self._spare_waiting = False
         self._log_marks: dict[str, tuple[float, int]] = {}
         self.stats = {"accepted": 0, "refused": 0, "disconnected": 0}
         self.pid = os.getpid()
@@ -977,13 +984,20 @@ class Server:
                 return connection.channel_binding(sock, certfile)
 
         gate = _gate.Gate(listener, self.authkey, timeout=self.handshake_timeout, capacity=self.max_handshakes,
-                          ssl_context=self._ssl, binding=binding, uids=uids, on_failure=self._handshake_failed)
+                          ssl_context=self._ssl, binding=binding, uids=uids, on_failure=self._handshake_failed,
+                          grow_fd_limit=self.grow_fd_limit)
         self._gate = gate
         gate.watch(self._stop_r)
+        self._start_spare()  # for the first client, who is often connecting already
         try:
             while not self._stop.is_set():
                 try:
-                    woken = gate.step()
+                    # a spare thread is started once the gate has been idle for a moment (not while a
+                    # client waits for its answers: starting a thread takes the GIL for a while)
+                    idle = not self._spare_waiting and not gate.pending
+                    woken = gate.step(SPARE_AFTER if idle else None)
+                    if idle and not gate.ready and not woken and not gate.pending:
+                        self._start_spare()
                 except Exception as exc:  # never let this thread die: every later client would wait in vain
                     if self._stop.is_set():
                         return
@@ -994,15 +1008,44 @@ class Server:
                 if woken or self._stop.is_set():
                     return
                 while gate.ready:
-                    sock, peer = gate.ready.popleft()
-                    try:
-                        threading.Thread(target=self._handle, args=(sock, peer), name=f"gilfree-manager {peer}",
-                                         daemon=True).start()
-                    except Exception as exc:  # RuntimeError: can't start new thread (RLIMIT_NPROC, memory)
-                        self._turn_away(sock, peer, f"the manager server cannot start a thread for this "
-                                                    f"connection ({exc}); try again later")
+                    self._dispatch(*gate.ready.popleft())
         finally:
             gate.close()
+            if self._spare_waiting:
+                self._spare_waiting = False
+                self._handoff.put(None)
+
+    # -- a thread for each authenticated connection ------------------------------------------------
+    # One thread is always started ahead and waits for the next connection: starting a thread takes
+    # 0.1-0.5 ms (it must run before start() returns), which would otherwise come between a client's
+    # handshake and the answer to its HELLO.  The accept thread alone starts threads and hands over.
+    def _dispatch(self, sock: Any, peer: str) -> None:
+        if self._spare_waiting:
+            self._spare_waiting = False
+            self._handoff.put((sock, peer))
+        else:
+            try:
+                threading.Thread(target=self._handle, args=(sock, peer), name=f"gilfree-manager {peer}",
+                                 daemon=True).start()
+            except Exception as exc:  # RuntimeError: can't start new thread (RLIMIT_NPROC, memory)
+                self._turn_away(sock, peer, f"the manager server cannot start a thread for this "
+                                            f"connection ({exc}); try again later")
+
+    def _start_spare(self) -> None:
+        if self._spare_waiting or self._stopping:
+            return
+        try:
+            threading.Thread(target=self._spare, name="gilfree-manager (waiting for a connection)", daemon=True).start()
+        except Exception:  # no thread to spare now: the next connection starts its own (or is told why not)
+            return
+        self._spare_waiting = True
+
+    def _spare(self) -> None:
+        item = self._handoff.get()
+        if item is not None:
+            sock, peer = item
+            threading.current_thread().name = f"gilfree-manager {peer}"
+            self._handle(sock, peer)
 
     def _turn_away(self, sock: Any, peer: str, reason: str) -> None:
         """Tell an authenticated client (waiting for the reply to its HELLO) why it is not served; close."""
@@ -1528,21 +1571,6 @@ class Server:
             idents.append(pending.popleft())
         if idents:
             self.decref(self._local, idents)
-
-
-def raise_fd_limit() -> None:
-    """In a process that only serves (a manager's server): let it hold as many descriptors as the hard
-    limit allows (up to 65,536), so that a flood of unauthenticated connections meets the gate's
-    table limit, not EMFILE.  Nothing here uses ``select.select``, whose limit is 1,024."""
-    try:
-        import resource
-
-        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        want = 65536 if hard == resource.RLIM_INFINITY else min(hard, 65536)
-        if soft != resource.RLIM_INFINITY and soft < want:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
-    except (ImportError, ValueError, OSError):
-        pass
 
 
 class _BadRequest(ValueError):
@@ -2346,7 +2374,7 @@ class BaseManager:
             raise
         writer.send((R_OK, server.address))
         writer.close()
-        raise_fd_limit()
+        server.grow_fd_limit = True  # a process of its own: a flood may have the descriptors it can
         util.info("manager serving at %r", server.address)
         parent = process.parent_process()
         server.serve_forever(lifeline=parent.sentinel if parent is not None else None)
