@@ -112,8 +112,8 @@ import time
 import types
 import weakref
 
-from . import _gate, connection, process, reduction, util
-from ._errors import ProcessError
+from .. import _gate, connection, process, reduction, util
+from .._errors import ProcessError
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -2869,8 +2869,8 @@ class SharedMemoryServer(Server):
 
     def service_track_segment(self, client: _ClientState, name: str) -> None:
         """The server owns segment ``name`` from now on (the shared-memory tracker knows it)."""
-        from . import _tracker
-        from ._start import get_executable
+        from .. import _tracker
+        from .._start import get_executable
 
         if not isinstance(name, str) or "/" in name:
             raise ValueError(f"bad segment name {name!r}")
@@ -2903,7 +2903,7 @@ class SharedMemoryServer(Server):
 def _unlink_segment(name: str) -> None:
     import _posixshmem
 
-    from . import _tracker
+    from .. import _tracker
 
     try:
         _posixshmem.shm_unlink("/" + name)
@@ -2924,7 +2924,7 @@ class SharedMemoryManager(BaseManager):
 
     def _adopt(self, shm: Any) -> None:
         """Hand the ownership of ``shm``'s segment over to the server."""
-        from . import _tracker
+        from .. import _tracker
 
         _tracker.unregister("/" + shm.name)
         shm._track = False
@@ -2936,7 +2936,7 @@ class SharedMemoryManager(BaseManager):
 
     def SharedMemory(self, size: int) -> Any:
         """A new :class:`~gilfree.shared_memory.SharedMemory` block of ``size`` bytes owned by the server."""
-        from . import shared_memory
+        from .. import shared_memory
 
         shm = shared_memory.SharedMemory(None, create=True, size=size)
         self._adopt(shm)
@@ -2944,7 +2944,7 @@ class SharedMemoryManager(BaseManager):
 
     def ShareableList(self, sequence: Iterable[Any]) -> Any:
         """A new :class:`~gilfree.shared_memory.ShareableList` whose block the server owns."""
-        from . import shared_memory
+        from .. import shared_memory
 
         sl = shared_memory.ShareableList(sequence)
         self._adopt(sl.shm)
