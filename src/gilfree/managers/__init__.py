@@ -379,7 +379,7 @@ class BaseManager:
 
     def connect(self) -> None:
         """Connect to a server started elsewhere (at ``address``, with ``authkey``)."""
-        link = _get_link(self._address, self._authkey, self._tls)
+        link = _client._link_for(self._address, self._authkey, self)
         link.call((OP_SERVICE, "dummy", ()))
         self._state.value = State.STARTED
 
@@ -475,7 +475,7 @@ class BaseManager:
                     proc.kill()
                     proc.join()
         state.value = State.SHUTDOWN
-        _forget_link(address, authkey)
+        _forget_link(address, authkey)  # the server is gone: this process's links to it may close (rule 5)
 
     def shutdown(self) -> None:
         """Stop the server this manager started (no-op if it started none, or did already).
@@ -500,7 +500,7 @@ class BaseManager:
         if self._state.value != State.STARTED:
             raise ProcessError("the manager is not started: call start() or connect() first"
                                if self._state.value == State.INITIAL else "Manager has shut down")
-        return _get_link(self._address, self._authkey, self._tls)
+        return _client._link_for(self._address, self._authkey, self)
 
     def _create(self, typeid: str, /, *args: Any, **kwds: Any) -> tuple[Token, tuple[str, ...]]:
         """Create a shared object of ``typeid`` in the server; return its token and exposed methods."""

@@ -1,6 +1,33 @@
 """The client side of managers (layer L6, in :mod:`gilfree.managers`): this process's links to servers
-(:class:`_Link`: one per server, one channel per thread), the deferred DECREFs of proxies lent to
-children, and what a fork changes.
+(:class:`_Link`: one per server, one channel per thread) and the rules by which proxies take and release
+their references.
+
+The rules (each written once, here; :class:`~gilfree.managers.BaseProxy` and
+:class:`~gilfree.managers.BaseManager` call these functions):
+
+1. Links.  A process has one link per (server address, authkey, TLS settings) (:func:`_get_link`).  A
+   proxy made by a manager uses the manager's TLS settings; one that came without them uses the TLS
+   link of its address if this process has one, else a plain one (:func:`_link_for`).
+2. Channels.  A link opens one channel per thread on first use; a finished thread's channel goes to
+   the next new thread.  A channel is written to only by the process that opened it, and a DECREF only
+   when it is idle (:func:`_idle_here`): never in the middle of another message, never by a forked
+   child on its parent's connection.
+3. Taking a reference (:func:`_take_ref`).  A proxy owns at most one reference.  The server takes it
+   for the client that created the object (``create``, a ``method_to_typeid`` result: the proxy is
+   built with ``incref=False``); a proxy unpickled in another process asks with ``OP_INCREF`` (unless
+   the server took it while sending the reply that carried it: ``preincref``); a forked child takes one
+   of its own for each proxy it inherited.  A proxy in the server's own process counts its reference
+   in the server's table, with no message (:func:`_local_server`).
+4. Releasing it (:func:`_drop_ref`), once, when the process that owns the proxy drops it: in the
+   server's own process into its table; for a proxy lent to children (pickled to start one, or held
+   across a fork) only when those children have ended (:func:`_defer_decref`, :func:`_release_deferred`);
+   otherwise as a DECREF on this thread's idle channel, or with its next request (:meth:`_Link.decref`).
+5. Closing.  The server drops every reference of a client whose last connection closes, so a link never
+   closes its last channel before a replacement is open (:meth:`_Link.discard`), and a link is closed
+   only when the manager that started its server has shut that server down (:func:`_forget_link`); a
+   manager that only connected leaves the link open, since every proxy here shares it.
+6. Fork.  The child gets a new client identity and empty links (the parent's channels are never written
+   from the child), and none of the parent's deferred DECREFs (:func:`_after_fork_in_child`).
 
 Module state that is rebound (``_client_id``, ``_links_lock``, ``_fork_generation``, ``_deferred_next``)
 is read by other modules as ``_client.X``, never imported by name.
@@ -20,6 +47,7 @@ from . import _protocol
 from ._protocol import (
     OP_DECREF,
     OP_HELLO,
+    OP_INCREF,
     R_ERR,
     R_OK,
     R_PROXY,
@@ -66,7 +94,7 @@ class _Holder:
         chans = self.link._chans
         if chans.get(self.ident) is chan:
             del chans[self.ident]
-        if chan.sock is not None and chan.pid == os.getpid() and not chan.busy:
+        if _idle_here(chan):
             self.link._free.append(chan)
 
 
@@ -243,7 +271,7 @@ class _Link:
         on a connect; safe inside ``__del__`` (even one that runs while this thread is mid-call)."""
         self.pending.append(ident)
         chan = self._chans.get(_get_ident())
-        if chan is not None and not chan.busy and chan.sock is not None and chan.pid == os.getpid():
+        if chan is not None and _idle_here(chan):
             try:
                 self._flush(chan)
             except Exception:
@@ -262,6 +290,12 @@ class _Link:
             raise
         chan.busy = False
 
+
+
+def _idle_here(chan: _Channel) -> bool:
+    """Whether this process may write a message on ``chan`` now (rule 2): it is open, it was opened by
+    this process (not inherited across a fork), and no message is being sent or awaited on it."""
+    return chan.sock is not None and chan.pid == os.getpid() and not chan.busy
 
 
 def _get_link(address: Any, authkey: bytes, tls: TLSConfig | None = None) -> _Link:
@@ -286,6 +320,14 @@ def _find_link(address: Any, authkey: bytes) -> _Link:
     return _get_link(address, authkey, None)
 
 
+def _link_for(address: Any, authkey: bytes, manager: Any = None) -> _Link:
+    """The link a proxy for an object at ``address`` uses (rule 1): with the TLS settings of
+    ``manager`` if it was made by one, else as :func:`_find_link` decides."""
+    if manager is not None:
+        return _get_link(address, authkey, manager._tls)
+    return _find_link(address, authkey)
+
+
 def _forget_link(address: Any, authkey: bytes) -> None:
     """Close and forget every link to ``address`` (its server was shut down)."""
     for key in [k for k in list(_links) if k[0] == address and k[1] == bytes(authkey)]:
@@ -303,6 +345,35 @@ _deferred_next = 0.0
 
 
 _server_processes: weakref.WeakSet[Any] = weakref.WeakSet()  # managers' servers: not users of proxies
+
+
+def _local_server(address: Any) -> Server | None:
+    """The server at ``address`` if it runs in this process: its objects' references are counted in its
+    table directly, with no message (rule 3)."""
+    server = _local_servers.get(address)
+    return server if server is not None and server.pid == os.getpid() else None
+
+
+def _take_ref(link: _Link, server: Server | None, ident: str) -> None:
+    """Take a reference to object ``ident`` for this process (rule 3): in ``server``'s table if the
+    proxy lives in the server's process, else with a synchronous ``OP_INCREF`` on ``link``."""
+    if server is not None:
+        if not server._local_incref(ident):
+            raise KeyError(f"the manager has no object with id {ident!r} (released)")
+    else:
+        link.call((OP_INCREF, ident))
+
+
+def _drop_ref(link: _Link, server: Server | None, ident: str, generation: int) -> None:
+    """Release this process's reference to ``ident`` (rule 4).  ``generation`` is the proxy's
+    :data:`_fork_generation` when it took the reference (-1: it was pickled for a child being started);
+    if a fork happened since, children may still rely on the object and the DECREF waits for them."""
+    if server is not None:
+        server._local_decref(ident)
+    elif generation != _fork_generation:  # lent to a child (pickled for it, or inherited by a fork)
+        _defer_decref(link, ident)
+    else:
+        link.decref(ident)
 
 
 def _children() -> set[Any]:

@@ -1,8 +1,9 @@
 """Proxies (layer L6, in :mod:`gilfree.managers`): :class:`BaseProxy`, how a proxy is pickled and
 rebuilt, :func:`MakeProxyType`, :func:`AutoProxy`, and the proxy classes of SyncManager's types.
 
-This module does not import the server's: a proxy learns that it runs in a server's connection thread
-from ``_protocol._ctx``, and finds a server in its own process in ``_client._local_servers``.
+A proxy takes and releases its reference by the rules of :mod:`gilfree.managers._client`.  This module
+does not import the server's: a proxy learns that it runs in a server's connection thread from
+``_protocol._ctx``, and finds a server in its own process through ``_client._local_server``.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from . import _client
 from ._protocol import (
     OP_CALL,
     OP_GETVALUE,
-    OP_INCREF,
     OP_SERVICE,
     R_OK,
     TLSConfig,
@@ -30,6 +30,13 @@ from ._protocol import (
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any, Callable, Iterable
+
+
+def _authkey_for(authkey: bytes | None, manager: Any) -> bytes:
+    """The authkey a proxy uses: the one given, else its manager's, else this process's."""
+    if authkey is not None:
+        return authkey
+    return manager._authkey if manager is not None else process.current_process().authkey
 
 
 class BaseProxy:
@@ -62,15 +69,9 @@ class BaseProxy:
         self._id = token.id
         self._serializer = serializer
         self._manager = manager
-        if authkey is None:
-            authkey = manager._authkey if manager is not None else process.current_process().authkey
-        self._authkey = process.AuthenticationString(authkey)
-        if manager is not None:
-            self._link = _client._get_link(token.address, self._authkey, manager._tls)
-        else:
-            self._link = _client._find_link(token.address, self._authkey)
-        server = _client._local_servers.get(token.address)
-        self._server = server if server is not None and server.pid == os.getpid() else None
+        self._authkey = process.AuthenticationString(_authkey_for(authkey, manager))
+        self._link = _client._link_for(token.address, self._authkey, manager)
+        self._server = _client._local_server(token.address)
         self._owner_pid = os.getpid()
         self._gen = _client._fork_generation
         self._manager_owned = manager_owned
@@ -82,27 +83,18 @@ class BaseProxy:
             self._owned = True
         util.register_after_fork(self, BaseProxy._after_fork)
 
-    # -- references ------------------------------------------------------------------------------
+    # -- references (the rules: gilfree.managers._client) ---------------------------------------------
     def _incref(self) -> None:
         if self._manager_owned:
             return
-        if self._server is not None:
-            if not self._server._local_incref(self._id):
-                raise KeyError(f"the manager has no object with id {self._id!r} (released)")
-        else:
-            self._link.call((OP_INCREF, self._id))
+        _client._take_ref(self._link, self._server, self._id)
         self._owned = True
 
     def _decref(self) -> None:
         if not self._owned:
             return
         self._owned = False
-        if self._server is not None:
-            self._server._local_decref(self._id)
-        elif self._gen != _client._fork_generation:  # lent to a child (pickled for it, or inherited by a fork)
-            _client._defer_decref(self._link, self._id)
-        else:
-            self._link.decref(self._id)
+        _client._drop_ref(self._link, self._server, self._id, self._gen)
 
     def __del__(self) -> None:
         try:
@@ -196,7 +188,7 @@ def _rebuild_proxy(spec: Any, token: Token, serializer: str, exposed: Any, tls: 
     if authkey is None:
         authkey = process.current_process().authkey
     if tls is not None:
-        _client._get_link(token.address, authkey, tls)
+        _client._get_link(token.address, authkey, tls)  # _find_link finds it for the proxies to come
     incref = not preincref
     if spec is None:
         return AutoProxy(token, serializer, authkey=authkey, exposed=exposed, incref=incref)
@@ -240,10 +232,7 @@ def AutoProxy(token: Token, serializer: str = "pickle", manager: Any = None, aut
               exposed: Any = None, incref: bool = True, manager_owned: bool = False) -> BaseProxy:
     """A proxy whose methods are the referent's public methods (or ``exposed``)."""
     if exposed is None:
-        if manager is not None:
-            link = _client._get_link(token.address, manager._authkey, manager._tls)
-        else:
-            link = _client._find_link(token.address, authkey if authkey is not None else process.current_process().authkey)
+        link = _client._link_for(token.address, _authkey_for(authkey, manager), manager)
         exposed = link.call((OP_SERVICE, "get_methods", (token.id,)))
     cls = MakeProxyType(f"AutoProxy[{token.typeid}]", exposed)
     proxy = cls(token, serializer, manager=manager, authkey=authkey, incref=incref, manager_owned=manager_owned)
