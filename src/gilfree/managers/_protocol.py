@@ -72,8 +72,11 @@ _HDR = struct.Struct("!i")
 _HDR_pack = _HDR.pack
 _HDR_unpack_from = _HDR.unpack_from
 _HDR_LONG = struct.Struct("!Q")
-#: A header no peer sends: written by the server into a request pipe to wake its reader (stop, hang-up).
-_WAKE = _HDR.pack(-2)
+#: The header of a wake-up: written by the server into a request pipe to wake its reader (the server
+#: stops, or the client hung up), and sent by no peer.  A code of its own: -1, -2, -3 and -5 are
+#: :mod:`gilfree.connection`'s (long, out-of-band, descriptors next, released buffers).
+_WAKE_CODE = -6
+_WAKE = _HDR.pack(_WAKE_CODE)
 _loads = _pickle.loads
 _get_ident = threading.get_ident
 _perf_counter = time.perf_counter
@@ -487,9 +490,9 @@ class _Channel:
         n = _HDR.unpack_from(buf)[0]
         start = 4
         if n < 0:
-            if n == -2 and self._files:
+            if n == _WAKE_CODE and self._files:
                 self._rbuf = b""
-                raise EOFError(f"{self.peer}: connection closed by this end")  # _WAKE
+                raise EOFError(f"{self.peer}: connection closed by this end")
             if n != -1:
                 self._rbuf = b""
                 raise OSError(f"bad message header from {self.peer}: length {n}; the peer does not speak this protocol")
