@@ -2,15 +2,15 @@
 
 ::
 
-    client process (any thread)                      server process (or `gilfree manager serve`)
-    ---------------------------                      -------------------------------------------
+    client process, any thread (_proxies, _client)   server process, or `gilfree manager serve` (_server)
+    ----------------------------------------------   ----------------------------------------------------
     proxy._callmethod(name, args)                    accept thread: poll(listener, stop pipe)
       │  link: one channel per (process, thread)       │ accept() ── new thread per connection
       │  per server, opened on first use,              ▼
       │  reused for every call                       connection thread
       ▼                                                TLS handshake (TCP, if configured)
     channel ── (CALL, id, name, args, kwds) ──────▶    HMAC-SHA256 both ways, 256-byte frames,
-      [4-byte length][pickle]                          deadline -- nothing unpickled before this
+      [4-byte length][pickle] (_protocol)              deadline -- nothing unpickled before this
       one write, one read for a small message          HELLO(client id, pid, address used)
       Unix socket: after HELLO, (PIPES) ──────────▶    two pipes made here, client ends sent back
         frames go over the pipes; a reader looks       (SCM_RIGHTS); the socket stays open, idle
@@ -21,6 +21,17 @@
                                                      EOF (or hang-up seen on the socket) on a
     proxy dropped ── (DECREF, ids), no reply ──────▶   client's last connection: every reference
                                                        it held is released
+
+Where each part lives (each module imports only those above it):
+
+    _protocol   opcodes, reply codes, limits and tunables, Token, RemoteError, TLSConfig, the framed
+                _Channel (a socket, or pipes), the request-shape checks, _ctx (a server's thread?)
+    _served     what SyncManager serves: Namespace, Value, Array, its Queue, dict views as lists
+    _client     links (one per server, a channel per thread), the rules by which proxies take and
+                release references, deferred DECREFs, what a fork changes
+    _proxies    BaseProxy, pickling and rebuilding proxies, MakeProxyType, AutoProxy, proxy classes
+    _server     Server: the gate, a thread per connection, the object table, the hang-up watcher
+    __init__    BaseManager, SyncManager, SharedMemoryManager, and every name of gilfree.managers
 
 *Proxy* (:class:`BaseProxy` and subclasses; any process, any thread).  Holds a :class:`Token`
 (typeid, server address, object id) and a *link* to the server.  A call is one typed request
