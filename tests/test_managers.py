@@ -792,6 +792,26 @@ def _fds_and_threads(pid: int) -> tuple[int, int]:
     return len(os.listdir(f"/proc/{pid}/fd")), len(os.listdir(f"/proc/{pid}/task"))
 
 
+def test_wake_up_header_has_a_code_of_its_own():
+    """The server's wake-up of a piped reader is not a header gilfree.connection uses (-2 is its
+    out-of-band message): a reader that sees -2 on a manager pipe calls it a bad header, not a wake-up."""
+    code = struct.unpack("!i", managers._WAKE)[0]
+    assert code < 0 and code not in (-1, -2, -3, connection._FDS_NEXT, connection._RELEASED)
+    r, w = os.pipe()
+    chan = managers._Channel(socket.socket(socket.AF_UNIX), "test")
+    chan.use_pipes(r, os.dup(w))
+    try:
+        os.write(w, managers._WAKE)
+        with pytest.raises(EOFError, match="closed by this end"):
+            chan.recv_bytes()
+        os.write(w, struct.pack("!i", -2) + struct.pack("!IQ", 1, 8))
+        with pytest.raises(OSError, match="bad message header"):
+            chan.recv_bytes()
+    finally:
+        chan.close()
+        os.close(w)
+
+
 def test_unix_clients_use_pipes_and_hostile_frames_on_them_are_harmless():
     """A Unix-socket client moves to pipes after HELLO; junk sent down the pipe (a bad header, a corrupt
     pickle, the server's own wake-up header) costs only that connection; connect/close cycles leave
@@ -809,12 +829,13 @@ def test_unix_clients_use_pipes_and_hostile_frames_on_them_are_harmless():
         d = m.dict()
         d["a"] = 1
         assert m._link()._chans[threading.get_ident()].piped
-        for junk in (struct.pack("!i", -5), struct.pack("!i", 5) + b"\x80\x05garb", managers._WAKE):
+        for junk in (struct.pack("!i", -5), struct.pack("!i", 5) + b"\x80\x05garb", managers._WAKE,
+                     struct.pack("!i", -2) + struct.pack("!IQ", 1, 8)):
             link = managers._Link(m.address, KEY, None)
             chan = link.channel()
             assert chan.piped
             chan.write_all(junk)
-            if len(junk) > 4:
+            if junk.endswith(b"garb"):  # a frame whose pickle is corrupt is answered; a bad header drops the link
                 assert managers.reduction.loads(chan.recv_bytes())[0] == managers.R_REMOTE
             link.close()
         assert d["a"] == 1

@@ -24,6 +24,9 @@ Framing.  Every message starts with a signed 4-byte big-endian length ``n``:
   length), ``k`` 8-byte buffer lengths, then the pickle, then the ``k`` buffers.  Used only by
   :meth:`Connection.send` for buffers of at least :data:`OOB_MIN` bytes.
 
+(``-5`` says which memfds a peer released, see :data:`_RELEASED`; ``-6`` is taken by the managers'
+channels, whose server wakes a pipe's reader with it: ``gilfree.managers._protocol._WAKE``.)
+
 File descriptors in a sent object (another ``Connection``, a socket) travel as ``SCM_RIGHTS``
 ancillary data with the header, so they work over duplex pipes and Unix-socket connections.
 
