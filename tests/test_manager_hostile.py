@@ -34,6 +34,7 @@ import gilfree
 from gilfree import managers
 address = eval(sys.argv[1])
 options = eval(sys.argv[2])
+gilfree.log_to_stderr("WARNING")  # refusals are logged: the tests count the lines
 m = managers.SyncManager(address, %r)
 server = m.get_server(**options)
 server.grow_fd_limit = True  # as in a server process of its own (start(), `gilfree manager serve`)
@@ -204,8 +205,8 @@ def test_a_thousand_hostile_connections_do_not_lock_out_a_client(served_tcp, mod
     assert fds <= fds0 + 1100, (fds0, fds)
     assert rss - rss0 < 40 * 1024, f"RSS grew by {(rss - rss0) // 1024} MiB"
     out, err = s.stop()
-    # one log line per kind of refusal and interval, not one per connection
-    assert err.count("refused") < 20, err[-2000:]
+    # one log line per kind of refusal and interval, not one per connection (about 2,000 were refused)
+    assert 0 < err.count("refused") < 20, err[-2000:]
 
 
 def test_a_full_table_drops_the_oldest_pending_peer_not_the_newcomer():
