@@ -266,7 +266,8 @@ def _vanish(veth, tmp_path, keepalive, wait):
         client = _client(client_ns, tmp_path, CLIENT, server.port, "hold")
         try:
             assert client.stdout.readline().strip() == "holding", client.communicate()
-            held = server.stats()
+            # (the server starts a thread for the next connection once it is idle: wait for it)
+            held = server.wait_for(lambda s: s["threads"] == base["threads"] + 2, 5)
             # no FIN, no RST: the client's link goes down first, then the client is killed
             _ip("-n", client_ns, "link", "set", client_dev, "down")
             client.kill()

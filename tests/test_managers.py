@@ -847,6 +847,7 @@ def test_unix_clients_use_pipes_and_hostile_frames_on_them_are_harmless():
                 link.close()
 
         cycles(20)
+        time.sleep(0.3)  # settled: the server has started its thread for the next connection (SPARE_AFTER)
         assert _until(lambda: _fds_and_threads(p.pid) == _fds_and_threads(p.pid))
         before = _fds_and_threads(p.pid)
         cycles(200)

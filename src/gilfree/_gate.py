@@ -73,6 +73,8 @@ _TLS_PEEK, _TLS, _ANSWER, _THEIRS, _VERDICT = range(5)
 _STEP_NAMES = ("waiting for the TLS handshake", "in the TLS handshake", "waiting for the answer to our challenge",
                "waiting for the peer's challenge", "waiting for the verdict")
 
+#: Largest ClientHello a TLS peer may announce (real ones are 0.2-2 KiB; with post-quantum key shares ~3).
+TLS_HELLO_MAX = 16 << 10
 #: Most connections accepted per wake-up before pending handshakes get their turn.
 _ACCEPT_BATCH = 64
 #: Most reads or writes for one peer before the others get their turn (a whole handshake takes ~10).
@@ -102,7 +104,8 @@ class _Pending:
 
 
 class HandshakeFailed(Exception):
-    """A peer failed its handshake (``kind``: "refused", "timeout", "closed", "evicted", "invalid")."""
+    """A peer failed its handshake (``kind``: "refused", "timeout", "closed", "evicted", "invalid"), or was
+    turned away for want of the server's own resources ("busy": no descriptor left)."""
 
     def __init__(self, peer: str, kind: str, reason: str) -> None:
         super().__init__(f"{peer}: {reason}")
@@ -209,7 +212,8 @@ class Gate:
         self.ready: collections.deque[tuple[Any, str]] = collections.deque()
         #: a descriptor kept in reserve: closed to accept (and refuse) a peer when the process has no other
         self._spare = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
-        self.stats = {"authenticated": 0, "refused": 0, "evicted": 0, "timeout": 0, "closed": 0, "invalid": 0}
+        self.stats = {"authenticated": 0, "refused": 0, "evicted": 0, "timeout": 0, "closed": 0, "invalid": 0,
+                      "busy": 0}
 
     def __repr__(self) -> str:
         return f"<Gate pending={len(self._pending)}/{self.capacity} ready={len(self.ready)} {self.stats}>"
@@ -237,18 +241,23 @@ class Gate:
         except InterruptedError:  # pragma: no cover - PEP 475 retries for us
             events = []
         woken = []
-        accept = False
+        ready = []
         for fd, _mask in events:
             if fd == self._listen_fd:
-                accept = True
+                self._accept()  # first: a full listen queue makes the kernel drop a newcomer's SYN (1 s)
             elif fd in self._extra:
                 woken.append(fd)
             else:
                 p = self._pending.get(fd)
                 if p is not None:
-                    self._advance(p)
-        if accept:
-            self._accept()
+                    ready.append(p)
+        # peers past TLS first: their steps are cheap; a TLS handshake costs a private-key operation
+        for p in ready:
+            if p.step >= _ANSWER:
+                self._advance(p)
+        for p in ready:
+            if p.step < _ANSWER and p.events != -1:
+                self._advance(p)
         self._expire()
         return woken
 
@@ -274,15 +283,14 @@ class Gate:
         peer (the oldest of the largest group), or, with none pending, accept it on the spare descriptor
         and turn it away saying why -- so that a full table of authenticated connections does not
         leave a connection in the queue for ``epoll`` to report again and again.  True to try again."""
-        if not select.select([self._listen_fd], [], [], 0)[0]:
+        if not connection.wait([self._listen_fd], 0):  # poll, not select: any fd number
             return False  # nobody is waiting
         if self.grow_fd_limit:
             self.grow_fd_limit = False  # once
             if raise_fd_limit():
                 return True
         if self._pending:
-            biggest = max(self._groups.values(), key=len)
-            self._evict(next(iter(biggest.values())), "the server is out of file descriptors")
+            self._evict(self._victim(), "the server is out of file descriptors")
             return True
         if self._spare < 0:
             return False
@@ -300,8 +308,19 @@ class Gate:
         _, name = peer_group(sock, address)
         self._say_refused(sock, "the server is out of file descriptors; try again later")
         sock.close()
-        self._failed(HandshakeFailed(name, "refused", "refused: the server is out of file descriptors"))
+        self._failed(HandshakeFailed(name, "busy", "turned away: the server is out of file descriptors"))
         return True
+
+    def _victim(self) -> _Pending:
+        """Who makes room: in the largest group, the oldest peer still in its TLS handshake if there is one
+        (a peer past TLS has done the work a real client does; a replayed ClientHello has not), else
+        the oldest."""
+        group = max(self._groups.values(), key=len)
+        if self.ssl_context is not None:
+            for p in group.values():
+                if p.step < _ANSWER:
+                    return p
+        return next(iter(group.values()))
 
     def _admit(self, sock: socket.socket, address: Any) -> None:
         group, name = peer_group(sock, address)
@@ -311,8 +330,7 @@ class Gate:
             self._failed(HandshakeFailed(name, "refused", "refused: its uid may not connect to this socket"))
             return
         if len(self._pending) >= self.capacity:
-            biggest = max(self._groups.values(), key=len)
-            self._evict(next(iter(biggest.values())),
+            self._evict(self._victim(),
                         f"{self.capacity} connections were authenticating; the oldest of the largest group is dropped")
         sock.setblocking(False)
         if self._tcp:
@@ -358,14 +376,24 @@ class Gate:
                         return
                 step = p.step
                 if step == _TLS_PEEK:
-                    first = p.sock.recv(1, socket.MSG_PEEK)
-                    if not first:
+                    head = p.sock.recv(9, socket.MSG_PEEK)
+                    if not head:
                         raise EOFError
-                    if first != _TLS_HANDSHAKE_RECORD:
+                    if head[:1] != _TLS_HANDSHAKE_RECORD:
                         self._say_refused(p.sock, "this manager speaks TLS: connect with tls=TLSConfig(...) "
                                                   "(cafile=, and certfile=/keyfile= if it asks for a client certificate)")
                         self._fail(p, "refused", "refused: a plain (non-TLS) client at a TLS server")
                         return
+                    if len(head) < 9:  # the record and handshake headers are not all here yet: wait for more
+                        self._arm(p, select.EPOLLIN | select.EPOLLET)  # (level-triggered would spin on them)
+                        return
+                    # record: type, version (2), length (2); handshake: type (1: ClientHello), length (3).
+                    # OpenSSL makes room for the length a ClientHello claims: refuse a claim no client makes
+                    claimed = int.from_bytes(head[6:9], "big")
+                    if head[1] != 3 or head[5] != 1 or claimed > TLS_HELLO_MAX:
+                        raise _Invalid(f"sent a TLS record that is not a ClientHello of at most {TLS_HELLO_MAX} "
+                                       f"bytes (version {head[1]}.{head[2]}, handshake type {head[5]}, {claimed} "
+                                       "bytes claimed)")
                     p.sock = self.ssl_context.wrap_socket(p.sock, server_side=True, do_handshake_on_connect=False)
                     p.step = _TLS
                     continue

@@ -346,7 +346,9 @@ def _wait_pid(pid: int, timeout: float) -> bool:
         fd = -1
     try:
         if fd is not None and fd >= 0:
-            select.select([fd], [], [], timeout)
+            poller = select.poll()  # not select.select: a program may hold more than 1,024 descriptors
+            poller.register(fd, select.POLLIN)
+            poller.poll(max(0, int(timeout * 1000)))
         elif fd == -1:  # no pidfd: poll
             deadline = time.monotonic() + timeout
             while True:

@@ -1410,6 +1410,9 @@ def deliver_challenge(conn: Connection, authkey: bytes, timeout: float | None = 
     message = _DIGEST + os.urandom(_NONCE_BYTES)
     _auth_send(conn, _CHALLENGE + message, "sending our challenge")
     response = _auth_recv(conn, deadline, timeout, "waiting for the answer to our challenge")
+    refused = _refusal(response)
+    if refused is not None:
+        raise refused
     import hmac
 
     if not hmac.compare_digest(response, _auth_digest(key, message, binding)):
@@ -1565,12 +1568,14 @@ class Listener:
             _tune_tcp(s)
             return Connection(s.detach())
         with self._accept_lock:  # one thread at a time drives the gate; another waits here for its turn
+            if self._socket is None:  # closed while this thread waited for its turn
+                raise OSError("listener is closed")
             gate = self._gate
             if gate is None:
                 from . import _gate
 
                 gate = self._gate = _gate.Gate(self._socket, self._authkey, timeout=HANDSHAKE_TIMEOUT,
-                                               capacity=LISTENER_HANDSHAKES, on_failure=self._failures.append)
+                                               capacity=LISTENER_HANDSHAKES, on_failure=self._peer_failed)
             gate.timeout = HANDSHAKE_TIMEOUT
             try:
                 while not gate.ready:
@@ -1599,6 +1604,12 @@ class Listener:
         except OSError:
             self._last_accepted = None
         return Connection(s.detach())
+
+    def _peer_failed(self, failure: Any) -> None:
+        # a peer turned away for want of our own descriptors is not its failure: accept() goes on waiting
+        # (the gate told the peer why); the others are raised by accept(), as the stdlib does
+        if failure.kind != "busy":
+            self._failures.append(failure)
 
     def close(self) -> None:
         """Stop listening (and remove the Unix socket file).  Idempotent."""

@@ -36,7 +36,6 @@ is read by other modules as ``_client.X``, never imported by name.
 from __future__ import annotations
 
 import os
-import select
 import socket
 import threading
 import time
@@ -161,7 +160,7 @@ class _Link:
                 except OSError as exc:
                     raise _tls_failure(exc, address) from None
                 sock.settimeout(None)
-            elif not select.select([sock], [], [], _protocol.PROBE_AFTER)[0]:
+            elif not connection.wait([sock], _protocol.PROBE_AFTER):  # poll, not select: any fd number
                 # no challenge yet: a TLS server waits for our ClientHello and would never send one.
                 # An empty frame makes a TLS server say so at once; a plain gilfree server skips it.
                 sock.sendall(_HDR_pack(0))

@@ -66,6 +66,8 @@ HELLO_MAX = 1 << 16
 #: Connections that may be in their handshake at once; when one more arrives, the oldest of the largest
 #: group (an address, an IPv6 /64, a uid) is dropped (see :mod:`gilfree._gate`).
 MAX_HANDSHAKES = 1024
+#: The same for a TLS server: a pending TLS peer holds OpenSSL's handshake state (~45 KiB each).
+MAX_TLS_HANDSHAKES = 256
 #: Seconds a plain client waits for the server's challenge before it sends an empty probe frame (a TLS
 #: server answers it with "this manager speaks TLS"; a plain server skips it).
 PROBE_AFTER = 1.0

@@ -26,6 +26,7 @@ from ._protocol import (
     HELLO_MAX,
     MAX_HANDSHAKES,
     MAX_MESSAGE,
+    MAX_TLS_HANDSHAKES,
     OP_CALL,
     OP_CREATE,
     OP_DECREF,
@@ -184,7 +185,7 @@ class Server:
             if family != socket.AF_UNIX:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind(address)
-            sock.listen(128)
+            sock.listen(socket.SOMAXCONN)  # the gate drains it at once; a full queue drops SYNs
         except BaseException:
             sock.close()
             raise
@@ -305,6 +306,9 @@ class Server:
                 sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
+        watcher = self._watcher
+        if watcher is not None:  # it sees the stop pipe (registered in its epoll) and ends
+            watcher.join(5)
         for fd in (self._stop_r, self._stop_w):
             try:
                 os.close(fd)
@@ -329,7 +333,9 @@ class Server:
             def binding(sock: Any) -> bytes:
                 return connection.channel_binding(sock, certfile)
 
-        gate = _gate.Gate(listener, self.authkey, timeout=self.handshake_timeout, capacity=self.max_handshakes,
+        # a pending TLS peer costs OpenSSL's state (~45 KiB), not a few hundred bytes: a smaller table
+        capacity = self.max_handshakes if self._ssl is None else min(self.max_handshakes, MAX_TLS_HANDSHAKES)
+        gate = _gate.Gate(listener, self.authkey, timeout=self.handshake_timeout, capacity=capacity,
                           ssl_context=self._ssl, binding=binding, uids=uids, on_failure=self._handshake_failed,
                           grow_fd_limit=self.grow_fd_limit)
         self._gate = gate
@@ -491,6 +497,7 @@ class Server:
         with self._lock:
             self._watched[state.fd] = state
             if self._watcher is None:
+                self._epoll.register(self._stop_r, select.EPOLLIN)  # wakes the watcher at stop
                 self._watcher = threading.Thread(target=self._watch_loop, name="gilfree-manager-watch", daemon=True)
                 self._watcher.start()
         self._epoll.register(state.fd, select.EPOLLRDHUP | select.EPOLLONESHOT)
@@ -502,6 +509,8 @@ class Server:
             except OSError:
                 return
             for fd, mask in events:
+                if fd == self._stop_r:
+                    return
                 with self._lock:
                     state = self._watched.get(fd)
                     if state is not None:
