@@ -128,23 +128,36 @@ def rewrite_cf(src: str, impl: str) -> str:
     src = re.sub(r"\bfutures\.ProcessPoolExecutor\b", "gilfree.ProcessPoolExecutor", src)
     # the scripts test_shutdown runs in a fresh interpreter ({executor_type} is the class's name)
     src = src.replace("from concurrent.futures import {executor_type}", "from gilfree import {executor_type}")
+    if src.startswith("import gilfree\n"):  # util.py's rewritten first line
+        return rss.with_prelude(src, GILFREE_PRELUDE)
     return rss.with_prelude(src, GILFREE_PRELUDE + "; import gilfree")
 
 
 def build_tree(tmp: str, suites: list[str], methods: list[str]) -> None:
+    """One directory per implementation, ``tmp/<impl>``, holding that implementation's copies under
+    the suites' own names (so test ids match, and ``_test_multiprocessing.py`` is the file name its
+    tests look for in tracebacks); the child processes get that directory on ``PYTHONPATH``."""
     d = test_dir()
-    _write(os.path.join(tmp, "_suite_common.py"), COMMON)
-    _write(os.path.join(tmp, "_gilfree_harness.py"), rss.HARNESS)
     for impl in IMPLS:
+        root = os.path.join(tmp, impl)
+        os.makedirs(root)
+        _write(os.path.join(root, "_suite_common.py"), COMMON)
+        if impl == "gilfree":
+            _write(os.path.join(root, "_gilfree_harness.py"), rss.HARNESS)
         if "mp" in suites:
-            _write(os.path.join(tmp, f"mp_suite_{impl}.py"),
+            _write(os.path.join(root, "_test_multiprocessing.py"),
                    rewrite_mp(_read(os.path.join(d, "_test_multiprocessing.py")), impl))
+            # scripts the suite runs from its own directory (TestNoForkBomb, test_preload_resources)
+            for name in sorted(os.listdir(d)):
+                if name.startswith("mp_") and name.endswith(".py"):
+                    src = _read(os.path.join(d, name))
+                    _write(os.path.join(root, name), rss.rewrite_to_gilfree(src) if impl == "gilfree" else src)
             for m in methods:
-                _write(os.path.join(tmp, f"mp_{impl}_{m}.py"),
-                       f"import mp_suite_{impl} as _base\n"
+                _write(os.path.join(root, f"test_multiprocessing_{m}.py"),
+                       "import _test_multiprocessing as _base\n"
                        f"_base.install_tests_in_module_dict(globals(), {m!r})\n")
         if "cf" in suites:
-            pkg = os.path.join(tmp, f"cf_{impl}")
+            pkg = os.path.join(root, "test_concurrent_futures")
             os.makedirs(pkg)
             src_pkg = os.path.join(d, "test_concurrent_futures")
             for name in sorted(os.listdir(src_pkg)):
@@ -156,7 +169,7 @@ def build_tree(tmp: str, suites: list[str], methods: list[str]) -> None:
                 src = rss.with_prelude(rss.rewrite_to_gilfree(src), GILFREE_PRELUDE)
             else:
                 src = rss.with_prelude(src, COMMON_PRELUDE)
-            _write(os.path.join(tmp, f"mh_{impl}.py"), src)
+            _write(os.path.join(root, "test_multiprocessing_main_handling.py"), src)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -229,15 +242,15 @@ def child_run(tmp: str, modname: str, cls_name: str, out: str, only: list[str], 
 # parent
 
 
-def plan(suite: str, impl: str, methods: list[str]) -> list[tuple[str, str, str]]:
+def plan(suite: str, methods: list[str]) -> list[tuple[str, str, str]]:
     """(method label, module, class-filter kind) per module to list."""
     if suite == "mp":
-        return [(m, f"mp_{impl}_{m}", "all") for m in methods]
+        return [(m, f"test_multiprocessing_{m}", "all") for m in methods]
     if suite == "main":
-        return [("-", f"mh_{impl}", "main")]
+        return [("-", "test_multiprocessing_main_handling", "main")]
     d = os.path.join(test_dir(), "test_concurrent_futures")
     mods = sorted(n[:-3] for n in os.listdir(d) if n.startswith("test_") and n.endswith(".py"))
-    return [("-", f"cf_{impl}.{m}", "cf") for m in mods]
+    return [("-", f"test_concurrent_futures.{m}", "cf") for m in mods]
 
 
 def cf_method(cls_name: str) -> str | None:
@@ -319,7 +332,6 @@ def main() -> None:
     logdir = os.path.join(tmp, "logs")
     os.makedirs(logdir)
     build_tree(tmp, suites, methods)
-    env = dict(os.environ, PYTHONPATH=tmp + os.pathsep + os.environ.get("PYTHONPATH", ""))
     print(f"python {sys.version.split()[0]}; suites from {test_dir()}\ntemp: {tmp}\n"
           f"watchdog {args.per_test:g}s per test", flush=True)
 
@@ -327,10 +339,12 @@ def main() -> None:
     jobs = []
     for suite in suites:
         for impl in impls:
-            mods = plan(suite, impl, methods)
+            mods = plan(suite, methods)
             out = os.path.join(logdir, f"list-{suite}-{impl}.json")
-            subprocess.run([sys.executable, os.path.abspath(__file__), "--child-list", tmp, out,
-                            "--mods", ",".join(m for _, m, _ in mods)], cwd=tmp, env=env, timeout=600,
+            root = os.path.join(tmp, impl)
+            env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+            subprocess.run([sys.executable, os.path.abspath(__file__), "--child-list", root, out,
+                            "--mods", ",".join(m for _, m, _ in mods)], cwd=root, env=env, timeout=600,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             with open(out) as f:
                 listing = json.load(f)
@@ -364,11 +378,13 @@ def main() -> None:
             continue
         t = time.monotonic()
 
-        def cmd_for(out, only, modname=modname, cls_name=cls_name):
-            return [sys.executable, os.path.abspath(__file__), "--child-run", tmp, modname, cls_name, out,
+        root = os.path.join(tmp, impl)
+
+        def cmd_for(out, only, modname=modname, cls_name=cls_name, root=root):
+            return [sys.executable, os.path.abspath(__file__), "--child-run", root, modname, cls_name, out,
                     "--per-test", str(args.per_test), "--only", ",".join(only)]
 
-        res, order, notes = rss.run_resumable(cmd_for, tmp, f"{suite}-{impl}-{method}-{cls_name}",
+        res, order, notes = rss.run_resumable(cmd_for, root, f"{suite}-{impl}-{method}-{cls_name}",
                                               args.per_test, logdir)
         if "import_error" in res:
             res = {"<import>": {"status": "ERROR", "detail": res["import_error"]}}
@@ -410,7 +426,7 @@ def report(results: dict, impls: list[str]) -> None:
         d = by.setdefault((suite, method, impl), {})
         for test, r in v["results"].items():
             prefix = f"{modname.split('.')[-1]}." if suite == "cf" else ""
-            d[f"{prefix}{cls_name}.{test}"] = r
+            d[f"{prefix}{cls_name}.{test}"] = r  # the same id for both implementations
     cells = sorted({(s, m) for s, m, _ in by})
     print("\n| suite | method | stdlib pass | gilfree pass | gilfree FAIL | ERROR | HANG | CRASH | skip "
           "| stdlib-pass, gilfree-not |")
