@@ -285,6 +285,7 @@ def first_error_line(detail: str) -> str:
     line = lines[cand]
     line = re.sub(r"0x[0-9a-fA-F]+", "0x..", line)
     line = re.sub(r"/tmp/[\w./-]+", "/tmp/...", line)
+    line = re.sub(r"\b\d{4,}\b", "N", line)  # ids, pids, thread idents
     return line[:160]
 
 
@@ -313,7 +314,15 @@ def main() -> None:
     ap.add_argument("--per-test", type=float, default=60.0, help="watchdog per test, seconds")
     ap.add_argument("--json", default=None, help="write all results here")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (logs)")
+    ap.add_argument("--report", nargs="+", metavar="JSON", help="print the report of earlier --json files, run nothing")
     args = ap.parse_args()
+    if args.report:
+        results = {}
+        for path in args.report:
+            with open(path) as f:
+                results.update(json.load(f)["results"])
+        report(results, IMPLS)
+        return
     if args.child_list:
         child_list(args.child_list[0], args.mods.split(","), args.child_list[1])
         return
