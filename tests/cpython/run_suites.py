@@ -286,6 +286,7 @@ def first_error_line(detail: str) -> str:
     line = re.sub(r"0x[0-9a-fA-F]+", "0x..", line)
     line = re.sub(r"/tmp/[\w./-]+", "/tmp/...", line)
     line = re.sub(r"\b\d{4,}\b", "N", line)  # ids, pids, thread idents
+    line = re.sub(r"\b(pid|task|code) \d+", r"\1 N", line)
     return line[:160]
 
 
