@@ -20,8 +20,9 @@ Suites (read from the running interpreter's ``test`` package at run time, never 
 * ``main``: ``test/test_multiprocessing_main_handling.py`` (its scripts, run in fresh
   interpreters, import gilfree in the gilfree copy).
 
-Each suite is copied twice into a temp dir, verbatim (stdlib baseline) and with ``multiprocessing``
-rewritten to ``gilfree`` (line numbers kept), and each class runs in its own subprocess through
+Each suite is copied twice, under its own file names, into ``<tmp>/stdlib`` (verbatim: the
+baseline) and ``<tmp>/gilfree`` (``multiprocessing`` rewritten to ``gilfree``, line numbers kept),
+so a test has the same id for both; each class runs in its own subprocess through
 ``run_sync_suite.run_resumable``: a faulthandler watchdog per test (``--per-test``) dumps the stacks
 and ends the process, the class resumes from the next test, so a hang costs one test.
 
@@ -31,13 +32,16 @@ Harness stand-ins, all listed in the output:
   ``util._cleanup_tests``, ... -- each installed only if gilfree lacks the name; see there).
 * both copies: ``test.support.script_helper.run_python_until_end`` passes ``PYTHONPATH`` on to the
   interpreters the suites start (and so does not add ``-I``/``-E``); and ``_test_multiprocessing``'s
-  two ``[sys.executable, '-E', ...]`` children lose the ``-E``.  The package under test is found
+  two ``[sys.executable, '-E', ...]`` children (``test_flags``,
+  ``test_shared_memory_cleaned_after_process_termination``) lose the ``-E``.  The package under test is found
   through ``PYTHONPATH`` (not installed), and a child that ignores it would import another gilfree
   (or none).  Nothing about the tests' assertions changes.
 
 Output: a table (per suite and start method: stdlib passes, gilfree passes, failures, errors,
-timeouts, crashes), the gilfree tests that fail where the stdlib passes grouped by the first line
-of their error, and everything in ``--json``.  Exit status 0 whatever the results.
+timeouts, crashes), the gilfree tests that do not pass where the stdlib passes -- a skip counts
+(``HAVE_SEND_HANDLE = False`` from the stand-ins skips the fd-passing tests: a missing feature) --
+grouped by the first line of their error, and everything in ``--json`` (``--report`` prints it
+again).  Exit status 0 whatever the results.
 """
 
 from __future__ import annotations
