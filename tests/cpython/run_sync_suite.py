@@ -105,6 +105,31 @@ def install():
 
 PRELUDE = "import _gilfree_harness; _gilfree_harness.install()  # run_sync_suite.py\n"
 
+
+def with_prelude(src: str, stmt: str) -> str:
+    """``stmt`` run first, on the file's first line when it can share it (line numbers kept)."""
+    first, nl, rest = src.partition("\n")
+    stripped = first.strip()
+    if not stripped or stripped.startswith("#"):
+        return f"{stmt}  {first}{nl}{rest}"
+    candidate = f"{stmt}; {first}{nl}{rest}"
+    if not stripped.startswith("from __future__"):
+        try:
+            compile(candidate, "<prelude>", "exec")
+            return candidate
+        except SyntaxError:
+            pass
+    return f"{stmt}\n{src}"  # one line more: tracebacks are off by one
+
+
+def rewrite_to_gilfree(src: str) -> str:
+    """Every ``multiprocessing`` word becomes ``gilfree``.
+
+    ``_multiprocessing`` (the C module the suites' skip checks import) and ``test_multiprocessing_*``
+    are one word with their underscore and stay as they are.
+    """
+    return re.sub(r"\bmultiprocessing\b", "gilfree", src)
+
 # The stdlib's invariant "no sleeper left, no notification left unconsumed" (sleeping - woken == 0,
 # _wait_semaphore == 0), asked of gilfree's slot table: no slot in use (neither waiting nor notified
 # but not yet woken) and no overflow sleeper.
@@ -149,14 +174,12 @@ def build_tree(tmp: str, check_timings: bool = False) -> None:
         assert n == 1, "CHECK_TIMINGS switch not found"
     with open(os.path.join(tmp, "mp_suite_stdlib.py"), "w", encoding="utf-8") as f:
         f.write(src)
-    # every `multiprocessing` word (imports, attribute chains, ctx names); `_multiprocessing`
-    # (the C module the suite's skip checks import) and `test_multiprocessing_*` are one word
-    # with their underscore and stay as they are
-    rewritten = re.sub(r"\bmultiprocessing\b", "gilfree", src)
+    # every `multiprocessing` word (imports, attribute chains, ctx names)
+    rewritten = with_prelude(rewrite_to_gilfree(src), PRELUDE.rstrip("\n"))
     with open(os.path.join(tmp, "mp_suite_gilfree.py"), "w", encoding="utf-8") as f:
-        f.write(PRELUDE + rewritten)
+        f.write(rewritten)
     with open(os.path.join(tmp, "mp_suite_gilfree_adapted.py"), "w", encoding="utf-8") as f:
-        f.write(PRELUDE + rewritten + ADAPTER)
+        f.write(rewritten + ADAPTER)
     with open(os.path.join(tmp, "_gilfree_harness.py"), "w", encoding="utf-8") as f:
         f.write(HARNESS)
     for impl in IMPLS:
@@ -174,7 +197,6 @@ def build_tree(tmp: str, check_timings: bool = False) -> None:
 
 def child_main(tmp: str, impl: str, method: str, type_: str, cls_name: str, out: str, only: list[str],
                per_test: float) -> None:
-    import faulthandler
     import traceback
     import unittest
 
@@ -208,6 +230,16 @@ def child_main(tmp: str, impl: str, method: str, type_: str, cls_name: str, out:
     if only:
         names = [n for n in names if n in only]
     emit(event="tests", names=names)
+
+    run_tests(cls, names, emit, per_test)
+
+
+def run_tests(cls, names: list[str], emit, per_test: float) -> None:
+    """Run ``names`` of TestCase ``cls``, one JSON event per start/outcome, each test under a
+    faulthandler watchdog that dumps the stacks and exits the process after ``per_test`` s."""
+    import faulthandler
+    import traceback
+    import unittest
 
     def short(err):
         return "".join(traceback.format_exception(*err))[-3000:]
@@ -271,18 +303,26 @@ def child_main(tmp: str, impl: str, method: str, type_: str, cls_name: str, out:
 
 def run_job(tmp, impl, method, type_, cls_name, per_test, logdir):
     """Run one class to the end, resuming after a test that killed or hung its subprocess."""
+    def cmd_for(out, only):
+        return [sys.executable, os.path.abspath(__file__), "--child", tmp, impl, method, type_, cls_name, out,
+                "--per-test", str(per_test), "--only", ",".join(only)]
+    return run_resumable(cmd_for, tmp, f"{impl}-{method}-{type_}-{cls_name}", per_test, logdir)
+
+
+def run_resumable(cmd_for, tmp, tag, per_test, logdir, attempts=60):
+    """Run the child ``cmd_for(out, only)`` until its class has ended, resuming after a test that
+    killed or hung the subprocess (that test is recorded as HANG or CRASH).  Returns
+    (results by test, test order, notes)."""
     results: dict[str, dict] = {}
     order: list[str] = []
     only: list[str] = []
     notes: list[str] = []
-    py = sys.executable
-    for attempt in range(30):
-        out = os.path.join(logdir, f"{impl}-{method}-{type_}-{cls_name}-{attempt}.jsonl")
+    for attempt in range(attempts):
+        out = os.path.join(logdir, f"{tag}-{attempt}.jsonl")
         err = out[:-6] + ".stderr"
         env = dict(os.environ, PYTHONPATH=tmp + os.pathsep + os.environ.get("PYTHONPATH", ""),
                    PYTHONFAULTHANDLER="1")
-        cmd = [py, os.path.abspath(__file__), "--child", tmp, impl, method, type_, cls_name, out,
-               "--per-test", str(per_test), "--only", ",".join(only)]
+        cmd = cmd_for(out, only)
         with open(err, "w") as ef:
             p = subprocess.Popen(cmd, stdout=ef, stderr=subprocess.STDOUT, cwd=tmp, env=env, start_new_session=True)
             try:
