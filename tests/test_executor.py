@@ -85,10 +85,13 @@ def test_futures_sent_behind_a_timed_out_task_run_elsewhere(method):
 # -- 12. on_worker_death="break" is the stdlib's behaviour -----------------------------------
 
 
-@pytest.mark.parametrize("impl", ["gilfree", "stdlib"])
+@pytest.mark.parametrize("impl", ["gilfree", "gilfree-default", "stdlib"])
 def test_break_gives_every_unfinished_future_broken_process_pool(method, impl):
+    """"break" is the default (issue 14): code written for the stdlib catches what it always caught."""
     if impl == "stdlib":
         ex = cf.ProcessPoolExecutor(2, mp_context=__import__("multiprocessing").get_context(method))
+    elif impl == "gilfree-default":
+        ex = ProcessPoolExecutor(2, mp_context=method)
     else:
         ex = ProcessPoolExecutor(2, mp_context=method, on_worker_death="break")
     with ex:
@@ -282,3 +285,29 @@ def test_a_forked_child_exits_while_an_executor_is_open_in_the_parent():
             start = time.monotonic()
             pool.join()
             assert time.monotonic() - start < 4
+
+
+# -- the stdlib's private attributes that code reads (issue 14: CPython's own tests read them) -----
+
+
+def test_the_stdlib_executors_private_attributes(method):
+    with ProcessPoolExecutor(2, mp_context=method) as ex:
+        assert ex.submit(sleep_then, 1, 0).result(30) == 1
+        procs = ex._processes
+        assert len(procs) == 2 and all(p.is_alive() and p.pid == pid for pid, p in procs.items())
+        assert ex._broken is False
+        assert ex._mp_context is gilfree.get_context(method)
+        thread = ex._executor_manager_thread
+        assert thread is not None and thread.is_alive()
+        busy = [ex.submit(sleep_then, i, 30) for i in range(2)]
+        deadline = time.monotonic() + 30
+        while not all(f.running() for f in busy) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(0.5)  # both workers are inside their task
+        for p in procs.values():
+            p.kill()  # as CPython's test_deadlock does: the default policy breaks the executor
+        with pytest.raises(cfp.BrokenProcessPool):
+            busy[0].result(30)
+        assert isinstance(ex._broken, str) and "died" in ex._broken, ex._broken
+    thread.join(30)
+    assert not thread.is_alive()

@@ -614,7 +614,7 @@ def test_executor_submit_map_shutdown(method):
 
 
 def test_executor_worker_death_fails_one_future(method):
-    with ProcessPoolExecutor(2, mp_context=method) as ex:
+    with ProcessPoolExecutor(2, mp_context=method, on_worker_death="fail") as ex:  # the default is "break"
         futures = [ex.submit(die_on, i) for i in range(4)]
         with pytest.raises(gilfree.WorkerLostError):
             futures[2].result(30)

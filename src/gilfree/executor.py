@@ -5,11 +5,14 @@
     executor.submit(fn, *args) ──> Task ──> Engine (gilfree._workers) ──> a worker process
           Future <── set_result / set_exception (supervisor thread) <── result ──┘
 
-The same engine as :class:`gilfree.Pool`, so the same guarantees: a worker that dies fails only the
-future it was running (with :class:`~gilfree.WorkerLostError`) and is replaced -- the stdlib's
-executor breaks instead, failing every pending future with ``BrokenProcessPool``; pass
-``on_worker_death="break"`` for that behaviour.  Functions may be lambdas and closures;
-``task_timeout`` and ``max_memory_per_child`` work as on the pool.
+The same engine as :class:`gilfree.Pool`.  A worker that dies (SIGKILL, OOM, a crash) breaks the
+executor, as the stdlib's does: every unfinished future, the running one too, fails with
+:class:`BrokenProcessPool` (a subclass of the stdlib's, so code written for the stdlib catches it),
+and later submissions raise it.  ``on_worker_death="fail"`` fails only the future that was running
+(with :class:`~gilfree.WorkerLostError`) and replaces the worker, ``"retry"`` runs it again
+(``retries=N``): gilfree's policies, as on :class:`gilfree.Pool`, asked for by name.  A task that
+overruns ``task_timeout`` fails alone whatever the policy.  Functions may be lambdas and closures;
+``max_memory_per_child`` works as on the pool.
 
 Where this runs: ``submit`` and ``map`` return at once; iterating ``map``'s results and
 ``shutdown(wait=True)`` block.
@@ -140,14 +143,14 @@ class ProcessPoolExecutor(Executor):
 
     ``max_workers`` defaults to the CPUs this process may use; ``mp_context`` is a gilfree (or
     stdlib-named) context or start-method name.  Beyond the stdlib's arguments: ``on_worker_death``
-    (``"fail"``, ``"retry"``, ``"break"``), ``retries``, ``task_timeout``, ``max_memory_per_child``,
-    as on :class:`gilfree.Pool`; ``backend="ray"``/``"dask"`` and ``address`` run the futures on a
+    (``"break"``, the stdlib's behaviour and the default here; ``"fail"``, ``"retry"``), ``retries``,
+    ``task_timeout``, ``max_memory_per_child``, as on :class:`gilfree.Pool`; ``backend="ray"``/``"dask"`` and ``address`` run the futures on a
     cluster (see :mod:`gilfree.backends`).
     """
 
     def __init__(self, max_workers: int | None = None, mp_context: Any = None,
                  initializer: Callable[..., Any] | None = None, initargs: Iterable[Any] = (), *,
-                 max_tasks_per_child: int | None = None, on_worker_death: str = "fail", retries: int = 0,
+                 max_tasks_per_child: int | None = None, on_worker_death: str = "break", retries: int = 0,
                  task_timeout: float | None = None, max_memory_per_child: int | None = None,
                  backend: str | None = None, address: str | None = None) -> None:
 
@@ -195,6 +198,29 @@ class ProcessPoolExecutor(Executor):
             self._futures.add(future)
             self._engine.submit([task])
             return future
+
+    # -- the stdlib executor's private attributes that code (and CPython's own tests) read ------------
+    @property
+    def _processes(self) -> dict[int, Any]:
+        """pid -> the worker's process (``join``, ``terminate``, ``kill``, ``is_alive``, ``exitcode``), as
+        the stdlib's executor keeps them; a snapshot (workers come and go)."""
+        workers = list(getattr(self._engine, "_workers", ()))
+        return {w.process.pid: w.process for w in workers if w.process is not None and w.process.pid is not None}
+
+    @property
+    def _broken(self) -> str | bool:
+        """False, or why the executor broke (the stdlib keeps the reason there)."""
+        broken = self._engine.broken
+        return False if broken is None else str(broken)
+
+    @property
+    def _mp_context(self) -> Any:
+        return getattr(self._engine, "_ctx", None)
+
+    @property
+    def _executor_manager_thread(self) -> threading.Thread | None:
+        """The thread that sends tasks and collects results (the engine's supervisor)."""
+        return getattr(self._engine, "_thread", None)
 
     def _check_open(self) -> None:
         """Raise what a submission now gets: the pool broke, the interpreter is exiting, or shutdown."""
