@@ -11,6 +11,7 @@ import concurrent.futures.process as cfp
 import gc
 import os
 import signal
+import sys
 import time
 
 import pytest
@@ -311,3 +312,47 @@ def test_the_stdlib_executors_private_attributes(method):
         assert isinstance(ex._broken, str) and "died" in ex._broken, ex._broken
     thread.join(30)
     assert not thread.is_alive()
+
+
+# -- a result that cannot be pickled, or whose pickling exits (CPython's test_deadlock cases) -----
+
+
+class ExitAtPickle:
+    def __reduce__(self):
+        sys.exit(3)
+
+
+class ErrorAtPickle:
+    def __reduce__(self):
+        from pickle import PicklingError
+
+        raise PicklingError("error at pickle")
+
+
+def make(cls):
+    return cls()
+
+
+@pytest.mark.parametrize("impl", ["gilfree", "stdlib"])
+def test_a_result_whose_pickling_fails_or_exits(method, impl):
+    """The future gets the pickling's own exception (SystemExit, PicklingError), as from the stdlib, and
+    the worker survives it (before: SystemExit killed it, and the pickling error came as
+    MaybeEncodingError)."""
+    if impl == "stdlib":
+        ex = cf.ProcessPoolExecutor(1, mp_context=__import__("multiprocessing").get_context(method))
+    else:
+        ex = ProcessPoolExecutor(1, mp_context=method)
+    with ex:
+        with pytest.raises(SystemExit):
+            ex.submit(make, ExitAtPickle).result(30)
+        with pytest.raises(__import__("pickle").PicklingError, match="error at pickle"):
+            ex.submit(make, ErrorAtPickle).result(30)
+        assert ex.submit(sleep_then, 7, 0).result(30) == 7
+
+
+def test_the_pool_reports_such_a_result_as_maybe_encoding_error(method):
+    with gilfree.get_context(method).Pool(1) as pool:
+        for cls in (ExitAtPickle, ErrorAtPickle):
+            with pytest.raises(gilfree.pool.MaybeEncodingError):
+                pool.apply(make, (cls,))
+        assert pool.apply(sleep_then, (7, 0)) == 7

@@ -197,13 +197,16 @@ class MaybeEncodingError(ProcessError):
     ``multiprocessing.pool.MaybeEncodingError``).
     """
 
+    #: the pickling error itself, when it could travel (an executor raises it, as the stdlib's does)
+    original: BaseException | None = None
+
     def __init__(self, exc: object, value: object) -> None:
         self.exc = repr(exc)
         self.value = repr(value)
         super().__init__(self.exc, self.value)
 
-    def __reduce__(self) -> tuple[object, tuple[str, str]]:
-        return _rebuild_encoding_error, (self.exc, self.value)
+    def __reduce__(self) -> tuple[object, tuple[object, ...]]:
+        return _rebuild_encoding_error, (self.exc, self.value, self.original)
 
     def __str__(self) -> str:
         return f"Error sending result: '{self.value}'. Reason: '{self.exc}'"
@@ -212,9 +215,10 @@ class MaybeEncodingError(ProcessError):
         return f"<{type(self).__name__}: {self}>"
 
 
-def _rebuild_encoding_error(exc: str, value: str) -> MaybeEncodingError:
+def _rebuild_encoding_error(exc: str, value: str, original: BaseException | None = None) -> MaybeEncodingError:
     error = MaybeEncodingError.__new__(MaybeEncodingError)
     error.exc, error.value, error.args = exc, value, (exc, value)
+    error.original = original
     return error
 
 

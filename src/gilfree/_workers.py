@@ -278,16 +278,26 @@ def _serve(recv: Callable[[], Any], send: Callable[[Any], None], slot: Any, init
                 send((tid, ok, value, over, elapsed))
             except (EOFError, BrokenPipeError, ConnectionResetError):
                 return  # the pool is gone
-            except Exception as exc:  # the result cannot be pickled: say so instead
+            except BaseException as exc:  # the result cannot be pickled (or its __reduce__ exits): say so
                 if ok and kind >= EACH and type(value) is list:  # an imap chunk: only the bad items fail
                     send((tid, True, _encodable_items(value), over, elapsed))
                 else:
                     error = MaybeEncodingError(exc, value.exc if isinstance(value, _RemoteException) else value)
+                    error.original = _if_picklable(exc)
                     send((tid, False, _RemoteException(error), over, elapsed))
             if _crash.on:
                 _crash.hit("pool.worker.sent")  # the result is out: it counts; only the worker is replaced
             slot[0] = _IDLE
             del value
+
+
+def _if_picklable(exc: BaseException) -> BaseException | None:
+    """``exc`` if it can travel back to the caller (its traceback stays here), else None."""
+    try:
+        reduction.dumps(exc)
+    except BaseException:
+        return None
+    return exc
 
 
 def _encodable_items(values: list[Any]) -> list[Any]:

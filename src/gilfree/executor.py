@@ -30,7 +30,7 @@ from concurrent.futures import TimeoutError as FuturesTimeoutError
 from concurrent.futures.process import BrokenProcessPool as _StdBrokenProcessPool
 
 from . import _workers, util
-from ._errors import BrokenPoolError
+from ._errors import BrokenPoolError, MaybeEncodingError
 from ._workers import CALL, STARMAP, Engine, Function, Task
 from .pool import _default_workers, as_context
 
@@ -131,6 +131,8 @@ class _FutureJob:
         if ok:
             future.set_result(value)
         else:
+            if isinstance(value, MaybeEncodingError) and value.original is not None:
+                value = value.original  # as the stdlib's executor: the result's own pickling error
             if isinstance(value, BrokenPoolError) and not isinstance(value, BrokenProcessPool):
                 broken = BrokenProcessPool(str(value))
                 broken.__cause__ = value.__cause__ or value
