@@ -432,6 +432,40 @@ def test_other_guards_are_accepted(tmp_path):
     assert res.stdout.split("\n")[:2] == ["child ran", "parent done"]
 
 
+MAIN_RUN_ONCE = """
+import {module} as multiprocessing
+# a __main__.py (or ipython.py) is never run again in a child: unguarded starts are fine there
+multiprocessing.set_start_method({method!r}, force=True)
+with multiprocessing.Pool(2) as pool:
+    print(sorted(pool.map(int, ["3", "1", "2"])))
+"""
+
+
+@pytest.mark.parametrize("module", ["gilfree", "multiprocessing"])
+@pytest.mark.parametrize("method", ["spawn", "forkserver"])
+@pytest.mark.parametrize("layout", ["directory", "package", "ipython"])
+def test_main_modules_that_children_never_run_need_no_guard(tmp_path, method, module, layout):
+    """`python dir`, `python -m pkg` and an `ipython.py` launcher: the child does not run them again (as
+    in the stdlib), so a start from unguarded code there is no fork bomb (before: refused with
+    MainModuleNotGuardedError; CPython's test_multiprocessing_main_handling)."""
+    source = MAIN_RUN_ONCE.format(module=module, method=method)
+    if layout == "directory":
+        (tmp_path / "app").mkdir()
+        (tmp_path / "app" / "__main__.py").write_text(source)
+        argv = [str(tmp_path / "app")]
+    elif layout == "package":
+        (tmp_path / "pkg").mkdir()
+        (tmp_path / "pkg" / "__init__.py").write_text("")
+        (tmp_path / "pkg" / "__main__.py").write_text(source)
+        argv = ["-m", "pkg"]
+    else:
+        (tmp_path / "ipython.py").write_text(source)
+        argv = [str(tmp_path / "ipython.py")]
+    res = run_program(argv, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split("\n")[0] == "[1, 2, 3]"
+
+
 ORPHAN_PROGRAM = """
 import sys, time
 

@@ -229,11 +229,9 @@ def preparation_data(name: str, start_method: str) -> dict[str, Any]:
     spec = getattr(main, "__spec__", None)
     name_ = getattr(spec, "name", None)
     if name_:
-        # `python -m pkg` runs pkg/__main__.py: as the stdlib does, the child does not run it again
-        # (its functions travel by value, see reduction._main_is_reimportable)
-        if name_ != "__main__" and not name_.endswith(".__main__"):
+        if _main_runs_in_children(main):
             data["main_name"] = name_
-    else:
+    elif _main_runs_in_children(main):
         path = getattr(main, "__file__", None)
         if path and os.path.exists(path):
             main_path = os.path.normpath(os.path.join(process.ORIGINAL_DIR or os.getcwd(), path))
@@ -468,6 +466,20 @@ def _unguarded_ranges(path: str) -> list[tuple[int, int]]:
     return _unguarded_cache[path]
 
 
+def _main_runs_in_children(main: Any) -> bool:
+    """Whether a spawned child runs the main module again, as the stdlib decides: not a package's or a
+    directory's ``__main__`` (``python -m pkg``, ``python dir``: their functions travel by value, see
+    ``reduction._main_is_reimportable``), not the IPython launcher (``ipython.py``), not a main module
+    without a file (the REPL, ``-c``)."""
+    name_ = getattr(getattr(main, "__spec__", None), "name", None)
+    if name_:
+        return name_ != "__main__" and not name_.endswith(".__main__")
+    path = getattr(main, "__file__", None)
+    if not path:
+        return False
+    return os.path.splitext(os.path.basename(path))[0] != "ipython"
+
+
 def check_main_guard(method: str) -> None:
     """Raise :class:`MainModuleNotGuardedError` if a process is started by unguarded main-module code.
 
@@ -479,8 +491,8 @@ def check_main_guard(method: str) -> None:
     path = getattr(main, "__file__", None)
     if _importing_main:
         raise MainModuleNotGuardedError(_guard_message(str(path), method))
-    if not path or main is None:
-        return
+    if not path or main is None or not _main_runs_in_children(main):
+        return  # no child runs it again: nothing can recurse
     frame = sys._getframe(1)
     while frame is not None and not (frame.f_code.co_name == "<module>" and frame.f_globals is main.__dict__):
         frame = frame.f_back  # type: ignore[assignment]
