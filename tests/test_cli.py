@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import sys
+import time
 
 import pytest
 from _helpers import run_program
@@ -52,7 +53,6 @@ def test_tour_manager_chapter():
 
 def test_manager_serve_logs_and_stops_on_sigterm(tmp_path):
     import os
-    import signal
     import subprocess
 
     from _helpers import SRC
@@ -79,8 +79,7 @@ def test_manager_serve_logs_and_stops_on_sigterm(tmp_path):
         res = subprocess.run([sys.executable, "-c", client], capture_output=True, text=True, env=env, timeout=60)
         assert res.stdout.split() == ["['a']", "refused"], res.stderr
     finally:
-        server.send_signal(signal.SIGTERM)
-        _, err = server.communicate(timeout=30)
+        err = _stop_server(server)
     assert server.returncode == 0
     assert "accepted 127.0.0.1:" in err
     assert "refused 127.0.0.1:" in err and "digest received was wrong" in err
@@ -101,6 +100,23 @@ def test_authkey_file_rule(tmp_path):
     ]:
         f.write_bytes(content)
         assert authkey_from_file(f) == key, content
+
+
+def _stop_server(server) -> str:
+    """SIGTERM a `gilfree manager serve`; its stderr.  One that does not stop within 30 s dumps its threads'
+    stacks (SIGUSR1: faulthandler) into the failure, so a hang says where it is, and is killed."""
+    import signal
+    import subprocess
+
+    server.send_signal(signal.SIGTERM)
+    try:
+        return server.communicate(timeout=30)[1]
+    except subprocess.TimeoutExpired:
+        server.send_signal(signal.SIGUSR1)
+        time.sleep(1)
+        server.kill()
+        _, err = server.communicate()
+        pytest.fail(f"manager serve did not stop within 30 s of SIGTERM; its stderr (thread stacks last):\n{err[-6000:]}")
 
 
 def _serve(tmp_path, key_bytes, mode=0o600, address="127.0.0.1:0"):
@@ -138,7 +154,6 @@ def test_manager_serve_refuses_weak_key_files(tmp_path, key_bytes, mode, expecte
 def test_manager_serve_binary_key_and_warning_without_tls(tmp_path):
     # a random key whose last bytes are whitespace is used exactly as it is (it was stripped: clients
     # holding the file's bytes were refused); serving on every interface without TLS warns on stderr
-    import signal
 
     from gilfree import AuthenticationError
     from gilfree.managers import SyncManager
@@ -159,8 +174,7 @@ def test_manager_serve_binary_key_and_warning_without_tls(tmp_path):
         with pytest.raises(AuthenticationError):
             SyncManager(("127.0.0.1", port), key_bytes.strip()).connect()
     finally:
-        server.send_signal(signal.SIGTERM)
-        _, err = server.communicate(timeout=30)
+        err = _stop_server(server)
     assert server.returncode == 0, err
 
 

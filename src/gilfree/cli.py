@@ -654,6 +654,9 @@ def manager_serve(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    import faulthandler
+
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 PID`: every thread's stack on stderr
     if tls is None and not _is_loopback(server.address[0]):
         logger.warning(
             "NOT ENCRYPTED: listening on %s:%d without TLS.  The authkey handshake proves the key but does "

@@ -264,12 +264,14 @@ class Server:
             if lifeline is not None:
                 poller.register(lifeline, select.POLLIN)
             while not self._stop.is_set():
-                if lifeline is not None and any(fd == lifeline for fd, _ in poller.poll()):
+                # a timeout, though the stop pipe wakes this: a signal the kernel gave another thread
+                # only sets CPython's flag, and its handler runs when this thread runs Python again
+                if lifeline is not None and any(fd == lifeline for fd, _ in poller.poll(1000)):
                     self._info("manager server %s: the process that started it has exited; stopping",
                                _describe(self.address))
                     break
                 if lifeline is None:
-                    poller.poll()
+                    poller.poll(1000)
         except KeyboardInterrupt:
             pass
         finally:
