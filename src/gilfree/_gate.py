@@ -8,8 +8,9 @@ of :func:`gilfree.connection.deliver_challenge` and ``answer_challenge``) as a s
 driven by one ``epoll``, and hands over only the peers that proved the key::
 
     listening socket ── accept() ──▶ pending peer: a non-blocking socket, a deadline, a 260-byte buffer
-                                       │ TLS (server side, if configured): the first byte must be a
-                                       │   TLS record (0x16); do_handshake() until done
+                                       │ TLS (server side, if configured): the first 9 bytes must be
+                                       │   a ClientHello of at most TLS_HELLO_MAX bytes (peeked,
+                                       │   before OpenSSL sees any); do_handshake() until done
                                        │ send   #CHALLENGE#{sha256}<40 random bytes>
                                        │ read   their answer (an empty frame first is skipped: a
                                        │        manager client's "are you TLS?" probe)
@@ -21,18 +22,24 @@ driven by one ``epoll``, and hands over only the peers that proved the key::
                                      the last handshake frame)
 
 What a peer that has not authenticated may cost: one socket, one entry in a table of at most
-``capacity`` entries, and reads of at most :data:`AUTH_MAX` bytes into a buffer of that size.  Nothing
+``capacity`` entries, and reads of at most :data:`AUTH_MAX` bytes into a buffer of that size (a TLS
+peer also holds OpenSSL's handshake state, ~45 KiB: a TLS server gives the gate a smaller table).  Nothing
 it sends is unpickled, no descriptor it sends is taken (plain ``recv``: the kernel discards
 ``SCM_RIGHTS``), no length it claims is allocated (a frame of more than :data:`AUTH_MAX` bytes, or any
 of the long / out-of-band headers, ends the handshake at once).  Each peer has a deadline
 (``timeout``).  When the table is full, a newcomer is not turned away: the oldest pending peer of the
-largest group is dropped (a group is an IPv4 address, an IPv6 /64, or a Unix peer's uid), so a
+largest group is dropped -- one still in its TLS handshake first, if any -- (a group is an IPv4
+address, IPv4-mapped ones included, an IPv6 /64, or a Unix peer's uid), so a
 single source that floods the gate only ever displaces its own connections, and on a shared address
 (loopback) a real client, which finishes its handshake in a few milliseconds, would have to be
 outlived by ``capacity`` newer connections to be dropped.  If ``accept`` fails for want of
-descriptors (EMFILE), the oldest pending peer is dropped to make room.
+descriptors (EMFILE) while someone waits, the soft limit is raised once (``grow_fd_limit``), then a
+pending peer is dropped by the same rule, and with none pending the newcomer is accepted on a spare
+descriptor and turned away.  Each turn accepts first (a full listen queue drops SYNs), then advances
+the peers past TLS, then those in it, each for a bounded number of steps.
 
-Peers turned away by the gate (table full, a uid not allowed, a plain client at a TLS server) are
+Peers turned away by the gate (table full, no descriptor, a uid not allowed, a plain client at a
+TLS server) are
 told why in a frame ``#REFUSED#<reason>`` when the socket can take it, so that a gilfree client
 says what happened instead of "connection closed".
 

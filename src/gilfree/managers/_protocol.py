@@ -367,13 +367,17 @@ class _Channel:
 
     # -- writing ---------------------------------------------------------------------------------
     def send_bytes(self, data: Any) -> None:
+        """Write ``data`` as one frame: a small one with its header in one write (the common case: one
+        ``send``), a large one as the header and then the data."""
         n = len(data)
-        header = _HDR.pack(n) if n <= 0x7FFFFFFF else _HDR.pack(-1) + _HDR_LONG.pack(n)
         if n <= _SMALL:
-            self.write_all(header + data)
-        else:
-            self.write_all(header)
-            self.write_all(data)
+            frame = _HDR_pack(n) + data
+            k = self._write(frame)
+            if k != n + 4:
+                self.write_all(frame, k)
+            return
+        self.write_all(_HDR.pack(n) if n <= 0x7FFFFFFF else _HDR.pack(-1) + _HDR_LONG.pack(n))
+        self.write_all(data)
 
     def write_all(self, data: Any, done: int = 0) -> None:
         """Write ``data`` from offset ``done`` on, however many writes it takes."""
@@ -418,28 +422,12 @@ class _Channel:
         return pickler
 
     def send(self, obj: Any) -> None:
-        data = self.dumps(obj)
-        n = len(data)
-        if n <= _SMALL:
-            frame = _HDR_pack(n) + data
-            k = self._write(frame)
-            if k != n + 4:
-                self.write_all(frame, k)
-        else:
-            self.send_bytes(data)
+        self.send_bytes(self.dumps(obj))
 
     def request(self, obj: Any) -> Any:
         """Send ``obj``, return the next message (unpickled): a client's call, one ``sendall`` and,
         for a small reply, one ``recv_into``."""
-        data = self.dumps(obj)
-        n = len(data)
-        if n <= _SMALL:
-            frame = _HDR_pack(n) + data
-            k = self._write(frame)
-            if k != n + 4:
-                self.write_all(frame, k)
-        else:
-            self.send_bytes(data)
+        self.send_bytes(self.dumps(obj))
         return _loads(self.recv_frame())
 
     def recv_frame(self) -> Any:

@@ -21,7 +21,6 @@ from .. import _gate, connection, reduction, util
 from . import _client
 from ._protocol import (
     _ATOMS,
-    _SMALL,
     _WAKE,
     HELLO_MAX,
     MAX_HANDSHAKES,
@@ -868,15 +867,8 @@ class Server:
                                                    f"({type(reply[1]).__name__}) to send it back: {exc}\n"))
             finally:
                 ctx.replying = False
-        n = len(data)
         try:
-            if n <= _SMALL:
-                frame = _HDR_pack(n) + data
-                k = chan._write(frame)
-                if k != n + 4:
-                    chan.write_all(frame, k)
-            else:
-                chan.send_bytes(data)
+            chan.send_bytes(data)
             return True
         except OSError as exc:
             self._info("manager server %s: client pid %d went away before its reply was sent: %s",
