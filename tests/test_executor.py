@@ -356,3 +356,72 @@ def test_the_pool_reports_such_a_result_as_maybe_encoding_error(method):
             with pytest.raises(gilfree.pool.MaybeEncodingError):
                 pool.apply(make, (cls,))
         assert pool.apply(sleep_then, (7, 0)) == 7
+
+
+# -- found by the breaker of the changes above --------------------------------------------------
+
+
+def test_a_break_does_not_wait_for_the_other_workers_tasks(method):
+    """A death breaks the executor while another worker runs a long task: that task has failed with the
+    rest, and leaving the ``with`` block does not wait for it (before: 30 s for a 30 s task)."""
+    t0 = time.monotonic()
+    with ProcessPoolExecutor(2, mp_context=method) as ex:
+        long = ex.submit(sleep_then, 1, 60)
+        time.sleep(0.5)
+        ex.submit(die_after, 0)
+        with pytest.raises(cfp.BrokenProcessPool):
+            long.result(30)
+    assert time.monotonic() - t0 < 15
+
+
+class BadRepr:
+    def __reduce__(self):
+        raise ValueError("no pickle")
+
+    def __repr__(self):
+        raise RuntimeError("no repr either")
+
+
+class ExitEachItem:
+    def __reduce__(self):
+        raise SystemExit(7)
+
+
+class NoRebuild(Exception):
+    def __init__(self, a, b):
+        super().__init__(a)
+
+
+class RaisesNoRebuild:
+    def __reduce__(self):
+        raise NoRebuild(1, 2)
+
+
+def bad_every_fourth(i):
+    return ExitEachItem() if i % 4 == 2 else i
+
+
+def test_results_that_fail_in_every_way_fail_only_their_task(method):
+    """A result whose repr raises too, an exception that cannot be rebuilt in the caller, an imap item
+    whose pickling exits: each fails only itself, and the same worker goes on (before: the worker died,
+    or the caller got a TypeError from rebuilding the error, or the whole imap chunk was lost)."""
+    with ProcessPoolExecutor(1, mp_context=method) as ex:
+        with pytest.raises(Exception, match="no pickle"):  # gilfree's PicklingError, explaining the ValueError
+            ex.submit(make, BadRepr).result(30)
+        with pytest.raises(gilfree.pool.MaybeEncodingError):
+            ex.submit(make, RaisesNoRebuild).result(30)
+        assert ex.submit(sleep_then, 7, 0).result(30) == 7
+    with gilfree.get_context(method).Pool(1) as pool:
+        pid = pool.apply(os.getpid)
+        for cls in (BadRepr, RaisesNoRebuild):
+            with pytest.raises(gilfree.pool.MaybeEncodingError):
+                pool.apply(make, (cls,))
+        got = []
+        it = pool.imap(bad_every_fourth, range(8), chunksize=4)
+        for _ in range(8):
+            try:
+                got.append(next(it))
+            except gilfree.pool.MaybeEncodingError:
+                got.append("bad")
+        assert got == [0, 1, "bad", 3, 4, 5, "bad", 7]
+        assert pool.apply(os.getpid) == pid

@@ -201,8 +201,8 @@ class MaybeEncodingError(ProcessError):
     original: BaseException | None = None
 
     def __init__(self, exc: object, value: object) -> None:
-        self.exc = repr(exc)
-        self.value = repr(value)
+        self.exc = _safe_repr(exc)
+        self.value = _safe_repr(value)
         super().__init__(self.exc, self.value)
 
     def __reduce__(self) -> tuple[object, tuple[object, ...]]:
@@ -213,6 +213,15 @@ class MaybeEncodingError(ProcessError):
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__}: {self}>"
+
+
+def _safe_repr(obj: object) -> str:
+    """``repr(obj)``, or a stand-in when its ``__repr__`` raises (this runs where an error is being
+    reported: it must not raise a second one)."""
+    try:
+        return repr(obj)
+    except BaseException as exc:
+        return f"<{type(obj).__name__} object (its repr raised {type(exc).__name__})>"
 
 
 def _rebuild_encoding_error(exc: str, value: str, original: BaseException | None = None) -> MaybeEncodingError:

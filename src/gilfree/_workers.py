@@ -292,9 +292,10 @@ def _serve(recv: Callable[[], Any], send: Callable[[Any], None], slot: Any, init
 
 
 def _if_picklable(exc: BaseException) -> BaseException | None:
-    """``exc`` if it can travel back to the caller (its traceback stays here), else None."""
+    """``exc`` if it can travel back to the caller and be rebuilt there (its traceback stays here),
+    else None."""
     try:
-        reduction.dumps(exc)
+        reduction.loads(reduction.dumps(exc))
     except BaseException:
         return None
     return exc
@@ -307,7 +308,7 @@ def _encodable_items(values: list[Any]) -> list[Any]:
     for value in values:
         try:
             reduction.dumps(value)
-        except Exception as exc:
+        except BaseException as exc:  # a __reduce__ that exits fails its item, as any other
             value = Failure(_RemoteException(MaybeEncodingError(exc, value)))
         out.append(value)
     return out
@@ -1176,14 +1177,23 @@ class Engine(EngineBase):
                 self._broken = error
             pending = list(self._pending)
             self._pending.clear()
+        busy = []
         for worker in list(self._workers):
+            if worker.inflight:
+                busy.append(worker)
             while worker.inflight:
                 pending.append(worker.inflight.popleft())
         for task in pending:
             self._finish_task(None, task, False, self._broken)
         if not terminated:
             for worker in list(self._workers):
-                self._stop_worker(worker)
+                if worker in busy and worker.process is not None and not worker.stopping:
+                    # its task has failed already: as the stdlib does, do not wait for it to end (a
+                    # shutdown(wait=True) would wait for the longest task still running)
+                    worker.stopping = True
+                    worker.process.terminate()
+                else:
+                    self._stop_worker(worker)
 
     def _kill_all(self) -> None:
         """Stop every worker now: idle ones are told to exit (they flush their output, as the stdlib's

@@ -313,9 +313,11 @@ def dumps_small(obj: Any) -> bytes | None:
         pickler.dump(obj)
         data = file.getvalue()
         pickler.clear_memo()
-    except Exception:  # the full path decides, and explains
+    except BaseException as exc:  # the full path decides, and explains
         data = None
-        st.pickler = None
+        st.pickler = None  # its memo may hold half of this dump: never reused
+        if not isinstance(exc, Exception):
+            raise  # SystemExit or KeyboardInterrupt from a __reduce__: the caller's to handle
     finally:
         st.busy = False
         file.seek(0)

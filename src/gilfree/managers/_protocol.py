@@ -403,9 +403,11 @@ class _Channel:
             out = self._out
             try:
                 pickler.dump(obj)
-            except Exception:
+            except BaseException as exc:
                 self._pickler = None  # its memo may be half-written; tier 1 + tier 2 below explain
                 self._out = io.BytesIO()
+                if not isinstance(exc, Exception):
+                    raise
             else:
                 pickler.clear_memo()
                 data = out.getvalue()
