@@ -319,6 +319,8 @@ def main() -> None:
     ap.add_argument("--per-test", type=float, default=60.0, help="watchdog per test, seconds")
     ap.add_argument("--json", default=None, help="write all results here")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (logs)")
+    ap.add_argument("--gate", default=None, metavar="KNOWN",
+                    help="exit 1 when a test the stdlib passes fails on gilfree (twice) and is not listed in KNOWN")
     ap.add_argument("--report", nargs="+", metavar="JSON", help="print the report of earlier --json files, run nothing")
     args = ap.parse_args()
     if args.report:
@@ -339,6 +341,7 @@ def main() -> None:
     import subprocess
 
     t_start = time.monotonic()
+    known = load_known(args.gate) if args.gate else None  # a malformed list fails before the run
     suites = args.suites.split(",") if args.suites else available_suites()
     impls = args.impl.split(",")
     methods = args.methods.split(",")
@@ -382,33 +385,12 @@ def main() -> None:
                             continue
                     jobs.append((suite, method, impl, modname, cls_name))
     print(f"{len(jobs)} class runs, one at a time", flush=True)
-
-    results: dict[str, dict] = {}
-    for suite, method, impl, modname, cls_name in jobs:
-        key = "|".join((suite, method, impl, modname, cls_name))
-        if cls_name == "<import>":
-            results[key] = {"results": {"<import>": {"status": "ERROR", "detail": "module import failed"}},
-                            "order": [], "notes": []}
-            continue
-        t = time.monotonic()
-
-        root = os.path.join(tmp, impl)
-
-        def cmd_for(out, only, modname=modname, cls_name=cls_name, root=root):
-            return [sys.executable, os.path.abspath(__file__), "--child-run", root, modname, cls_name, out,
-                    "--per-test", str(args.per_test), "--only", ",".join(only)]
-
-        res, order, notes = rss.run_resumable(cmd_for, root, f"{suite}-{impl}-{method}-{cls_name}",
-                                              args.per_test, logdir)
-        if "import_error" in res:
-            res = {"<import>": {"status": "ERROR", "detail": res["import_error"]}}
-        results[key] = {"results": res, "order": order, "notes": notes}
-        counts = count(res)
-        print(f"  {suite:4} {method:10} {impl:8} {cls_name:48} {time.monotonic() - t:6.1f}s  "
-              f"{counts.get('pass', 0)} pass" + "".join(f", {v} {k}" for k, v in sorted(counts.items())
-                                                         if k != "pass"), flush=True)
+    results = run_jobs(jobs, tmp, logdir, args.per_test)
 
     report(results, impls)
+    status = 0
+    if known is not None:
+        status = gate(results, known, tmp, logdir, args.per_test)
     notes = sorted({n for v in results.values() for n in v["notes"]})
     if notes:
         print("\nNotes (stand-ins, subprocesses):")
@@ -423,6 +405,166 @@ def main() -> None:
         print(f"kept {tmp}")
     else:
         shutil.rmtree(tmp, ignore_errors=True)
+    sys.exit(status)
+
+
+def run_jobs(jobs: list[tuple[str, str, str, str, str]], tmp: str, logdir: str, per_test: float,
+             only: dict[tuple[str, str, str, str, str], list[str]] | None = None, tag: str = "") -> dict[str, dict]:
+    """Run each (suite, method, impl, module, class) in its own subprocess (``only``: just these
+    tests of a job); results keyed "suite|method|impl|module|class"."""
+    results: dict[str, dict] = {}
+    for job in jobs:
+        suite, method, impl, modname, cls_name = job
+        key = "|".join(job)
+        if cls_name == "<import>":
+            results[key] = {"results": {"<import>": {"status": "ERROR", "detail": "module import failed"}},
+                            "order": [], "notes": []}
+            continue
+        t = time.monotonic()
+        root = os.path.join(tmp, impl)
+
+        def cmd_for(out, only_now, modname=modname, cls_name=cls_name, root=root):
+            return [sys.executable, os.path.abspath(__file__), "--child-run", root, modname, cls_name, out,
+                    "--per-test", str(per_test), "--only", ",".join(only_now)]
+
+        res, order, notes = rss.run_resumable(cmd_for, root, f"{tag}{suite}-{impl}-{method}-{cls_name}",
+                                              per_test, logdir, only=(only or {}).get(job))
+        if "import_error" in res:
+            res = {"<import>": {"status": "ERROR", "detail": res["import_error"]}}
+        results[key] = {"results": res, "order": order, "notes": notes}
+        counts = count(res)
+        print(f"  {tag}{suite:4} {method:10} {impl:8} {cls_name:48} {time.monotonic() - t:6.1f}s  "
+              f"{counts.get('pass', 0)} pass" + "".join(f", {v} {k}" for k, v in sorted(counts.items())
+                                                         if k != "pass"), flush=True)
+    return results
+
+
+# ---------------------------------------------------------------------------------------------
+# the gate (CI): a test the stdlib passes and gilfree does not fails the run unless it is listed
+
+
+def load_known(path: str) -> list[tuple[str, str, str]]:
+    """``known.txt``: one entry per line, ``suite/method/test-id  kind  reason`` (fnmatch patterns
+    in each of the three parts); kind is ``compat:<slug>`` (a deliberate difference, explained under
+    that heading of docs/compat.md, checked here) or ``open`` (not fixed yet)."""
+    compat = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "docs", "compat.md")
+    slugs = set()
+    if os.path.exists(compat):
+        slugs = {_slug(h) for h in re.findall(r"^#+ (.+?)\s*$", _read(compat), re.M)}
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            line = line.split("#", 1)[0].strip() if line.lstrip().startswith("#") else line.strip()
+            if not line:
+                continue
+            parts = line.split(None, 2)
+            if len(parts) < 3 or parts[0].count("/") < 2:
+                raise SystemExit(f"{path}:{n}: expected 'suite/method/test-id  kind  reason', got {line!r}")
+            kind = parts[1]
+            if kind.startswith("compat:"):
+                if kind[7:] not in slugs:
+                    raise SystemExit(f"{path}:{n}: {kind}: docs/compat.md has no heading whose anchor is {kind[7:]!r}")
+            elif kind != "open":
+                raise SystemExit(f"{path}:{n}: kind must be compat:<slug> or open, got {kind!r}")
+            out.append((parts[0], kind, parts[2]))
+    return out
+
+
+def _slug(heading: str) -> str:
+    """The anchor GitHub gives a Markdown heading (lower case, punctuation dropped, spaces to -)."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def _listed(known: list[tuple[str, str, str]], suite: str, method: str, test: str) -> str | None:
+    import fnmatch
+
+    for pattern, kind, _reason in known:
+        ps, pm, pt = pattern.split("/", 2)
+        if fnmatch.fnmatchcase(suite, ps) and fnmatch.fnmatchcase(method, pm) and fnmatch.fnmatchcase(test, pt):
+            return kind
+    return None
+
+
+def _test_id(suite: str, modname: str, cls_name: str, test: str) -> str:
+    prefix = f"{modname.split('.')[-1]}." if suite == "cf" else ""
+    return f"{prefix}{cls_name}.{test}"
+
+
+def gate(results: dict[str, dict], known: list[tuple[str, str, str]], tmp: str, logdir: str,
+         per_test: float) -> int:
+    """Every gilfree test that did not pass and is not listed in ``known`` is run again, on gilfree
+    and on the stdlib (unless this run already has the stdlib's result): it fails the gate when the
+    stdlib passes it and gilfree fails it twice.  Passing on the second try is reported as flaky."""
+    std: dict[tuple[str, str, str, str, str], dict] = {}
+    for key, v in results.items():
+        suite, method, impl, modname, cls_name = key.split("|")
+        if impl == "stdlib":
+            for test, r in v["results"].items():
+                std[(suite, method, modname, cls_name, test)] = r
+    suspects: dict[tuple[str, str, str, str, str], list[str]] = {}
+    known_seen: dict[str, int] = {}
+    stale = []
+    for key, v in results.items():
+        suite, method, impl, modname, cls_name = key.split("|")
+        if impl != "gilfree":
+            continue
+        for test, r in v["results"].items():
+            tid = _test_id(suite, modname, cls_name, test)
+            kind = _listed(known, suite, method, tid)
+            if r["status"] == "pass":
+                if kind:
+                    stale.append(f"{suite}/{method}/{tid} ({kind})")
+                continue
+            if kind:
+                known_seen[kind.split(":")[0]] = known_seen.get(kind.split(":")[0], 0) + 1
+                continue
+            s = std.get((suite, method, modname, cls_name, test))
+            if s is not None and s["status"] != "pass":
+                continue  # the stdlib does not pass it here either
+            suspects.setdefault((suite, method, "gilfree", modname, cls_name), []).append(test)
+    print(f"\ngate: listed and not passing: {known_seen or 'none'}; unlisted: "
+          f"{sum(map(len, suspects.values()))} tests to run again")
+    if stale:
+        print(f"gate: {len(stale)} listed tests pass now (remove them from the list):")
+        for t in sorted(stale):
+            print("    " + t)
+    if not suspects:
+        return 0
+    again = run_jobs(list(suspects), tmp, logdir, per_test, suspects, tag="again-")
+    need_std = {}
+    for job, tests in suspects.items():
+        suite, method, _impl, modname, cls_name = job
+        missing = [t for t in tests if (suite, method, modname, cls_name, t) not in std]
+        if missing:
+            need_std[(suite, method, "stdlib", modname, cls_name)] = missing
+    std_again = run_jobs(list(need_std), tmp, logdir, per_test, need_std, tag="stdlib-") if need_std else {}
+    for key, v in std_again.items():
+        suite, method, _impl, modname, cls_name = key.split("|")
+        for test, r in v["results"].items():
+            std[(suite, method, modname, cls_name, test)] = r
+    bad = []
+    for job, tests in suspects.items():
+        suite, method, _impl, modname, cls_name = job
+        second = again.get("|".join(job), {"results": {}})["results"]
+        for test in tests:
+            tid = f"{suite}/{method}/{_test_id(suite, modname, cls_name, test)}"
+            s = std.get((suite, method, modname, cls_name, test), {"status": "missing"})
+            g = second.get(test, {"status": "missing", "detail": ""})
+            first = results["|".join(job)]["results"][test]
+            if s["status"] != "pass":
+                print(f"gate: {tid}: the stdlib does not pass it here either ({s['status']})")
+            elif g["status"] == "pass":
+                print(f"gate: {tid}: FLAKY on gilfree ({first['status']}, then pass): "
+                      f"{first_error_line(first['detail'])}")
+            else:
+                bad.append((tid, g))
+    for tid, g in bad:
+        print(f"\ngate: REGRESSION {tid}: {g['status']}\n" + "\n".join(
+            "    " + line for line in g.get("detail", "").rstrip().splitlines()[-25:]))
+    print(f"\ngate: {len(bad)} unlisted tests pass on the stdlib and fail on gilfree twice"
+          + (" -- fix them, or list them in tests/cpython/known.txt (compat: with a docs/compat.md entry)"
+             if bad else ""))
+    return 1 if bad else 0
 
 
 def count(res: dict) -> dict[str, int]:

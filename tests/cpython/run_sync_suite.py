@@ -309,13 +309,13 @@ def run_job(tmp, impl, method, type_, cls_name, per_test, logdir):
     return run_resumable(cmd_for, tmp, f"{impl}-{method}-{type_}-{cls_name}", per_test, logdir)
 
 
-def run_resumable(cmd_for, tmp, tag, per_test, logdir, attempts=60):
+def run_resumable(cmd_for, tmp, tag, per_test, logdir, attempts=60, only=None):
     """Run the child ``cmd_for(out, only)`` until its class has ended, resuming after a test that
-    killed or hung the subprocess (that test is recorded as HANG or CRASH).  Returns
-    (results by test, test order, notes)."""
+    killed or hung the subprocess (that test is recorded as HANG or CRASH).  ``only``: run just
+    these tests of the class.  Returns (results by test, test order, notes)."""
     results: dict[str, dict] = {}
     order: list[str] = []
-    only: list[str] = []
+    only = list(only or [])
     notes: list[str] = []
     for attempt in range(attempts):
         out = os.path.join(logdir, f"{tag}-{attempt}.jsonl")
