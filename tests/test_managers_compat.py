@@ -5,17 +5,19 @@ the stdlib's managers and on gilfree's, and the results are compared."""
 
 from __future__ import annotations
 
+import gc
 import multiprocessing as std_mp
 import multiprocessing.managers as std_managers
 import os
 import queue
 import time
+import weakref
 
 import pytest
 from _helpers import WAIT
 
 import gilfree
-from gilfree import managers
+from gilfree import connection, managers
 from gilfree.managers import RemoteError
 
 pytestmark = pytest.mark.timeout(60)
@@ -236,3 +238,69 @@ def _restart_scenario(which):
 
 def test_listener_of_an_unserved_server_can_be_closed():
     assert _restart_scenario("ours") == _restart_scenario("std") == ("hello", True)
+
+
+# -- exceptions raised by proxies are not kept alive by a cycle (CPython 3.13's TestManagerExceptions) -------
+
+def test_exceptions_from_a_proxy_are_freed_without_the_collector():
+    gc_was = gc.isenabled()
+    with gilfree.get_context("fork").Manager() as m:
+        q = m.Queue()
+        _, _, my_cls = OURS
+        with my_cls(ctx=gilfree.get_context("fork")) as mine:
+            foo = mine.Foo()
+            gc.disable()
+            try:
+                for call in (q.get_nowait, foo.empty, lambda: foo._callmethod("_h"), lambda: m.Pool(0)):
+                    wr = None
+                    try:
+                        call()
+                    except Exception as exc:
+                        wr = weakref.ref(exc)
+                    assert wr is not None and wr() is None, call
+            finally:
+                if gc_was:
+                    gc.enable()
+
+
+class _FakeConnection:
+    """Replies as the stdlib's server would (CPython's test_dispatch)."""
+
+    def send(self, payload):
+        self.sent = payload
+
+    def recv(self):
+        return "#ERROR", queue.Empty()
+
+
+def test_dispatch_over_a_connection_and_with_the_stdlibs_reply_tags():
+    for mod in (std_managers, managers):
+        with pytest.raises(queue.Empty):
+            mod.dispatch(_FakeConnection(), None, None)
+    gc_was = gc.isenabled()
+    gc.disable()
+    try:
+        wr = None
+        try:
+            managers.dispatch(_FakeConnection(), None, None)
+        except queue.Empty as exc:
+            wr = weakref.ref(exc)
+        assert wr is not None and wr() is None
+    finally:
+        if gc_was:
+            gc.enable()
+    assert isinstance(managers.convert_to_error("#TRACEBACK", "text\n"), RemoteError)
+    assert isinstance(managers.convert_to_error("#NOPE", None), ValueError)
+    # over a real connection to a gilfree server: authenticate, HELLO, then calls
+    with gilfree.get_context("fork").Manager() as m:
+        d = m.dict(a=1)
+        with connection.Client(m.address, authkey=bytes(m._authkey)) as c:
+            c.send((managers.OP_HELLO, os.urandom(16), os.getpid(), None))
+            assert c.recv()[0] == managers.R_OK
+            assert managers.dispatch(c, d._id, "__getitem__", ("a",)) == 1
+            managers.dispatch(c, d._id, "update", (), {"b": 2})
+            with pytest.raises(KeyError):
+                managers.dispatch(c, d._id, "__getitem__", ("zz",))
+            with pytest.raises(RemoteError):
+                managers.dispatch(c, d._id, "no_such_method")
+        assert d.copy() == {"a": 1, "b": 2}

@@ -130,6 +130,8 @@ from ._client import (
     _local_servers,
     _release_deferred,
     _server_processes,
+    convert_to_error,
+    dispatch,
 )
 from ._protocol import (
     _ATOMS,

@@ -44,6 +44,7 @@ import weakref
 from .. import connection, process
 from . import _protocol
 from ._protocol import (
+    OP_CALL,
     OP_DECREF,
     OP_HELLO,
     OP_INCREF,
@@ -245,7 +246,10 @@ class _Link:
         chan.busy = False
         if msg[0] == R_OK:
             return msg[1]
-        return self._unusual(msg, manager)
+        try:
+            return self._unusual(msg, manager)
+        finally:
+            msg = None  # an exception raised must not be kept alive by this frame (its traceback's)
 
     def _before_call(self, chan: _Channel) -> None:
         if self.pending:
@@ -253,12 +257,17 @@ class _Link:
         if _deferred:
             _release_deferred()
 
-    def _unusual(self, msg: tuple[Any, Any], manager: Any) -> Any:
+    def _unusual(self, msg: tuple[Any, Any] | None, manager: Any) -> Any:
+        assert msg is not None
         kind, value = msg
-        if kind == R_ERR:
-            raise value
-        if kind == R_FAILED:
-            raise _as_remote_error(value)
+        if kind == R_ERR or kind == R_FAILED:
+            # neither this frame nor the caller's (see call, _callmethod) may keep the exception: it
+            # would hold its traceback, which holds the frame (a cycle only the collector breaks)
+            msg = None
+            try:
+                raise value if kind == R_ERR else _as_remote_error(value)
+            finally:
+                value = None
         if kind == R_PROXY:
             from ._proxies import AutoProxy  # not at import time: proxies are built on this module
 
@@ -302,6 +311,42 @@ class _Link:
             raise
         chan.busy = False
 
+
+
+#: The stdlib's reply tags, read by :func:`dispatch` and :func:`convert_to_error` as the codes they stand for
+#: (code written against the stdlib's functions, a connection that replies as the stdlib's server does).
+_STDLIB_KINDS = {"#RETURN": R_OK, "#ERROR": R_ERR, "#TRACEBACK": R_REMOTE, "#UNSERIALIZABLE": R_REMOTE}
+
+
+def convert_to_error(kind: Any, result: Any) -> BaseException:
+    """The exception a reply that is not a success stands for: the method's own (``R_ERR``, the stdlib's
+    ``'#ERROR'``), a RemoteError (``R_FAILED``, ``R_REMOTE``, ``'#TRACEBACK'``, ``'#UNSERIALIZABLE'``),
+    or a ValueError naming a kind that is none of these."""
+    code = _STDLIB_KINDS.get(kind, kind) if isinstance(kind, str) else kind
+    if code == R_ERR:
+        return result
+    if code == R_FAILED:
+        return _as_remote_error(result)
+    if code == R_REMOTE:
+        if not isinstance(result, str):
+            raise TypeError(f"Result {result!r} (kind {kind!r}) type is {type(result)}, not str")
+        return RemoteError(f"Unserializable message: {result}\n" if kind == "#UNSERIALIZABLE" else result)
+    return ValueError(f"Unrecognized message type {kind!r}")
+
+
+def dispatch(c: Any, id: str, methodname: str, args: Any = (), kwds: Any = None) -> Any:
+    """Call ``methodname(*args, **kwds)`` of the object ``id`` over ``c`` and return the result, or raise
+    :func:`convert_to_error`'s exception.  ``c`` is a :mod:`gilfree.connection` connection to the
+    server, authenticated, that sent its ``(OP_HELLO, client id, pid, None)``; a proxy needs none of
+    this (its link does it), this is the stdlib's function for code that speaks to a server itself."""
+    c.send((OP_CALL, id, methodname, tuple(args), dict(kwds) if kwds else None))
+    kind, result = c.recv()
+    if kind == R_OK or kind == "#RETURN":
+        return result
+    try:
+        raise convert_to_error(kind, result)
+    finally:
+        del result  # the exception must not be kept alive by this frame (its traceback holds the frame)
 
 
 def _idle_here(chan: _Channel) -> bool:

@@ -136,7 +136,10 @@ class BaseProxy:
         chan.busy = False
         if msg[0] == R_OK:
             return msg[1]
-        return link._unusual(msg, self._manager)
+        try:
+            return link._unusual(msg, self._manager)
+        finally:
+            msg = None  # the exception it raises must not be kept alive by this frame
 
     def _getvalue(self) -> Any:
         """A copy of the referent."""
