@@ -304,3 +304,26 @@ def test_dispatch_over_a_connection_and_with_the_stdlibs_reply_tags():
             with pytest.raises(RemoteError):
                 managers.dispatch(c, d._id, "no_such_method")
         assert d.copy() == {"a": 1, "b": 2}
+
+
+def _child_uses_xml_proxies(d, lst, out):
+    d["x"] = os.getpid()
+    lst.append(len(d))
+    out.put(sorted(d.keys()))
+
+
+def test_xmlrpclib_proxies_in_children(ctx):
+    """A proxy of an xmlrpclib manager passed to a child talks XML-RPC there too (its link is the
+    serializer's); dict views arrive as lists; a proxy cannot be an argument (as in the stdlib)."""
+    with managers.SyncManager(serializer="xmlrpclib", ctx=ctx) as m:
+        d, lst, out = m.dict(a=1), m.list(), m.Queue()
+        p = ctx.Process(target=_child_uses_xml_proxies, args=(d, lst, out))
+        p.start()
+        p.join(WAIT)
+        assert p.exitcode == 0
+        assert out.get(timeout=WAIT) == ["a", "x"]
+        assert lst._getvalue() == [2]
+        assert d.items() == [["a", 1], ["x", p.pid]]  # XML-RPC has no tuples
+        with pytest.raises(TypeError, match="cannot marshal"):
+            d["p"] = lst
+        assert list(d) == ["a", "x"]  # __iter__ (method_to_typeid): an IteratorProxy, over XML-RPC

@@ -770,7 +770,12 @@ def _xml_reply(reply: Any) -> Any:
     if kind == R_PROXY:
         _, typeid, ident, exposed = reply[1]
         return (kind, (None, typeid, ident, exposed))
+    if type(reply[1]) in _XML_VIEWS:  # dict.keys() & co arrive as lists (as they do with pickle)
+        return (kind, list(reply[1]))
     return reply
+
+
+_XML_VIEWS = (type({}.keys()), type({}.values()), type({}.items()))
 
 
 def _xml_exception(value: Any) -> BaseException:
