@@ -775,7 +775,7 @@ def _xml_reply(reply: Any) -> Any:
     return reply
 
 
-_XML_VIEWS = (type({}.keys()), type({}.values()), type({}.items()))
+_XML_VIEWS: tuple[type, ...] = (type({}.keys()), type({}.values()), type({}.items()))
 
 
 def _xml_exception(value: Any) -> BaseException:
