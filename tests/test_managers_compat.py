@@ -154,6 +154,14 @@ def test_xmlrpclib_server_unpickles_nothing(tmp_path):
         kind, text = chan.loads(chan.recv_frame())
         assert kind == _protocol.R_REMOTE and "could not read (serializer 'xmlrpclib') a request" in text
         assert not marker.exists()
+        # an XML bomb (entities within entities) is refused before it is parsed
+        bomb = ('<?xml version="1.0"?><!DOCTYPE b [<!ENTITY a "aaaaaaaaaa">'
+                + "".join(f'<!ENTITY a{i + 1} "{("&a%s;" % (i or "")) * 10}">' for i in range(8))
+                + "]><methodResponse><params><param><value><string>&a8;</string></value></param>"
+                "</params></methodResponse>")
+        chan.send_bytes(bomb.encode())
+        kind, text = chan.loads(chan.recv_frame())
+        assert kind == _protocol.R_REMOTE and "DOCTYPE" in text
         assert m.Foo().f() == "f()"  # the server goes on
         link.close()
     assert not marker.exists()
