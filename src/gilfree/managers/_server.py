@@ -833,7 +833,14 @@ class Server:
             return (R_REMOTE, f"bad request {_short(msg)}: {problem}\n")
         try:
             if op == OP_CREATE:
-                return (R_OK, self.create(client, msg[1], msg[2], msg[3] or {}))
+                try:
+                    return (R_OK, self.create(client, msg[1], msg[2], msg[3] or {}))
+                except Exception:
+                    # as the stdlib's server: an object that cannot be made is the server's account, a
+                    # RemoteError carrying its traceback (m.Pool(0) raises RemoteError, not ValueError)
+                    import traceback  # only here: a failed creation
+
+                    return (R_REMOTE, traceback.format_exc())
             if op == OP_INCREF:
                 self.incref(client, msg[1])
                 return (R_OK, None)
