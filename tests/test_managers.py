@@ -343,10 +343,14 @@ def test_an_object_that_cannot_be_made_raises_remote_error(impl):
     else:
         manager, error = gilfree.get_context("fork").Manager(), managers.RemoteError
     with manager as m:
-        with pytest.raises(error, match=r"(?s)ValueError: Number of processes must be at least 1"):
+        with pytest.raises(error, match=r"Number of processes must be at least 1") as info:
             m.Pool(0)
-        with pytest.raises(error, match=r"(?s)TypeError: 'int' object is not iterable"):
+        if impl == "gilfree":  # gilfree's RemoteError is also of the original type
+            assert isinstance(info.value, ValueError)
+        with pytest.raises(error, match=r"'int' object is not iterable") as info:
             m.list(5)
+        if impl == "gilfree":
+            assert isinstance(info.value, TypeError)
         assert m.list([1, 2])[:] == [1, 2]  # the connection goes on
 
 

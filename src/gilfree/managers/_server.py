@@ -833,14 +833,9 @@ class Server:
             return (R_REMOTE, f"bad request {_short(msg)}: {problem}\n")
         try:
             if op == OP_CREATE:
-                try:
-                    return (R_OK, self.create(client, msg[1], msg[2], msg[3] or {}))
-                except Exception:
-                    # as the stdlib's server: an object that cannot be made is the server's account, a
-                    # RemoteError carrying its traceback (m.Pool(0) raises RemoteError, not ValueError)
-                    import traceback  # only here: a failed creation
-
-                    return (R_REMOTE, traceback.format_exc())
+                # an object that cannot be made (m.Pool(0)) fails below: R_FAILED, a RemoteError that
+                # is also the factory's exception type
+                return (R_OK, self.create(client, msg[1], msg[2], msg[3] or {}))
             if op == OP_INCREF:
                 self.incref(client, msg[1])
                 return (R_OK, None)
