@@ -10,6 +10,7 @@ import io
 import logging
 import multiprocessing
 import multiprocessing.connection
+import multiprocessing.dummy
 import multiprocessing.heap
 import multiprocessing.util
 import os
@@ -22,6 +23,7 @@ from _helpers import run_program
 
 import gilfree
 import gilfree.connection
+import gilfree.dummy
 import gilfree.util
 from gilfree import shared_memory as gf_shm
 
@@ -304,3 +306,128 @@ def test_gilfree_connection_has_the_311_public_names():
     c = gilfree.connection
     assert (c.CHALLENGE, c.WELCOME, c.FAILURE) == (c._CHALLENGE, c._WELCOME, c._FAILURE)
     assert c.MESSAGE_LENGTH >= 20 and c.CONNECTION_TIMEOUT == c.HANDSHAKE_TIMEOUT
+
+
+# ---------------------------------------------------------------------------------------------------
+# spawn, and every public module's __all__
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_spawn_module_imports_without_an_executable(impl):
+    # as the stdlib's MiscTestCase: an embedded interpreter may have sys.executable None
+    res = run_program(["-c", f"import sys; sys.executable = None; import {IMPLS[impl]}, {IMPLS[impl]}.spawn as s\n"
+                             "print(s.get_executable(), s.WINEXE, sorted(s.get_preparation_data('x'))[:2])"])
+    assert res.returncode == 0 and res.stderr == "", res.stderr
+    assert res.stdout.strip() == "None False ['authkey', 'dir']"
+
+
+def _report_spawn_setup(q, name):
+    import gilfree.spawn
+
+    q.put((gilfree.spawn.get_executable(), name))
+
+
+def test_spawn_set_executable_is_what_children_run(tmp_path):
+    import shutil
+    import sys
+
+    link = tmp_path / "python-link"
+    os.symlink(shutil.which(sys.executable) or sys.executable, link)
+    old = gilfree.spawn.get_executable()
+    gilfree.spawn.set_executable(str(link))
+    try:
+        ctx = gilfree.get_context("spawn")
+        q = ctx.SimpleQueue()
+        p = ctx.Process(target=_report_spawn_setup, args=(q, "x"))
+        p.start()
+        got = q.get()
+        p.join()
+        data = gilfree.spawn.get_preparation_data("child-name")
+    finally:
+        gilfree.spawn.set_executable(old)
+    assert got == (str(link), "x")
+    assert data["name"] == "child-name" and data["sys_path"] == sys.path
+
+
+def test_public_modules_have_all_and_its_names():
+    # in a fresh interpreter: importing every module here would add them to gilfree's namespace
+    res = run_program(["-c", textwrap.dedent("""
+        import glob, importlib, os
+        import gilfree
+        folder = os.path.dirname(gilfree.__file__)
+        names = ["gilfree"] + ["gilfree." + os.path.basename(f)[:-3] for f in glob.glob(os.path.join(folder, "*.py"))]
+        for name in sorted(names):
+            if name.rsplit(".", 1)[-1].startswith("_") and name != "gilfree":
+                continue
+            mod = importlib.import_module(name)
+            assert hasattr(mod, "__all__"), name
+            assert [n for n in mod.__all__ if not hasattr(mod, n)] == [], name
+        for name in ("resource_tracker", "heap", "spawn"):
+            assert name in gilfree.__all__
+            assert importlib.import_module("gilfree." + name) is getattr(gilfree, name)
+        print("ok")
+    """)])
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr
+
+
+# ---------------------------------------------------------------------------------------------------
+# atexit in children, dummy.active_children
+
+
+def _register_at_exit(path):
+    import atexit
+
+    def write():
+        with open(path, "w") as f:
+            f.write("deadbeef")
+
+    atexit.register(write)
+
+
+
+def test_children_run_their_own_atexit_handlers_only(ctx, tmp_path):
+    # as 3.13's stdlib (gh-83856): what the child registers runs when it ends, under every start
+    # method; what the parent registered before forking does not run in the child
+    import atexit
+
+    marker = tmp_path / "parent"
+
+    def parent_handler():
+        marker.write_text("ran in a child")
+
+    atexit.register(parent_handler)
+    try:
+        out = tmp_path / "out.txt"
+        p = ctx.Process(target=_register_at_exit, args=(str(out),))
+        p.start()
+        p.join()
+        assert p.exitcode == 0
+        assert out.read_text() == "deadbeef"
+        assert not marker.exists()
+    finally:
+        atexit.unregister(parent_handler)
+
+
+@pytest.mark.parametrize("mod", [multiprocessing.dummy, gilfree.dummy], ids=["stdlib", "gilfree"])
+def test_dummy_active_children_from_any_thread(mod):
+    import threading
+    import time
+
+    seen = {}
+
+    def run():
+        p = mod.Process(target=time.sleep, args=(0.3,))
+        assert p not in mod.active_children()
+        p.start()
+        seen["during"] = p in mod.active_children()
+        p.join()
+        seen["after"] = p in mod.active_children()
+
+    run()  # the thread that imported the module
+    assert seen == {"during": True, "after": False}
+    if mod is gilfree.dummy:  # the stdlib keeps the table on the importing thread only
+        seen.clear()
+        t = threading.Thread(target=run)
+        t.start()
+        t.join()
+        assert seen == {"during": True, "after": False}

@@ -60,6 +60,7 @@ if TYPE_CHECKING:
     from . import resource_tracker as resource_tracker
     from . import shared_memory as shared_memory
     from . import sharedctypes as sharedctypes
+    from . import spawn as spawn
     from . import synchronize as synchronize
     from .arrays import SharedArray as SharedArray
     from .arrays import as_shared as as_shared
@@ -84,6 +85,7 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     "managers": ("managers", None),
     "heap": ("heap", None),
     "resource_tracker": ("resource_tracker", None),
+    "spawn": ("spawn", None),
     "pool": ("pool", None),
     "dummy": ("dummy", None),
     "executor": ("executor", None),
@@ -244,6 +246,9 @@ __all__ = [
     "Queue",
     "SimpleQueue",
     "queues",
+    "heap",
+    "resource_tracker",
+    "spawn",
     "RLock",
     "RawArray",
     "RawValue",
