@@ -16,6 +16,8 @@
     give(name)             b"G" "handed over (to a queue)" ───> │ removed from this client only
     register_queue(prefix, ident) b"Q" "my queue's segments" ─> │ queues[client][prefix] = ident
     forget_queue(prefix)   b"D" "I swept them myself" ────────> │ forgotten
+    (resource_tracker)     b"N" "remember, never unlink" ─────> │ owned, counted, not unlinked
+    (resource_tracker)     b"P" "your pid?" ──────────────────> │ <── b"P" + pid, at once
     at exit          b"B"        "bye" ───────────────────────> │ shm_unlink what the client still
                      <─────────── b"B" + number of clients left │ owns (if the name still points to
                                                                  │ that ident), one stderr line each;
@@ -26,6 +28,8 @@
                                                                  │ header's arena (ident), pidfds
                                                                  │ of those that do are watched
                                                                  │ no client and no orphan left: exit
+                                                                 │ (status 1 if a client left owning
+                                                                 │ something, as the stdlib's)
 
     Every request is ``!cHQQ`` (op, name length, st_dev, st_ino; 0, 0 when unknown) + the name.
 
