@@ -1287,10 +1287,14 @@ def wait(object_list: Iterable[Any], timeout: float | None = None) -> list[Any]:
 _CHALLENGE = b"#CHALLENGE#"
 _WELCOME = b"#WELCOME#"
 _FAILURE = b"#FAILURE#"
+# the stdlib's names for the same protocol facts (public before 3.12; code and tests read them)
+CHALLENGE, WELCOME, FAILURE = _CHALLENGE, _WELCOME, _FAILURE
+CONNECTION_TIMEOUT = HANDSHAKE_TIMEOUT
 #: what a gilfree server sends, followed by the reason, to a peer it turns away before authentication
 _REFUSED = b"#REFUSED#"
 _DIGEST = b"{sha256}"
 _NONCE_BYTES = 40
+MESSAGE_LENGTH = _NONCE_BYTES  # the stdlib's name for it
 _AUTH_MAX = 256
 
 
@@ -1472,23 +1476,11 @@ def address_type(address: Any) -> str:
     """The family name of an address: a (host, port) tuple is AF_INET(6), a str is AF_UNIX."""
     if isinstance(address, tuple):
         return "AF_INET6" if ":" in str(address[0]) else "AF_INET"
+    if isinstance(address, str) and address.startswith("\\\\"):
+        return "AF_PIPE"  # a Windows named pipe (\\.\pipe\name): refused by _validate_family here
     if isinstance(address, (str, bytes)):
         return "AF_UNIX"
     raise ValueError(f"address type of {address!r} unrecognized: use (host, port) for TCP or a path for a Unix socket")
-
-
-_temp_dir: str | None = None
-
-
-def _get_temp_dir() -> str:
-    global _temp_dir
-    if _temp_dir is None or not os.path.isdir(_temp_dir):
-        import shutil
-        import tempfile
-
-        _temp_dir = tempfile.mkdtemp(prefix="gilfree-")
-        util.Finalize(None, shutil.rmtree, args=(_temp_dir, True), exitpriority=-100)
-    return _temp_dir
 
 
 def arbitrary_address(family: str) -> Any:
@@ -1498,7 +1490,7 @@ def arbitrary_address(family: str) -> Any:
     if family == "AF_INET6":
         return ("::1", 0)
     if family == "AF_UNIX":
-        return os.path.join(_get_temp_dir(), f"listener-{os.getpid()}-{os.urandom(6).hex()}")
+        return os.path.join(util.get_temp_dir(), f"listener-{os.getpid()}-{os.urandom(6).hex()}")
     raise ValueError(f"unrecognized family {family!r}; use one of {families}")
 
 

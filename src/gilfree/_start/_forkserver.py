@@ -304,6 +304,7 @@ def serve() -> None:
                 if pid == 0:
                     code = 1
                     try:
+                        _common.own_atexit()
                         signal.set_wakeup_fd(-1)
                         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
                         signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -322,6 +323,9 @@ def serve() -> None:
 
                         traceback.print_exc()
                     finally:
+                        import atexit
+
+                        atexit._run_exitfuncs()
                         util._flush_std_streams()
                         os._exit(code)
                 util.close_fds(*fds)
