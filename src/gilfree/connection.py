@@ -271,7 +271,10 @@ class Connection:
             raise ValueError(f"invalid file descriptor {handle}")
         if not readable and not writable:
             raise ValueError("at least one of `readable` and `writable` must be True")
-        self._is_socket = stat.S_ISSOCK(os.fstat(handle).st_mode)
+        try:
+            self._is_socket = stat.S_ISSOCK(os.fstat(handle).st_mode)
+        except OSError:  # not open (yet): as the stdlib, the first use raises, not the constructor
+            self._is_socket = False
         self._handle: int | None = handle
         self._readable = readable
         self._writable = writable

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 __all__ = [
     "SUBDEBUG",
     "SUBWARNING",
+    "abstract_sockets_supported",
     "DEBUG",
     "INFO",
     "LOGGER_NAME",
@@ -49,6 +50,10 @@ INFO = 20
 SUBWARNING = 25
 
 LOGGER_NAME = "gilfree"
+
+#: Unix-socket addresses in the abstract namespace (``"\0name"``) work here (Linux); a
+#: :class:`~gilfree.connection.Listener` on one leaves no file behind.
+abstract_sockets_supported = sys.platform.startswith("linux")
 DEFAULT_LOGGING_FORMAT = "[%(levelname)s/%(processName)s] %(message)s"
 
 _logger: logging.Logger | None = None
