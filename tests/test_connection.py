@@ -1207,6 +1207,31 @@ def test_descriptor_through_a_one_way_pipe_arrives(payload):
         resource_sharer.stop(T)
 
 
+def test_received_descriptors_are_not_inheritable():
+    # PEP 446: a descriptor Python makes is close-on-exec; one that arrives with a message too, or a
+    # later exec (subprocess with close_fds=False, os.exec*) would carry it into another program
+    from gilfree.connection import Inbox, Outbox
+
+    a, b = Pipe()
+    r, w = Pipe(duplex=False)
+    try:
+        a.send(w)
+        got = recv_within(b)
+        assert not os.get_inheritable(got.fileno())
+        got.close()
+        out, inbox = Outbox(a), Inbox(b)
+        out.put(w)
+        deadline = time.monotonic() + T
+        arrived = []
+        while not arrived and time.monotonic() < deadline:
+            out.flush()
+            arrived = inbox.receive()
+        assert not os.get_inheritable(arrived[0].fileno())
+        arrived[0].close()
+    finally:
+        closed_all(a, b, r, w)
+
+
 def test_closed_connection_cannot_be_sent():
     a, b = Pipe()
     c, d = Pipe()
