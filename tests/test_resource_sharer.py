@@ -152,6 +152,33 @@ def test_queue_carries_connection_and_socket_to_a_child(method, impl):
     assert p.exitcode == 0
 
 
+def _put_and_return(q, out, w):
+    q.put(w)
+    out.put("put")
+
+
+def test_sender_that_returns_at_once_still_delivers(ctx):
+    # the child is exiting (or gone) when the parent reads: its sharer waits EXIT_LINGER for us
+    q, out = ctx.Queue(), ctx.Queue()
+    r, w = ctx.Pipe(duplex=False)
+    p = ctx.Process(target=_put_and_return, args=(q, out, w))
+    p.start()
+    try:
+        assert out.get(timeout=T) == "put"
+        time.sleep(0.5)
+        got = q.get(timeout=T)
+        got.send_bytes(b"delivered")
+        assert r.recv_bytes() == b"delivered"
+        got.close()
+        p.join(T)
+        assert p.exitcode == 0
+    finally:
+        p.join(T)
+        closed_all(r, w)
+        q.close()
+        out.close()
+
+
 def _pickle_and_exit(conn, w):
     conn.send_bytes(pickle.dumps(w))  # the sharer holds w's duplicate; then this process ends
 

@@ -24,9 +24,12 @@ Promises.
   Linux, else in a 0700 directory), checks the peer's uid (``SO_PEERCRED``) and reads a fixed-size
   key within :data:`REQUEST_TIMEOUT` seconds; a wrong key gets a refusal and no descriptor.  Nothing
   is unpickled from a peer.
-* **The sender exited first.**  Its duplicates died with it; ``detach`` raises ``OSError`` naming the
-  sender's pid (the stdlib fails the same way, less clearly).  Within the sending process itself,
-  ``detach`` takes the descriptor straight from the table.
+* **The sender exits first.**  A process that exits while descriptors it shared are unclaimed
+  keeps serving them for up to :data:`EXIT_LINGER` seconds (a child that puts a Connection on a
+  queue and returns is the common case: its parent is usually reading already), then closes them.
+  A receiver that comes later gets an ``OSError`` naming the sender's pid (the stdlib's sharer dies
+  with its process at once, and its receiver gets a bare connection error).  Within the sending
+  process itself, ``detach`` takes the descriptor straight from the table.
 * **fork.**  A forked child starts with an empty table: it closes the duplicates and the listening
   socket it inherited (the parent still serves them).
 
@@ -55,6 +58,9 @@ __all__ = ["DupFd", "SharedFd", "revoke", "stop", "SHARE_TTL"]
 
 #: Seconds an unclaimed descriptor is kept for its receiver before the sender closes it.
 SHARE_TTL = 300.0
+#: Seconds a process that exits waits for the receivers of the descriptors it shared (only while
+#: some are unclaimed); then they are closed.
+EXIT_LINGER = 2.0
 #: Seconds a peer of the sharer gets to send its key (and a receiver to get its answer).
 REQUEST_TIMEOUT = 10.0
 _KEY_SIZE = 16
@@ -116,6 +122,7 @@ class _Sharer:
             sock.close()
             raise
         self.listener, self.address = sock, address
+        util.Finalize(None, self.linger_then_stop, exitpriority=10)
         stopping = threading.Event()
         self.stopping = stopping
         self.thread = threading.Thread(
@@ -221,6 +228,15 @@ class _Sharer:
             import shutil
 
             shutil.rmtree(tmpdir, ignore_errors=True)
+
+    def linger_then_stop(self) -> None:
+        """At exit: give the receivers of what is unclaimed up to :data:`EXIT_LINGER` s, then stop."""
+        deadline = time.monotonic() + EXIT_LINGER
+        while self.table and self.thread is not None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if self.table:
+            util.debug(f"resource sharer: {len(self.table)} descriptor(s) unclaimed at exit were closed")
+        self.stop(1.0)
 
     def after_fork_in_child(self) -> None:
         """The parent's table and socket are the parent's: close our inherited copies, start empty."""
