@@ -16,7 +16,7 @@ or hangs is resumed from the next test, so one hang costs one test.
 Where gilfree lacks a private piece of the stdlib that the suite's fixtures touch, the gilfree copy
 gets a stand-in (listed in the report, see ``HARNESS`` below): ``process._dangling`` (an empty
 WeakSet, so the dangling-process warnings never fire), ``util._cleanup_tests`` (no-op),
-``util.get_temp_dir``, ``reduction.HAVE_SEND_HANDLE`` (False), ``resource_tracker`` (imported at
+``util.get_temp_dir``, ``resource_tracker`` (imported at
 module level, used only by shared_memory tests), and ``heap.BufferWrapper`` (used by
 the Barrier tests' ``_DummyList``: a gilfree shared-memory block).  gilfree's source is not touched.
 
@@ -79,19 +79,12 @@ def install():
     if not hasattr(gilfree.util, "get_temp_dir"):
         gilfree.util.get_temp_dir = tempfile.gettempdir
         STANDINS.append("util.get_temp_dir")
-    if not hasattr(gilfree.reduction, "HAVE_SEND_HANDLE"):
-        gilfree.reduction.HAVE_SEND_HANDLE = False
-        STANDINS.append("reduction.HAVE_SEND_HANDLE")
     if "gilfree.heap" not in sys.modules and not hasattr(gilfree, "heap"):
         heap = types.ModuleType("gilfree.heap")
         heap.BufferWrapper = BufferWrapper
         sys.modules["gilfree.heap"] = heap
         gilfree.heap = heap
         STANDINS.append("heap.BufferWrapper")
-    if not hasattr(gilfree.util, "abstract_sockets_supported"):
-        # read by a skip decorator of _TestListener at import time
-        gilfree.util.abstract_sockets_supported = False
-        STANDINS.append("util.abstract_sockets_supported")
     if "gilfree.resource_tracker" not in sys.modules and not hasattr(gilfree, "resource_tracker"):
         # imported at module level by the suite; used only by the shared_memory tests
         rt = types.ModuleType("gilfree.resource_tracker")
