@@ -111,6 +111,24 @@ def test_plain_pickle_is_one_shot_and_unclaimed_ones_expire(monkeypatch):
         closed_all(r, w)
 
 
+def test_pickles_made_outside_a_dump_keep_no_record():
+    # the record of what a dump shared (to revoke it if the dump fails) exists only during the dump:
+    # a queue's C fast path or a plain pickle.dumps must not grow it message after message
+    r, w = Pipe(duplex=False)
+    q = gilfree.Queue()
+    try:
+        for _ in range(3):
+            q.put(w)
+            pickle.loads(pickle.dumps(w)).close()
+        for _ in range(3):
+            q.get(timeout=T).close()
+        assert reduction._chan.shared == [] and reduction._chan.depth == 0
+        assert resource_sharer._sharer.table == {}
+    finally:
+        q.close()
+        closed_all(r, w)
+
+
 # --------------------------------------------------------------------------------------------------
 # between processes
 

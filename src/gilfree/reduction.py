@@ -342,6 +342,16 @@ def dump_chunks(obj: Any, oob_min: int | None = None, protocol: int = DEFAULT_PR
     """
     chan = _chan
     mark, smark = len(chan.sent), len(chan.shared)
+    chan.depth += 1
+    try:
+        return _dump_chunks(chan, obj, oob_min, protocol, mark, smark)
+    finally:
+        chan.depth -= 1
+        if not chan.depth:
+            chan.shared.clear()  # the outermost dump is over: what it shared is the receiver's now
+
+
+def _dump_chunks(chan: _FdChannel, obj: Any, oob_min: int | None, protocol: int, mark: int, smark: int) -> tuple[list[Any], list[Any]]:
     try:
         chunks, oob = _tier1_dump(obj, protocol, oob_min)
         if not _main_is_reimportable() and any(
@@ -365,8 +375,6 @@ def dump_chunks(obj: Any, oob_min: int | None = None, protocol: int = DEFAULT_PR
     except BaseException:
         chan.revoke(smark)
         raise
-    if smark == 0 and chan.shared:
-        chan.shared.clear()  # the outermost dump succeeded: what it shared is the receiver's now
     return chunks, oob
 
 
@@ -408,7 +416,9 @@ _MAX_DEPTH = 40
 
 
 def _picklable(obj: Any) -> bool:
-    smark = len(_chan.shared)
+    chan = _chan
+    smark = len(chan.shared)
+    chan.depth += 1
     try:
         _dump_with(_tier2(), obj, DEFAULT_PROTOCOL, None)
     except RecursionError:
@@ -416,7 +426,8 @@ def _picklable(obj: Any) -> bool:
     except Exception:
         return False
     finally:
-        _chan.revoke(smark)  # a trial: nothing it shared is going anywhere
+        chan.revoke(smark)  # a trial: nothing it shared is going anywhere
+        chan.depth -= 1
     return True
 
 
@@ -541,8 +552,10 @@ class _FdChannel(threading.local):
         self.resolve: Callable[[int], int] | None = None
         self.sent: list[int] = []
         self.spawning: object | None = None
-        #: descriptors handed to the resource sharer by the dump under way (revoked if it fails)
+        #: descriptors handed to the resource sharer by the dump under way (revoked if it fails);
+        #: kept only inside :func:`dump_chunks` (``depth`` > 0): a plain pickle's are the receiver's
         self.shared: list[Any] = []
+        self.depth = 0
 
     def rollback(self, mark: int) -> None:
         del self.sent[mark:]
@@ -646,7 +659,8 @@ def DupFd(fd: int) -> Any:
         from . import resource_sharer
 
         shared = resource_sharer.DupFd(fd)
-        _chan.shared.append(shared)
+        if _chan.depth:
+            _chan.shared.append(shared)
         return shared
     _chan.sent.append(fd)
     return _DupFd(len(_chan.sent) - 1)
