@@ -256,6 +256,34 @@ def test_key_is_one_shot_and_a_forged_key_gets_nothing(ctx):
         closed_all(a, b, r, w)
 
 
+def _claim_as_nobody(conn, data):
+    os.setgid(65534)
+    os.setuid(65534)
+    try:
+        pickle.loads(data)
+        conn.send("another user got the descriptor")
+    except OSError as e:
+        conn.send(f"refused: {e}")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to become another user")
+def test_another_user_with_the_right_key_gets_nothing():
+    # an abstract socket has no file permissions: the sharer checks the peer's uid itself
+    ctx = gilfree.get_context("fork")
+    a, b = ctx.Pipe()
+    r, w = ctx.Pipe(duplex=False)
+    try:
+        data = pickle.dumps(w)
+        p = ctx.Process(target=_claim_as_nobody, args=(b, data))
+        p.start()
+        assert recv_within(a).startswith("refused: ")
+        p.join(T)
+        assert len(resource_sharer._sharer.table) == 1, "the entry is still there for its receiver"
+        pickle.loads(data).close()
+    finally:
+        closed_all(a, b, r, w)
+
+
 def test_forked_child_starts_with_an_empty_table():
     r, w = Pipe(duplex=False)
     a, b = Pipe()

@@ -182,11 +182,12 @@ class _Sharer:
     def _answer(self, conn: _socket.socket) -> None:
         """One request: a peer of our uid sends a key; it gets the descriptor, or a refusal."""
         conn.settimeout(REQUEST_TIMEOUT)
-        creds = conn.getsockopt(_socket.SOL_SOCKET, getattr(_socket, "SO_PEERCRED", 17), struct.calcsize("3i"))
-        _pid, uid, _gid = struct.unpack("3i", creds)
-        if uid != os.getuid() and uid != 0:
-            conn.sendall(_REFUSED)
-            return
+        peercred = getattr(_socket, "SO_PEERCRED", None)
+        if peercred is not None:  # elsewhere the socket is in a 0700 directory: only our uid gets in
+            _pid, uid, _gid = struct.unpack("3i", conn.getsockopt(_socket.SOL_SOCKET, peercred, struct.calcsize("3i")))
+            if uid != os.getuid() and uid != 0:
+                conn.sendall(_REFUSED)
+                return
         key = b""
         deadline = time.monotonic() + REQUEST_TIMEOUT
         while len(key) < _KEY_SIZE:
