@@ -16,6 +16,7 @@ import multiprocessing.reduction as std_reduction
 import os
 import pickle
 import socket
+import threading
 import time
 
 import pytest
@@ -126,6 +127,26 @@ def test_pickles_made_outside_a_dump_keep_no_record():
         assert resource_sharer._sharer.table == {}
     finally:
         q.close()
+        closed_all(r, w)
+
+
+def _sharer_threads():
+    return [t for t in threading.enumerate() if t.name == "gilfree-resource-sharer"]
+
+
+def test_the_sharer_thread_ends_when_nothing_is_out_and_comes_back():
+    r, w = Pipe(duplex=False)
+    try:
+        for round_ in range(2):
+            data = pickle.dumps(w)
+            assert len(_sharer_threads()) == 1
+            pickle.loads(data).close()
+            deadline = time.monotonic() + resource_sharer.IDLE_EXIT + T
+            while _sharer_threads() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert not _sharer_threads(), f"round {round_}: the idle sharer thread stayed"
+            assert resource_sharer._sharer.listener is None
+    finally:
         closed_all(r, w)
 
 

@@ -33,8 +33,10 @@ Promises.
 * **fork.**  A forked child starts with an empty table: it closes the duplicates and the listening
   socket it inherited (the parent still serves them).
 
-Where this runs: ``DupFd`` on the thread that pickles; one daemon thread per process that has shared
-something (``gilfree-resource-sharer``) serves requests; ``detach`` on the thread that unpickles.
+Where this runs: ``DupFd`` on the thread that pickles; one daemon thread per process
+(``gilfree-resource-sharer``) serves requests while it has descriptors out, and ends
+:data:`IDLE_EXIT` seconds after the last was claimed or expired; ``detach`` on the thread that
+unpickles.
 """
 
 from __future__ import annotations
@@ -61,6 +63,9 @@ SHARE_TTL = 300.0
 #: Seconds a process that exits waits for the receivers of the descriptors it shared (only while
 #: some are unclaimed); then they are closed.
 EXIT_LINGER = 2.0
+#: Seconds the sharer's thread stays with nothing to hand out before it ends (the next share starts
+#: another): a process is multi-threaded only while it has descriptors out.
+IDLE_EXIT = 1.0
 #: Seconds a peer of the sharer gets to send its key (and a receiver to get its answer).
 REQUEST_TIMEOUT = 10.0
 _KEY_SIZE = 16
@@ -93,12 +98,15 @@ class _Sharer:
                 raise
             self.table[key] = (dup, time.monotonic() + SHARE_TTL)
             address = self.address
-        self._wake()
+            if len(self.table) == 1:
+                self._wake()  # the thread may be waiting to retire: it has work again
         return address, key
 
     def take(self, key: bytes) -> int | None:
         with self.lock:
             entry = self.table.pop(key, None)
+            if entry is not None and not self.table and self.thread is not threading.current_thread():
+                self._wake()  # the last one went without the thread: it may retire
         return None if entry is None else entry[0]
 
     def _start(self) -> None:
@@ -122,7 +130,10 @@ class _Sharer:
             sock.close()
             raise
         self.listener, self.address = sock, address
-        util.Finalize(None, self.linger_then_stop, exitpriority=10)
+        global _finalizer_pid
+        if _finalizer_pid != os.getpid():
+            _finalizer_pid = os.getpid()
+            util.Finalize(None, _linger_then_stop, exitpriority=10)
         stopping = threading.Event()
         self.stopping = stopping
         self.thread = threading.Thread(
@@ -140,6 +151,7 @@ class _Sharer:
     def _serve(self, listener: _socket.socket, wake_r: int, stopping: threading.Event) -> None:
         import select
 
+        idle_since: float | None = None
         while True:
             with self.lock:
                 if stopping.is_set():
@@ -147,7 +159,16 @@ class _Sharer:
                 now = time.monotonic()
                 expired = [k for k, (_, t) in self.table.items() if t <= now]
                 fds = [self.table.pop(k)[0] for k in expired]
-                timeout = min((t for _, t in self.table.values()), default=now + 3600.0) - now
+                if self.table:
+                    idle_since = None
+                    timeout = min(t for _, t in self.table.values()) - now
+                else:
+                    idle_since = now if idle_since is None else idle_since
+                    timeout = idle_since + IDLE_EXIT - now
+                    if timeout <= 0:  # nothing to hand out for a while: no thread left behind
+                        self._retire()
+                        util.close_fds(*fds)
+                        return
             if fds:
                 util.close_fds(*fds)
                 util.debug(f"resource sharer: closed {len(fds)} descriptor(s) nobody claimed in {SHARE_TTL:g} s")
@@ -178,6 +199,21 @@ class _Sharer:
                     util.debug(f"resource sharer: a request failed: {exc!r}")
                 finally:
                     conn.close()
+
+    def _retire(self) -> None:
+        """The thread ends (the lock is held): close the socket and pipe; the next share starts anew."""
+        self.thread = None
+        listener, self.listener = self.listener, None
+        if listener is not None:
+            listener.close()
+        util.close_fds(*(fd for fd in (self.wake_r, self.wake_w) if fd >= 0))
+        self.wake_r = self.wake_w = -1
+        self.address = None
+        if self.tmpdir is not None:
+            import shutil
+
+            shutil.rmtree(self.tmpdir, ignore_errors=True)
+            self.tmpdir = None
 
     def _answer(self, conn: _socket.socket) -> None:
         """One request: a peer of our uid sends a key; it gets the descriptor, or a refusal."""
@@ -250,6 +286,11 @@ class _Sharer:
 
 
 _sharer = _Sharer()
+_finalizer_pid = 0
+
+
+def _linger_then_stop() -> None:
+    _sharer.linger_then_stop()
 
 
 def _after_fork_in_child() -> None:
