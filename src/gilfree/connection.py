@@ -97,6 +97,8 @@ _MSG_CTRUNC = int(_socket.MSG_CTRUNC)
 _MSG_WAITALL = int(_socket.MSG_WAITALL)
 _MSG_PEEK = int(_socket.MSG_PEEK)
 _MSG_DONTWAIT = int(_socket.MSG_DONTWAIT)
+#: Descriptors that arrive with a message are close-on-exec, as every descriptor Python makes (PEP 446).
+_MSG_CMSG_CLOEXEC = int(getattr(_socket, "MSG_CMSG_CLOEXEC", 0))
 _PEEK_SIZE = 1 << 16
 #: A header that says "the next message carries file descriptors" (gilfree's extension).
 _FDS_NEXT = -3
@@ -271,7 +273,10 @@ class Connection:
             raise ValueError(f"invalid file descriptor {handle}")
         if not readable and not writable:
             raise ValueError("at least one of `readable` and `writable` must be True")
-        self._is_socket = stat.S_ISSOCK(os.fstat(handle).st_mode)
+        try:
+            self._is_socket = stat.S_ISSOCK(os.fstat(handle).st_mode)
+        except OSError:  # not open (yet): as the stdlib, the first use raises, not the constructor
+            self._is_socket = False
         self._handle: int | None = handle
         self._readable = readable
         self._writable = writable
@@ -673,7 +678,7 @@ class Connection:
             self._bad_message("the peer announced file descriptors on a connection that cannot carry them")
         if self._deadline is not None:
             self._await_data(self._handle)  # type: ignore[arg-type]
-        data, anc, flags, _ = sock.recvmsg(4, _ANC_SPACE)
+        data, anc, flags, _ = sock.recvmsg(4, _ANC_SPACE, _MSG_CMSG_CLOEXEC)
         for level, kind, payload in anc:
             if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS:
                 arr = array.array("i")
@@ -1060,7 +1065,7 @@ class Inbox:
         got = 0
         while limit is None or got < limit:
             try:
-                n, anc, flags, _ = sock.recvmsg_into([chunk], _ANC_SPACE, _MSG_DONTWAIT)
+                n, anc, flags, _ = sock.recvmsg_into([chunk], _ANC_SPACE, _MSG_DONTWAIT | _MSG_CMSG_CLOEXEC)
             except BlockingIOError:
                 break
             fds: list[int] = []

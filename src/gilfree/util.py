@@ -52,6 +52,7 @@ INFO = 20
 SUBWARNING = 25
 
 LOGGER_NAME = "gilfree"
+
 DEFAULT_LOGGING_FORMAT = "[%(levelname)s/%(processName)s] %(message)s"
 
 _logger: logging.Logger | None = None
@@ -78,7 +79,8 @@ def sub_warning(msg: str, *args: Any) -> None:
         _logger.log(SUBWARNING, msg, *args, stacklevel=2)  # the record names the caller's file and line
 
 
-#: Linux's Unix sockets have an abstract namespace (an address that starts with a NUL byte)
+#: Linux's Unix sockets have an abstract namespace (an address that starts with a NUL byte): a
+#: :class:`~gilfree.connection.Listener` on one leaves no file behind
 abstract_sockets_supported = sys.platform.startswith("linux")
 
 

@@ -42,8 +42,7 @@ Harness stand-ins, all listed in the output:
 
 Output: a table (per suite and start method: stdlib passes, gilfree passes, failures, errors,
 timeouts, crashes), the gilfree tests that do not pass where the stdlib passes -- a skip counts
-(``HAVE_SEND_HANDLE = False`` from the stand-ins skips the fd-passing tests: a missing feature) --
-grouped by the first line of their error, and everything in ``--json`` (``--report`` prints it
+(a stand-in that switches a feature off skips its tests: a missing feature) -- grouped by the first line of their error, and everything in ``--json`` (``--report`` prints it
 again).  Exit status 0 whatever the results.
 """
 
@@ -351,6 +350,12 @@ def main() -> None:
 
     import subprocess
 
+    # the classes run with a temp dir as their working directory: a relative PYTHONPATH entry
+    # (``PYTHONPATH=src``) would miss there and an installed gilfree (another worktree's) be tested
+    if os.environ.get("PYTHONPATH"):
+        os.environ["PYTHONPATH"] = os.pathsep.join(
+            os.path.abspath(p) if p else p for p in os.environ["PYTHONPATH"].split(os.pathsep)
+        )
     t_start = time.monotonic()
     known = load_known(args.gate) if args.gate else None  # a malformed list fails before the run
     suites = args.suites.split(",") if args.suites else available_suites()

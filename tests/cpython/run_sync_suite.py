@@ -15,8 +15,8 @@ or hangs is resumed from the next test, so one hang costs one test.
 
 Where gilfree lacks a private piece of the stdlib that the suite's fixtures touch, the gilfree copy
 gets a stand-in (listed in the report, see ``HARNESS`` below): ``process._dangling`` (an empty
-WeakSet, so the dangling-process warnings never fire), ``util._cleanup_tests`` (no-op) and
-``reduction.HAVE_SEND_HANDLE`` (False).  gilfree's source is not touched.
+WeakSet, so the dangling-process warnings never fire) and ``util._cleanup_tests`` (no-op).
+gilfree's source is not touched.
 
 Exit status 0 whatever the results (this is a report, not a gate); results also go to --json.
 """
@@ -64,9 +64,6 @@ def install():
     if not hasattr(gilfree.util, "_cleanup_tests"):
         gilfree.util._cleanup_tests = lambda: None
         STANDINS.append("util._cleanup_tests")
-    if not hasattr(gilfree.reduction, "HAVE_SEND_HANDLE"):
-        gilfree.reduction.HAVE_SEND_HANDLE = False
-        STANDINS.append("reduction.HAVE_SEND_HANDLE")
     if STANDINS == []:
         STANDINS.append("(none)")
 '''
