@@ -246,6 +246,7 @@ def test_buffer_wrapper_is_shared_with_a_child(ctx):
     buf = gilfree.heap.BufferWrapper(64)
     view = buf.create_memoryview()
     assert len(view) == 64 and buf.size == 64
+    view[:5] = bytes(5)  # a block reused from a freed one is not zeroed (nor is the stdlib's)
     p = ctx.Process(target=_fill, args=(buf, 9))
     p.start()
     p.join()
