@@ -19,7 +19,7 @@ import unittest.mock
 from multiprocessing import shared_memory as std_shm
 
 import pytest
-from _helpers import run_program
+from _helpers import run_program, write_program
 
 import gilfree
 import gilfree.connection
@@ -432,3 +432,44 @@ def test_dummy_active_children_from_any_thread(mod):
         t.start()
         t.join()
         assert seen == {"during": True, "after": False}
+
+
+# ---------------------------------------------------------------------------------------------------
+# forkserver
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGKILL"])
+@pytest.mark.parametrize("impl", IMPLS)
+def test_a_killed_fork_server_is_replaced(impl, sig, tmp_path):
+    # multiprocessing.forkserver._forkserver: code reads its pid to watch or signal the server; a
+    # server that died is started again by the next start, and a child it had forked still ends
+    res = run_program(write_program(tmp_path, f"""
+        import os, signal, time
+        mp = multiprocessing
+        from {IMPLS[impl]}.forkserver import _forkserver, ensure_running
+
+        def work(evt, delay=0.0):
+            time.sleep(delay)
+            evt.set()
+
+        if __name__ == "__main__":
+            mp.set_start_method("forkserver")
+            ensure_running()
+            first = _forkserver._forkserver_pid
+            evt = mp.Event()
+            proc = mp.Process(target=work, args=(evt, 0.5))
+            proc.start()
+            os.kill(first, signal.{sig})
+            time.sleep(1.0)
+            evt2 = mp.Event()
+            proc2 = mp.Process(target=work, args=(evt2,))
+            proc2.start()
+            proc2.join()
+            proc.join()
+            print(evt2.is_set(), proc2.exitcode, evt.is_set(), proc.exitcode in (0, 255),
+                  _forkserver._forkserver_pid not in (None, first))
+    """, module=IMPLS[impl]))
+    assert res.returncode == 0, res.stderr
+    # SIGKILL: a new server; SIGINT: the server ignores it (a Ctrl-C reaches the whole process group)
+    replaced = "True" if sig == "SIGKILL" else "False"
+    assert res.stdout.split() == ["True", "0", "True", "True", replaced], res.stdout + res.stderr

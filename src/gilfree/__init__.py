@@ -53,6 +53,7 @@ if TYPE_CHECKING:
     from . import arrays as arrays
     from . import dummy as dummy
     from . import executor as executor
+    from . import forkserver as forkserver
     from . import heap as heap
     from . import managers as managers
     from . import pool as pool
@@ -84,6 +85,7 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     "shared_array": ("arrays", "shared_array"),
     "managers": ("managers", None),
     "heap": ("heap", None),
+    "forkserver": ("forkserver", None),
     "resource_tracker": ("resource_tracker", None),
     "spawn": ("spawn", None),
     "pool": ("pool", None),

@@ -101,6 +101,11 @@ class ForkServer:
     def pid(self) -> int | None:
         return self._pid
 
+    @property
+    def _forkserver_pid(self) -> int | None:
+        """The stdlib's name for the server's pid (``multiprocessing.forkserver._forkserver``)."""
+        return self._pid
+
     def _running(self) -> bool:
         if self._pid is None:
             return False
