@@ -250,7 +250,9 @@ def run_tests(cls, names: list[str], emit, per_test: float) -> None:
         def addSubTest(self, test, subtest, err):
             super().addSubTest(test, subtest, err)
             if err is not None:
-                self._done(subtest, "FAIL" if issubclass(err[0], test.failureException) else "ERROR", short(err))
+                # recorded under its test's name (a _SubTest's own _testMethodName is "runTest")
+                self._done(test, "FAIL" if issubclass(err[0], test.failureException) else "ERROR",
+                           f"subtest {subtest._subDescription()}:\n{short(err)}")
 
     suite = unittest.TestSuite(cls(n) for n in names)
     faulthandler.enable()
