@@ -416,7 +416,7 @@ class _Worker:
 
     __slots__ = ("number", "index", "process", "conn", "outbox", "reader", "polling", "sentinel", "inbox", "thread", "inflight",
                  "functions", "sent", "done", "retiring", "stopping", "killed_for", "ended", "short", "pid",
-                 "hung_up")
+                 "hung_up", "exitcode")
 
     def __init__(self, number: int, index: int) -> None:
         self.number = number
@@ -440,6 +440,7 @@ class _Worker:
         self.short = False  # its recent tasks were short: queue more of them
         self.pid: int | None = None
         self.hung_up: int | None = None  # when (ns) it closed its end of the connection
+        self.exitcode: int | None = None  # how its process ended, kept when the Process is closed
 
     def __repr__(self) -> str:
         state = "stopping" if self.stopping else ("retiring" if self.retiring else "running")
@@ -523,6 +524,10 @@ class Engine(EngineBase):
     :meth:`submit`, :meth:`close`, :meth:`terminate` may be called from any thread.
     """
 
+    #: A worker that dies with no task running breaks the engine (the executor's "break" policy, as
+    #: the stdlib's executor does), instead of being replaced.
+    break_on_idle_death = False
+
     def __init__(self, processes: int, ctx: Any = None, initializer: Any = None, initargs: Iterable[Any] = (),
                  maxtasksperchild: int | None = None, max_memory_per_child: int | None = None,
                  name: str = "Pool") -> None:
@@ -562,6 +567,7 @@ class Engine(EngineBase):
         self._poller.register(self._wake_r, select.POLLIN)
         self._by_fd: dict[int, tuple[_Worker, str]] = {}
         self._exiting: list[_Worker] = []  # forgotten workers whose processes have not ended yet
+        self._settle_waiters: list[threading.Event] = []  # see settle()
         try:
             for _ in range(processes):
                 self._start_worker()
@@ -575,6 +581,25 @@ class Engine(EngineBase):
 
     def pids(self) -> list[int]:
         return [w.pid for w in self._workers if w.pid is not None]
+
+    def settle(self, timeout: float) -> None:
+        """Wait (up to ``timeout`` s) until the supervisor has handed the pending tasks that workers
+        have room for to them: what was submitted before this call and could start now has started."""
+        if threading.current_thread() is self._thread:
+            return
+        event = threading.Event()
+        with self._lock:
+            if self._state == "closed":
+                return
+            self._settle_waiters.append(event)
+        self._wake()
+        event.wait(timeout)
+
+    def _settled(self) -> None:
+        with self._lock:
+            waiters, self._settle_waiters = self._settle_waiters, []
+        for event in waiters:
+            event.set()
 
     def worker_count(self) -> int:
         return len(self._workers)
@@ -682,6 +707,7 @@ class Engine(EngineBase):
             self._exiting.append(worker)
             return
         self._unpoll(worker.sentinel)
+        worker.exitcode = process.exitcode
         process.close()
 
     def _reaped(self, worker: _Worker) -> bool:
@@ -697,6 +723,7 @@ class Engine(EngineBase):
             self._exiting.remove(worker)
         worker.process.join(1)
         if worker.process.exitcode is not None:
+            worker.exitcode = worker.process.exitcode
             worker.process.close()
 
     def _send(self, worker: _Worker, msg: Any) -> None:
@@ -758,6 +785,8 @@ class Engine(EngineBase):
                 return
             self._collect_thread_results()
             self._dispatch()
+            if self._settle_waiters:
+                self._settled()
             if state == "closing" and not self._pending and not any(w.inflight for w in self._workers):
                 for worker in list(self._workers):
                     self._stop_worker(worker)
@@ -854,6 +883,13 @@ class Engine(EngineBase):
         util.sub_warning("pool: result from worker %s could not be read: %r", worker.pid, exc)
         if worker.inflight:
             task = worker.inflight.popleft()
+            if task.policy == "break":  # as the stdlib's executor: a result it cannot read breaks it
+                broken = BrokenPoolError(f"the result of {task.describe()} could not be unpickled here "
+                                         f"({exc!r}); on_worker_death='break': no task can run")
+                broken.__cause__ = exc
+                self._finish_task(worker, task, False, broken)
+                self._break(broken)
+                return
             if not isinstance(exc, Exception):  # SystemExit from a __reduce__: get() must not exit
                 wrapped = RuntimeError(f"the result of {task.describe()} could not be unpickled here: "
                                        f"rebuilding it raised {exc!r}")
@@ -1072,6 +1108,13 @@ class Engine(EngineBase):
                 self._task_failed(worker, task, item, timed_out, retry=False)
             else:
                 self._lost(worker, task, item, exitcode, sending)
+        elif (not expected and self.break_on_idle_death and self._broken is None
+              and self._state in ("running", "closing")):
+            from ._errors import describe_exit
+
+            self._break(BrokenPoolError(
+                f"a worker (pid {worker.pid}) died with no task running ({describe_exit(exitcode)}) under "
+                f"on_worker_death='break': a process in the pool was terminated abruptly; no task can run"))
         elif not expected and worker.done == 0 and self._state == "running" and not worker.stopping:
             self._start_failures += 1
             if self._start_failures >= MAX_START_FAILURES:
@@ -1232,6 +1275,7 @@ class Engine(EngineBase):
         self._reap(5.0)  # after close(): the workers told to stop
         with self._lock:
             self._state = "closed"
+        self._settled()
         with self._wake_lock:
             wake_w, self._wake_w = self._wake_w, -1
         util.close_fds(self._wake_r, wake_w)
