@@ -175,15 +175,27 @@ def _main_is_reimportable() -> bool:
         return False
     if _main_checked[0] == id(main):
         return _main_checked[1]
+    answer = main_runs_in_children(main)
+    _main_checked = (id(main), answer)
+    return answer
+
+
+def main_runs_in_children(main: Any) -> bool:
+    """Whether a spawned child runs (imports) the main module ``main`` again, as the stdlib decides --
+    the one rule for what travels by reference and what the start methods send the child.
+
+    Not a package's or a directory's ``__main__`` (``python -m pkg``, ``python dir``), not the IPython
+    launcher (``ipython.py``), not a main module without a file that exists (the REPL, ``-c``, a
+    notebook): their functions and classes travel by value, and starting processes from their
+    unguarded code is no fork bomb."""
     spec = getattr(main, "__spec__", None)
     name = getattr(spec, "name", None) if spec is not None else None
     if name:
-        answer = name != "__main__" and not name.endswith(".__main__")
-    else:
-        path = getattr(main, "__file__", None)
-        answer = isinstance(path, str) and os.path.exists(path)
-    _main_checked = (id(main), answer)
-    return answer
+        return name != "__main__" and not name.endswith(".__main__")
+    path = getattr(main, "__file__", None)
+    if not isinstance(path, str) or not path:
+        return False
+    return os.path.splitext(os.path.basename(path))[0] != "ipython" and os.path.exists(path)
 
 
 def _in_band(buf: pickle.PickleBuffer, oob_min: int | None, oob: list[Any]) -> bool:
