@@ -627,3 +627,25 @@ def test_shutdown_cancel_futures_runs_the_started_ones(method, impl):
     assert others
     for f in others:
         assert f.done() and f.exception() is None
+
+
+def test_a_supervisor_that_cannot_start_leaves_no_worker(method, monkeypatch):
+    """At interpreter finalization a thread cannot start (CPython's test_python_finalization_error,
+    gh-109047): the constructor raises that RuntimeError, as the stdlib's submit does, and stops the
+    workers it had started (before: they were left running).  The Pool shares the engine."""
+    import threading
+
+    start = threading.Thread.start
+
+    def failing_start(self):
+        if "supervisor" in self.name:
+            raise RuntimeError("can't create new thread at interpreter shutdown")
+        return start(self)
+
+    monkeypatch.setattr(threading.Thread, "start", failing_start)
+    with pytest.raises(RuntimeError, match="interpreter shutdown"):
+        ProcessPoolExecutor(2, mp_context=method)
+    monkeypatch.undo()
+    with pytest.raises(RuntimeError, match="interpreter shutdown"):
+        monkeypatch.setattr(threading.Thread, "start", failing_start)
+        gilfree.get_context(method).Pool(2)

@@ -571,13 +571,14 @@ class Engine(EngineBase):
         try:
             for _ in range(processes):
                 self._start_worker()
-        except BaseException:  # a worker could not start: stop the ones that did, then raise
+            self._thread = threading.Thread(target=self._run, name=f"gilfree-{name}-supervisor", daemon=True)
+            # at interpreter finalization this raises RuntimeError ("can't create new thread")
+            self._thread.start()
+        except BaseException:  # a worker or the supervisor could not start: stop the workers, then raise
             self._kill_all()
             util.close_fds(self._wake_r, self._wake_w)
             self._wake_w = -1
             raise
-        self._thread = threading.Thread(target=self._run, name=f"gilfree-{name}-supervisor", daemon=True)
-        self._thread.start()
 
     def pids(self) -> list[int]:
         return [w.pid for w in self._workers if w.pid is not None]
