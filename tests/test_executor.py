@@ -295,7 +295,10 @@ def test_the_stdlib_executors_private_attributes(method):
     with ProcessPoolExecutor(2, mp_context=method) as ex:
         assert ex.submit(sleep_then, 1, 0).result(30) == 1
         procs = ex._processes
-        assert len(procs) == 2 and all(p.is_alive() and p.pid == pid for pid, p in procs.items())
+        # under spawn and forkserver a worker starts when a task finds none idle, as the stdlib's do
+        assert len(procs) == (2 if method == "fork" else 1)
+        assert all(p.is_alive() and p.pid == pid and p.exitcode is None for pid, p in procs.items())
+        assert repr(procs[next(iter(procs))])
         assert ex._broken is False
         assert ex._mp_context is gilfree.get_context(method)
         thread = ex._executor_manager_thread
@@ -305,6 +308,8 @@ def test_the_stdlib_executors_private_attributes(method):
         while not all(f.running() for f in busy) and time.monotonic() < deadline:
             time.sleep(0.02)
         time.sleep(0.5)  # both workers are inside their task
+        procs = ex._processes
+        assert len(procs) == 2
         for p in procs.values():
             p.kill()  # as CPython's test_deadlock does: the default policy breaks the executor
         with pytest.raises(cfp.BrokenProcessPool):
@@ -649,3 +654,17 @@ def test_a_supervisor_that_cannot_start_leaves_no_worker(method, monkeypatch):
     with pytest.raises(RuntimeError, match="interpreter shutdown"):
         monkeypatch.setattr(threading.Thread, "start", failing_start)
         gilfree.get_context(method).Pool(2)
+
+
+@pytest.mark.parametrize("impl", ["gilfree", "stdlib"])
+def test_workers_start_on_demand_except_under_fork(method, impl):
+    """As the stdlib's (3.9+): under spawn and forkserver a worker starts when a task finds none idle, and
+    idle workers are reused; under fork all start with the executor (before: all started up front
+    under every method, and CPython's test_idle_process_reuse_* and test_processes_terminate failed)."""
+    with _executor(impl, method, 4) as ex:
+        for _ in range(3):
+            assert ex.submit(abs, -2).result(60) == 2
+        assert len(ex._processes) == (4 if method == "fork" else 1)
+        busy = [ex.submit(sleep_then, i, 2) for i in range(3)]
+        assert len(ex._processes) == (4 if method == "fork" else 3)
+        assert [f.result(60) for f in busy] == [0, 1, 2]

@@ -530,7 +530,10 @@ class Engine(EngineBase):
 
     def __init__(self, processes: int, ctx: Any = None, initializer: Any = None, initargs: Iterable[Any] = (),
                  maxtasksperchild: int | None = None, max_memory_per_child: int | None = None,
-                 name: str = "Pool") -> None:
+                 name: str = "Pool", on_demand: bool = False) -> None:
+        # on_demand: no worker is started up front; one starts when a task finds no idle worker, up to
+        # ``processes`` (the stdlib's executor under spawn and forkserver); else all start now
+        self._on_demand = on_demand
         self._ctx = ctx
         self._threads = ctx is None
         self._size = processes
@@ -569,7 +572,7 @@ class Engine(EngineBase):
         self._exiting: list[_Worker] = []  # forgotten workers whose processes have not ended yet
         self._settle_waiters: list[threading.Event] = []  # see settle()
         try:
-            for _ in range(processes):
+            for _ in range(0 if on_demand else processes):
                 self._start_worker()
             self._thread = threading.Thread(target=self._run, name=f"gilfree-{name}-supervisor", daemon=True)
             # at interpreter finalization this raises RuntimeError ("can't create new thread")
@@ -961,6 +964,8 @@ class Engine(EngineBase):
         pending = self._pending
         if not pending:
             return
+        if self._on_demand and len(self._workers) < self._size and not self._start_on_demand():
+            return
         rooms = {w: room for w in self._workers if (room := self._capacity(w)) > 0}
         plans: dict[_Worker, list[Task]] = {}
         while pending and rooms:
@@ -980,6 +985,20 @@ class Engine(EngineBase):
             else:
                 for task in tasks:  # long ones: the worker starts the first while the next arrives
                     self._send_batch(worker, [task])
+
+    def _start_on_demand(self) -> bool:
+        """Start a worker for each pending task beyond the idle workers (up to the pool's size); False
+        if one could not start (the engine is broken then)."""
+        if self._state not in ("running", "closing") or self._broken is not None:
+            return True
+        idle = sum(1 for w in self._workers if not w.inflight and self._capacity(w) > 0)
+        for _ in range(min(len(self._pending) - idle, self._size - len(self._workers))):
+            try:
+                self._start_worker()
+            except Exception as exc:
+                self._break(BrokenPoolError(f"could not start a worker: {exc!r}"), cause=exc)
+                return False
+        return True
 
     def _send_batch(self, worker: _Worker, tasks: list[Task]) -> None:
         added: list[int] = []
@@ -1201,6 +1220,8 @@ class Engine(EngineBase):
             self._pending.appendleft(task)
 
     def _replace(self) -> None:
+        if self._on_demand:
+            return  # _dispatch starts a worker when a task needs one
         if self._state not in ("running", "closing") or self._broken is not None:
             return
         if self._state == "closing" and not self._pending:

@@ -199,10 +199,12 @@ class _WorkerProcess:
 
     @property
     def exitcode(self) -> int | None:
-        code = self._call("exitcode")
-        if code is None and self._process._closed:
+        try:
+            return self._process.exitcode
+        except ValueError:  # closed: it ended, and the engine kept how
+            if not self._process._closed:
+                raise
             return self._worker.exitcode
-        return code
 
     @property
     def daemon(self) -> bool:
@@ -280,8 +282,11 @@ class ProcessPoolExecutor(Executor):
                 raise ValueError(f"address={address!r} needs backend='ray' or backend='dask'")
             if initializer is not None:
                 initializer = _LoggedInitializer(initializer)
+            # as the stdlib's: under fork every worker starts now (forking later, from a process running
+            # threads, is unsafe); under spawn and forkserver a worker starts when a task finds none idle
             self._engine: Any = Engine(max_workers or 1, ctx, initializer, initargs, max_tasks_per_child,
-                                       max_memory_per_child, name="ProcessPoolExecutor")
+                                       max_memory_per_child, name="ProcessPoolExecutor",
+                                       on_demand=ctx.get_start_method() != "fork")
             # a worker that dies idle breaks the executor too, as the stdlib's does
             self._engine.break_on_idle_death = on_worker_death == "break"
         else:  # a cluster engine: an optional dependency (ray, dask), imported only when asked for
@@ -313,7 +318,9 @@ class ProcessPoolExecutor(Executor):
     @property
     def _processes(self) -> dict[int, Any]:
         """pid -> the worker's process (``join``, ``terminate``, ``kill``, ``is_alive``, ``exitcode``), as
-        the stdlib's executor keeps them; a snapshot (workers come and go)."""
+        the stdlib's executor keeps them; a snapshot (workers come and go), taken once the workers the
+        tasks submitted so far need have started."""
+        self._settle()
         workers = list(getattr(self._engine, "_workers", ()))
         return {w.pid: _WorkerProcess(w) for w in workers if w.process is not None and w.pid is not None}
 
@@ -397,9 +404,7 @@ class ProcessPoolExecutor(Executor):
         if cancel_futures:
             # what a free worker could take has been handed to it (RUNNING, it runs), as the stdlib's
             # call queue holds a few; the rest is cancelled
-            settle = getattr(self._engine, "settle", None)
-            if settle is not None:
-                settle(5.0)
+            self._settle()
         with self._shutdown_lock:
             self._shutdown = True
             if cancel_futures:
@@ -410,7 +415,14 @@ class ProcessPoolExecutor(Executor):
         if wait:
             self._engine.join()
 
+    def _settle(self) -> None:
+        settle = getattr(self._engine, "settle", None)
+        if settle is not None and self._engine.state == "running":
+            settle(5.0)
+
     @property
     def pids(self) -> list[int]:
-        """The pids of the current worker processes (gilfree's)."""
+        """The pids of the current worker processes (gilfree's), once the workers the tasks submitted
+        so far need have started."""
+        self._settle()
         return self._engine.pids()

@@ -192,10 +192,31 @@ def main_runs_in_children(main: Any) -> bool:
     name = getattr(spec, "name", None) if spec is not None else None
     if name:
         return name != "__main__" and not name.endswith(".__main__")
-    path = getattr(main, "__file__", None)
-    if not isinstance(path, str) or not path:
+    path = main_file(main)
+    if path is None:
         return False
     return os.path.splitext(os.path.basename(path))[0] != "ipython" and os.path.exists(path)
+
+
+_main_file: tuple[Any, str] | None = None
+
+
+def main_file(main: Any) -> str | None:
+    """The main module's file, also once the interpreter has deleted ``__main__.__file__`` -- which it
+    does when the script's last line has run, before the exit hooks (where an executor still starts
+    workers for the futures pending): remembered whenever it is seen, and at gilfree's import."""
+    global _main_file
+    path = getattr(main, "__file__", None)
+    if isinstance(path, str) and path:
+        if _main_file is None or _main_file[0] is not main:
+            _main_file = (main, path)
+        return path
+    if _main_file is not None and _main_file[0] is main:
+        return _main_file[1]
+    return None
+
+
+main_file(sys.modules.get("__main__"))
 
 
 def _in_band(buf: pickle.PickleBuffer, oob_min: int | None, oob: list[Any]) -> bool:

@@ -232,7 +232,7 @@ def preparation_data(name: str, start_method: str) -> dict[str, Any]:
         if _main_runs_in_children(main):
             data["main_name"] = name_
     elif _main_runs_in_children(main):
-        path = getattr(main, "__file__", None)
+        path = reduction.main_file(main)  # also once the interpreter deleted __main__.__file__ (at exit)
         if path and os.path.exists(path):
             main_path = os.path.normpath(os.path.join(process.ORIGINAL_DIR or os.getcwd(), path))
             data["main_path"] = main_path
