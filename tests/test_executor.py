@@ -668,3 +668,31 @@ def test_workers_start_on_demand_except_under_fork(method, impl):
         busy = [ex.submit(sleep_then, i, 2) for i in range(3)]
         assert len(ex._processes) == (4 if method == "fork" else 3)
         assert [f.result(60) for f in busy] == [0, 1, 2]
+
+
+EXIT_WITH_REPLACEMENTS = """
+import os, sys, time
+
+def record(path, i):
+    time.sleep(0.2)
+    with open(os.path.join(path, str(i)), "w"):
+        pass
+    return i
+
+if __name__ == "__main__":
+    ex = multiprocessing.ProcessPoolExecutor(1, max_tasks_per_child=1)
+    futures = [ex.submit(record, sys.argv[1], i) for i in range(3)]
+    # no shutdown(): the workers for futures 1 and 2 start after the script's last line has run
+"""
+
+
+def test_workers_started_at_exit_find_the_main_modules_functions(tmp_path):
+    """CPython deletes ``__main__.__file__`` once the script has run, before the exit hooks: a worker
+    spawned then (here a replacement, max_tasks_per_child=1) got no main module and failed every task
+    with "Can't get attribute 'record'" (before: only future 0 ran)."""
+    out = tmp_path / "out"
+    out.mkdir()
+    prog = write_program(tmp_path, EXIT_WITH_REPLACEMENTS, module="gilfree", method="spawn")
+    res = run_program([str(prog), str(out)], timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert sorted(int(n) for n in os.listdir(out)) == [0, 1, 2], res.stderr
