@@ -5,7 +5,9 @@
     executor.submit(fn, *args) ──> Task ──> Engine (gilfree._workers) ──> a worker process
           Future <── set_result / set_exception (supervisor thread) <── result ──┘
 
-The same engine as :class:`gilfree.Pool`.  A worker that dies (SIGKILL, OOM, a crash) breaks the
+The same engine as :class:`gilfree.Pool`.  As the stdlib's, under fork every worker starts with the
+executor, under spawn and forkserver a worker starts when a task finds none idle.  A worker that dies
+(SIGKILL, OOM, a crash; running a task or idle), or a result that cannot be unpickled here, breaks the
 executor, as the stdlib's does: every unfinished future, the running one too, fails with
 :class:`BrokenProcessPool` (a subclass of the stdlib's, so code written for the stdlib catches it),
 and later submissions raise it.  ``on_worker_death="fail"`` fails only the future that was running
