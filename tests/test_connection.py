@@ -1174,26 +1174,62 @@ def test_memoryview_and_lambda_in_one_message():
     "one-way end", "duplex end", "in a list",
     "socket",
 ])
-def test_descriptor_through_a_one_way_pipe_fails_cleanly(payload):
+def test_descriptor_through_a_one_way_pipe_arrives(payload):
+    # (this failed cleanly before the resource sharer; tests/test_resource_sharer.py has the rest)
+    from gilfree import resource_sharer
+
     r, w = Pipe(duplex=False)
     r2, w2 = Pipe(duplex=False)
     a, b = Pipe()
     s1, s2 = socket.socketpair()
     obj = {"one-way end": w2, "duplex end": a, "socket": s1, "in a list": [1, lambda: 2, r2]}[payload]
-    before = open_fds()
     try:
-        with pytest.raises((gilfree.PicklingError, RuntimeError)) as info:
-            w.send(obj)
-        assert "descriptor" in str(info.value)
-        assert open_fds() == before
-        assert not r.poll(0), "a failed send wrote part of a message"
-        w.send("still usable")
-        assert recv_within(r) == "still usable"
-        # and the would-be payload still works where it is
-        w2.send_bytes(b"ok")
-        assert recv_bytes_within(r2) == b"ok"
+        w.send(obj)
+        got = recv_within(r)
+        if payload == "in a list":
+            assert got[1]() == 2
+            w2.send_bytes(b"ok")
+            assert recv_bytes_within(got[2]) == b"ok"
+            got = got[2]
+        elif payload == "one-way end":
+            got.send_bytes(b"ok")
+            assert recv_bytes_within(r2) == b"ok"
+        elif payload == "duplex end":
+            got.send("ok")
+            assert recv_within(b) == "ok"
+        else:
+            got.sendall(b"ok")
+            assert s2.recv(10) == b"ok"
+        got.close()
+        assert resource_sharer._sharer.table == {}
     finally:
         closed_all(r, w, r2, w2, a, b, s1, s2)
+        resource_sharer.stop(T)
+
+
+def test_received_descriptors_are_not_inheritable():
+    # PEP 446: a descriptor Python makes is close-on-exec; one that arrives with a message too, or a
+    # later exec (subprocess with close_fds=False, os.exec*) would carry it into another program
+    from gilfree.connection import Inbox, Outbox
+
+    a, b = Pipe()
+    r, w = Pipe(duplex=False)
+    try:
+        a.send(w)
+        got = recv_within(b)
+        assert not os.get_inheritable(got.fileno())
+        got.close()
+        out, inbox = Outbox(a), Inbox(b)
+        out.put(w)
+        deadline = time.monotonic() + T
+        arrived = []
+        while not arrived and time.monotonic() < deadline:
+            out.flush()
+            arrived = inbox.receive()
+        assert not os.get_inheritable(arrived[0].fileno())
+        arrived[0].close()
+    finally:
+        closed_all(a, b, r, w)
 
 
 def test_closed_connection_cannot_be_sent():

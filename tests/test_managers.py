@@ -334,6 +334,26 @@ def test_same_results_as_stdlib_manager():
     assert got == expected
 
 
+@pytest.mark.parametrize("impl", ["stdlib", "gilfree"])
+def test_an_object_that_cannot_be_made_raises_remote_error(impl):
+    # the stdlib's server answers a failed creation with its traceback, as a RemoteError (CPython's
+    # _TestPool.test_make_pool under a manager: m.Pool(0) raises RemoteError)
+    if impl == "stdlib":
+        manager, error = std_mp.get_context("fork").Manager(), std_managers.RemoteError
+    else:
+        manager, error = gilfree.get_context("fork").Manager(), managers.RemoteError
+    with manager as m:
+        with pytest.raises(error, match=r"Number of processes must be at least 1") as info:
+            m.Pool(0)
+        if impl == "gilfree":  # gilfree's RemoteError is also of the original type
+            assert isinstance(info.value, ValueError)
+        with pytest.raises(error, match=r"'int' object is not iterable") as info:
+            m.list(5)
+        if impl == "gilfree":
+            assert isinstance(info.value, TypeError)
+        assert m.list([1, 2])[:] == [1, 2]  # the connection goes on
+
+
 def test_same_exception_for_non_exposed_method():
     class Restricted(BaseManager):
         pass

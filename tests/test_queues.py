@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import multiprocessing as std_mp
+import multiprocessing.queues
 import os
 import queue
 import random
@@ -258,6 +259,35 @@ def test_unpicklable_put_raises_in_caller():
     assert q.get(timeout=5)(1) == 2
     q.put("still usable")
     assert q.get(timeout=5) == "still usable"
+
+
+class _RefusesPickling:
+    def __reduce__(self):
+        raise AttributeError("not today")
+
+
+@pytest.mark.parametrize("impl", ["stdlib", "gilfree"])
+def test_a_subclass_hook_for_unpicklable_objects_is_honoured(impl):
+    # the stdlib's Queue calls _on_queue_feeder_error(e, obj) from its feeder thread; a subclass
+    # that overrides it is told instead of the raise, with what pickling raised, and put returns
+    base = std_mp.queues.Queue if impl == "stdlib" else gilfree.queues.Queue
+    ctx = std_mp.get_context() if impl == "stdlib" else gilfree.get_context()
+    seen = []
+
+    class Safe(base):
+        @staticmethod
+        def _on_queue_feeder_error(e, obj):
+            seen.append((type(e), type(obj)))
+
+    q = Safe(ctx=ctx)
+    bad = _RefusesPickling()
+    q.put(bad)
+    q.put("next")
+    assert q.get(timeout=10) == "next"
+    assert seen == [(AttributeError, _RefusesPickling)]
+    assert q.empty()
+    q.close()
+    q.join_thread()
 
 
 class _Celsius:

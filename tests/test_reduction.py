@@ -121,14 +121,23 @@ def test_register_custom_reducer():
         reduction._table_copyreg_len = -1
 
 
-def test_fds_cannot_travel_outside_a_channel():
+def test_fds_outside_a_channel_go_through_the_resource_sharer():
+    # no SCM_RIGHTS channel: the descriptor is held by this process's sharer for one receiver
+    from gilfree import resource_sharer
+
     r, w = gilfree.Pipe(duplex=False)
     try:
-        with pytest.raises(gilfree.PicklingError, match="descriptor"):
-            reduction.dumps(r)
+        data = reduction.dumps(r)
+        assert len(resource_sharer._sharer.table) == 1
+        got = reduction.loads(data)
+        assert got.fileno() != r.fileno() and resource_sharer._sharer.table == {}
+        w.send_bytes(b"ok")
+        assert got.recv_bytes() == b"ok"
+        got.close()
     finally:
         r.close()
         w.close()
+        resource_sharer.stop(10)
 
 
 def test_authkey_is_not_picklable_outside_spawning():

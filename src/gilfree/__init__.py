@@ -53,11 +53,15 @@ if TYPE_CHECKING:
     from . import arrays as arrays
     from . import dummy as dummy
     from . import executor as executor
+    from . import forkserver as forkserver
+    from . import heap as heap
     from . import managers as managers
     from . import pool as pool
     from . import queues as queues
+    from . import resource_tracker as resource_tracker
     from . import shared_memory as shared_memory
     from . import sharedctypes as sharedctypes
+    from . import spawn as spawn
     from . import synchronize as synchronize
     from .arrays import SharedArray as SharedArray
     from .arrays import as_shared as as_shared
@@ -80,6 +84,10 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     "as_shared": ("arrays", "as_shared"),
     "shared_array": ("arrays", "shared_array"),
     "managers": ("managers", None),
+    "heap": ("heap", None),
+    "forkserver": ("forkserver", None),
+    "resource_tracker": ("resource_tracker", None),
+    "spawn": ("spawn", None),
     "pool": ("pool", None),
     "dummy": ("dummy", None),
     "executor": ("executor", None),
@@ -240,6 +248,9 @@ __all__ = [
     "Queue",
     "SimpleQueue",
     "queues",
+    "heap",
+    "resource_tracker",
+    "spawn",
     "RLock",
     "RawArray",
     "RawValue",

@@ -16,6 +16,8 @@
     give(name)             b"G" "handed over (to a queue)" ───> │ removed from this client only
     register_queue(prefix, ident) b"Q" "my queue's segments" ─> │ queues[client][prefix] = ident
     forget_queue(prefix)   b"D" "I swept them myself" ────────> │ forgotten
+    (resource_tracker)     b"N" "remember, never unlink" ─────> │ owned, counted, not unlinked
+    (resource_tracker)     b"P" "your pid?" ──────────────────> │ <── b"P" + pid, at once
     at exit          b"B"        "bye" ───────────────────────> │ shm_unlink what the client still
                      <─────────── b"B" + number of clients left │ owns (if the name still points to
                                                                  │ that ident), one stderr line each;
@@ -26,6 +28,8 @@
                                                                  │ header's arena (ident), pidfds
                                                                  │ of those that do are watched
                                                                  │ no client and no orphan left: exit
+                                                                 │ (status 1 if a client left owning
+                                                                 │ something, as the stdlib's)
 
     Every request is ``!cHQQ`` (op, name length, st_dev, st_ino; 0, 0 when unknown) + the name.
 
@@ -102,6 +106,14 @@ TRACKER_CODE = (
 )
 WELCOME = b"W"
 OWN, OWN_QUIET, UNLINKED, GIVEN, QUEUE, QUEUE_DONE, BYE = b"O", b"o", b"U", b"G", b"Q", b"D", b"B"
+#: "remember this name, never unlink it": the stdlib's "noop" resources (``gilfree.resource_tracker``),
+#: counted as leaked when their owner goes without unregistering them, like the others
+NOTE = b"N"
+#: "what is your pid?" (``gilfree.resource_tracker``'s ``_pid``): answered at once with _PID_REPLY.
+#: A client's SO_PEERCRED cannot tell: it names whoever called listen() when the client connected,
+#: which is the tracker's starter for a client that connects while the tracker is starting.
+PID = b"P"
+_PID_REPLY = struct.Struct("!cI")
 _NAMED = struct.Struct("!cHQQ")  # op, length of the name that follows, st_dev, st_ino (0, 0: unknown)
 #: (st_dev, st_ino) of a segment or arena: what a name must still point to for the tracker to unlink it
 Ident = tuple  # (int, int); (0, 0) when unknown
@@ -149,6 +161,9 @@ class _Client:
         self.owned: dict[str, Ident] = {}  # name -> identity (NO_IDENT: registered before creation)
         self.queues: dict[str, Ident] = {}  # queue segment prefix -> identity of the queue's header arena
         self.quiet: set[str] = set()  # owned names removed without a stderr line (gilfree's own)
+        self.notes: set[str] = set()  # owned names that are not segments: never unlinked (NOTE)
+        self.exitcode: int | None = None  # of the tracker this process started, once reaped
+        self.peer: int | None = None  # pid of the tracker we dialed, once asked (peer_pid)
         self.spawned_pid: int | None = None  # the tracker this process started, until reaped
         self.finalizer: util.Finalize | None = None
         self.in_setup: set[socket.socket] = set()  # sockets a forked child must not keep
@@ -218,14 +233,18 @@ class _Client:
             sock = self._start(executable)
         self.sock = sock
         if self.finalizer is None or not self.finalizer.still_active():
-            self.finalizer = util.Finalize(None, goodbye, exitpriority=_BYE_PRIORITY)
+            self.finalizer = util.Finalize(None, self.goodbye, exitpriority=_BYE_PRIORITY)
         # everything we own, on a new connection (after a tracker restart too)
-        msgs = [_named(OWN_QUIET if n in self.quiet else OWN, n, i) for n, i in sorted(self.owned.items())]
+        msgs = [_named(self._own_op(n), n, i) for n, i in sorted(self.owned.items())]
         msgs += [_named(QUEUE, p, i) for p, i in sorted(self.queues.items())]
         if msgs:
             sock.sendall(b"".join(msgs), socket.MSG_NOSIGNAL)
 
+    def _own_op(self, name: str) -> bytes:
+        return NOTE if name in self.notes else OWN_QUIET if name in self.quiet else OWN
+
     def _drop(self) -> None:
+        self.peer = None
         if self.sock is not None:
             self.sock.close()
             self.sock = None
@@ -252,16 +271,61 @@ class _Client:
                 table.pop(name, None)
                 raise
 
-    def register(self, name: str, ident: Ident, executable: str | None, quiet: bool) -> None:
-        if quiet:
-            with self.lock:
+    def register(self, name: str, ident: Ident, executable: str | None, quiet: bool, note: bool = False) -> None:
+        with self.lock:
+            self.quiet.discard(name)
+            self.notes.discard(name)
+            if note:
+                self.notes.add(name)
+            elif quiet:
                 self.quiet.add(name)
         try:
-            self._send_owning(self.owned, OWN_QUIET if quiet else OWN, name, ident, executable)
+            self._send_owning(self.owned, self._own_op(name), name, ident, executable)
         except BaseException:
             with self.lock:
                 self.quiet.discard(name)
+                self.notes.discard(name)
             raise
+
+    # -- what gilfree.resource_tracker asks ------------------------------------------------------
+    def ensure_connected(self, executable: str | None) -> None:
+        """Connect now (starting the tracker if none answers); again if the tracker has died."""
+        with self.lock:
+            if self.sock is not None and not self._alive_locked():
+                self._drop()
+            if self.sock is None:
+                self._connect(executable)
+
+    def _alive_locked(self) -> bool:
+        if self.sock is None:
+            return False
+        poller = select.poll()
+        poller.register(self.sock.fileno(), select.POLLHUP | select.POLLERR | getattr(select, "POLLRDHUP", 0))
+        return not poller.poll(0)  # the tracker closes our connection only when it dies
+
+    def alive(self) -> bool:
+        """Whether this process is connected to a tracker that is running."""
+        with self.lock:
+            return self._alive_locked()
+
+    def peer_pid(self) -> int | None:
+        """Pid of the tracker this process is connected to (None when not connected)."""
+        with self.lock:
+            if self.sock is None:
+                return None
+            if self.spawned_pid is not None:
+                return self.spawned_pid  # ours: it may not have accepted the connection yet
+            if self.peer is None:
+                try:  # we dialed: the welcome has been read, the answer is the next thing to come
+                    self.sock.settimeout(_WELCOME_TIMEOUT)
+                    self.sock.sendall(_named(PID, ""), socket.MSG_NOSIGNAL)
+                    op, pid = _PID_REPLY.unpack(_recv_exact(self.sock, _PID_REPLY.size))
+                    self.sock.settimeout(None)
+                except (OSError, struct.error):
+                    self._drop()
+                    return None
+                self.peer = pid if op == PID else None
+            return self.peer
 
     def register_queue(self, prefix: str, ident: Ident, executable: str | None) -> None:
         self._send_owning(self.queues, QUEUE, prefix, ident, executable)
@@ -273,6 +337,7 @@ class _Client:
     def _forget_locked(self, table: dict[str, Ident], op: bytes, name: str, ident: Ident) -> None:
         table.pop(name, None)
         self.quiet.discard(name)
+        self.notes.discard(name)
         if self.sock is None:
             return  # never connect only to say this; an owner is always connected
         try:
@@ -286,6 +351,7 @@ class _Client:
             self.owned.clear()  # what is left is the tracker's to remove now
             self.queues.clear()
             self.quiet.clear()
+            self.notes.clear()
             if sock is None:
                 return
             remaining: int | None = None
@@ -308,8 +374,10 @@ class _Client:
         pid = self.spawned_pid
         if pid is None:
             return
-        if _wait_pid(pid, timeout):
+        status = _wait_status(pid, timeout)
+        if status is not None:
             self.spawned_pid = None
+            self.exitcode = status
 
     def after_fork_in_child(self) -> None:
         # The parent's connection, and any socket a thread of the parent was setting up, are not
@@ -325,7 +393,10 @@ class _Client:
         self.owned = {}
         self.queues = {}  # the parent's queues stay the parent's (the tracker sees who maps them)
         self.quiet = set()
+        self.notes = set()
         self.spawned_pid = None
+        self.exitcode = None
+        self.peer = None
         self.finalizer = None
 
 
@@ -333,11 +404,20 @@ def _spawn(executable: str, listener_fd: int) -> int:
     pkg_dir = os.path.dirname(os.path.abspath(__file__))
     argv = [executable, "-S", "-c", TRACKER_CODE, pkg_dir, str(listener_fd)]
     actions = [(os.POSIX_SPAWN_DUP2, listener_fd, listener_fd)]
-    return os.posix_spawn(executable, argv, os.environ, file_actions=actions)
+    # SIGINT and SIGTERM blocked from the start: a Ctrl-C during the tracker's start-up (before
+    # serve() ignores them) must not kill it
+    return os.posix_spawn(executable, argv, os.environ, file_actions=actions,
+                          setsigmask=(signal.SIGINT, signal.SIGTERM))
 
 
 def _wait_pid(pid: int, timeout: float) -> bool:
     """Reap child ``pid`` if it exits within ``timeout`` s; True if it is gone."""
+    return _wait_status(pid, timeout) is not None
+
+
+def _wait_status(pid: int, timeout: float) -> int | None:
+    """Reap child ``pid`` if it exits within ``timeout`` s: its exit code (-signal if killed; -256
+    when someone else reaped it), or None while it runs."""
     try:
         fd: int | None = os.pidfd_open(pid)
     except ProcessLookupError:
@@ -352,14 +432,14 @@ def _wait_pid(pid: int, timeout: float) -> bool:
         elif fd == -1:  # no pidfd: poll
             deadline = time.monotonic() + timeout
             while True:
-                done, _ = os.waitpid(pid, os.WNOHANG)
+                done, status = os.waitpid(pid, os.WNOHANG)
                 if done or time.monotonic() >= deadline:
-                    return bool(done)
+                    return os.waitstatus_to_exitcode(status) if done else None
                 time.sleep(0.01)
-        done, _ = os.waitpid(pid, os.WNOHANG)
-        return bool(done)
+        done, status = os.waitpid(pid, os.WNOHANG)
+        return os.waitstatus_to_exitcode(status) if done else None
     except ChildProcessError:
-        return True  # reaped by someone else, or not our child
+        return -256  # reaped by someone else, or not our child
     finally:
         if fd is not None and fd >= 0:
             os.close(fd)
@@ -450,13 +530,14 @@ def tracker_pid() -> int | None:
 # The tracker process
 
 class _Peer:
-    __slots__ = ("sock", "pid", "owned", "quiet", "queues", "pending")
+    __slots__ = ("sock", "pid", "owned", "quiet", "notes", "queues", "pending")
 
     def __init__(self, sock: socket.socket, pid: int) -> None:
         self.sock = sock
         self.pid = pid
         self.owned: dict[str, Ident] = {}
         self.quiet: set[str] = set()
+        self.notes: set[str] = set()
         self.queues: dict[str, Ident] = {}
         self.pending = bytearray()
 
@@ -603,6 +684,7 @@ class _Server:
         self.pidfds: dict[int, int] = {}  # pidfd -> pid of a process that maps an orphaned queue
         self.watched: dict[int, int] = {}  # pid -> its pidfd
         self.poll_orphans = False  # no pidfds: look again every second
+        self.leaked = False  # a client went without unregistering something: the exit status is 1
 
     def accept_all(self) -> None:
         while True:
@@ -632,6 +714,10 @@ class _Server:
         fd = peer.sock.fileno()
         self.poller.unregister(fd)
         del self.peers[fd]
+        if peer.owned:
+            self.leaked = True
+        for name in peer.notes:
+            peer.owned.pop(name, None)
         _unlink_all(peer.owned, peer.pid, peer.quiet)
         if reply:
             try:
@@ -690,7 +776,7 @@ class _Server:
             if op == BYE:
                 self.drop(peer, reply=True)
                 return
-            if op not in (OWN, OWN_QUIET, UNLINKED, GIVEN, QUEUE, QUEUE_DONE):
+            if op not in (OWN, OWN_QUIET, NOTE, UNLINKED, GIVEN, QUEUE, QUEUE_DONE, PID):
                 self.drop(peer, reply=False)  # not our client library: treat as gone
                 return
             if len(buf) - pos < _NAMED.size:
@@ -702,19 +788,30 @@ class _Server:
             name = os.fsdecode(bytes(buf[pos + _NAMED.size : end]))
             ident = (dev, ino)
             pos = end
-            if op == OWN or op == OWN_QUIET:
+            if op == OWN or op == OWN_QUIET or op == NOTE:
                 peer.owned[name] = ident
+                peer.quiet.discard(name)
+                peer.notes.discard(name)
                 if op == OWN_QUIET:
                     peer.quiet.add(name)
+                elif op == NOTE:
+                    peer.notes.add(name)
             elif op == UNLINKED:  # whoever unlinked it: that file is nobody's any more
                 for other in self.peers.values():
                     mine = other.owned.get(name)
                     if mine is not None and (mine == ident or NO_IDENT in (mine, ident)):
                         del other.owned[name]
                         other.quiet.discard(name)
+                        other.notes.discard(name)
+            elif op == PID:
+                try:
+                    peer.sock.sendall(_PID_REPLY.pack(PID, os.getpid()))
+                except OSError:
+                    pass  # it has gone: its EOF comes next
             elif op == GIVEN:
                 peer.owned.pop(name, None)
                 peer.quiet.discard(name)
+                peer.notes.discard(name)
             elif op == QUEUE:
                 peer.queues[name] = ident
             else:  # QUEUE_DONE
@@ -749,7 +846,11 @@ def serve() -> None:
     listener_fd = int(sys.argv[-1])
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, (signal.SIGINT, signal.SIGTERM))  # blocked by _spawn
     _quiet_stdio()
     listener = socket.socket(fileno=listener_fd)
     listener.setblocking(False)
-    _Server(listener).run()
+    server = _Server(listener)
+    server.run()
+    # as the stdlib's tracker: 1 when some client ended without unregistering what it owned
+    sys.exit(1 if server.leaked else 0)

@@ -416,7 +416,7 @@ class _Worker:
 
     __slots__ = ("number", "index", "process", "conn", "outbox", "reader", "polling", "sentinel", "inbox", "thread", "inflight",
                  "functions", "sent", "done", "retiring", "stopping", "killed_for", "ended", "short", "pid",
-                 "hung_up", "exitcode")
+                 "hung_up")
 
     def __init__(self, number: int, index: int) -> None:
         self.number = number
@@ -440,7 +440,6 @@ class _Worker:
         self.short = False  # its recent tasks were short: queue more of them
         self.pid: int | None = None
         self.hung_up: int | None = None  # when (ns) it closed its end of the connection
-        self.exitcode: int | None = None  # how its process ended, kept when the Process is closed
 
     def __repr__(self) -> str:
         state = "stopping" if self.stopping else ("retiring" if self.retiring else "running")
@@ -508,6 +507,14 @@ class EngineBase:
             raise RuntimeError("cannot join the pool from one of its own callbacks")
         return self._finished.wait(timeout)
 
+    def worker_objects(self) -> list[Any]:
+        """The current workers' process (or thread) objects; none for an engine without local workers."""
+        return []
+
+    def repopulate(self) -> None:
+        """Start workers for any that have exited and not been replaced yet (the engine does it by
+        itself as soon as it sees one exit; this asks for it now)."""
+
     @property
     def state(self) -> str:
         return self._state
@@ -571,6 +578,7 @@ class Engine(EngineBase):
         self._by_fd: dict[int, tuple[_Worker, str]] = {}
         self._exiting: list[_Worker] = []  # forgotten workers whose processes have not ended yet
         self._settle_waiters: list[threading.Event] = []  # see settle()
+        self._repopulate = False  # repopulate() asked the supervisor to start missing workers now
         try:
             for _ in range(0 if on_demand else processes):
                 self._start_worker()
@@ -578,7 +586,7 @@ class Engine(EngineBase):
             # at interpreter finalization this raises RuntimeError ("can't create new thread")
             self._thread.start()
         except BaseException:  # a worker or the supervisor could not start: stop the workers, then raise
-            self._kill_all()
+            self._abort_start()
             util.close_fds(self._wake_r, self._wake_w)
             self._wake_w = -1
             raise
@@ -604,6 +612,20 @@ class Engine(EngineBase):
             waiters, self._settle_waiters = self._settle_waiters, []
         for event in waiters:
             event.set()
+
+    def worker_objects(self) -> list[Any]:
+        """The current workers' ``Process`` objects (threads for thread workers): a snapshot, since the
+        supervisor replaces workers as they exit.  The engine never closes these objects (their
+        descriptors go with the last reference), so a caller holding one may still ask ``is_alive()``,
+        ``exitcode`` or ``join()`` after the worker has left the pool."""
+        return [w.process if w.process is not None else w.thread for w in list(self._workers)]
+
+    def repopulate(self) -> None:
+        with self._lock:
+            if self._state != "running":
+                return
+            self._repopulate = True
+        self._wake()
 
     def worker_count(self) -> int:
         return len(self._workers)
@@ -645,25 +667,34 @@ class Engine(EngineBase):
         else:
             ours, theirs = connection.Pipe()
             ours._shm_min = SHM_MIN
-            process = self._ctx.Process(
-                target=_worker_main,
-                args=(theirs, self._slot_block, index, self._initializer, self._initargs, self._max_memory),
-                daemon=True,
-            )
-            process.name = process.name.replace("Process", "PoolWorker")
-            process.start()
+            try:
+                process = self._ctx.Process(
+                    target=_worker_main,
+                    args=(theirs, self._slot_block, index, self._initializer, self._initargs, self._max_memory),
+                    daemon=True,
+                )
+                process.name = process.name.replace("Process", "PoolWorker")
+                process.start()
+            except BaseException:
+                ours.close()
+                theirs.close()
+                self._free_slots.insert(0, index)
+                raise
             theirs.close()
             worker.process = process
-            worker.pid = process.pid
+            # a context given by duck typing (as the stdlib's Pool accepts one) may make processes
+            # without a pid or sentinel: such a worker is supervised through its connection only
+            worker.pid = getattr(process, "pid", None)
+            worker.sentinel = getattr(process, "sentinel", None)
             worker.conn = ours
             worker.outbox = connection.Outbox(ours)
             worker.reader = connection.Inbox(ours)
             worker.polling = select.POLLIN
-            worker.sentinel = process.sentinel
             self._by_fd[ours.fileno()] = (worker, "conn")
-            self._by_fd[worker.sentinel] = (worker, "sentinel")
             self._poller.register(ours.fileno(), select.POLLIN)
-            self._poller.register(worker.sentinel, select.POLLIN)
+            if worker.sentinel is not None:
+                self._by_fd[worker.sentinel] = (worker, "sentinel")
+                self._poller.register(worker.sentinel, select.POLLIN)
         self._workers.append(worker)
         return worker
 
@@ -711,8 +742,8 @@ class Engine(EngineBase):
             self._exiting.append(worker)
             return
         self._unpoll(worker.sentinel)
-        worker.exitcode = process.exitcode
-        process.close()
+        # not process.close(): the object may be in a caller's hands (``Pool._pool``, the executor's
+        # ``_processes``), where the stdlib's stays usable; its descriptors go with its last reference
 
     def _reaped(self, worker: _Worker) -> bool:
         """Whether the worker's process has ended (and is reaped now), without waiting."""
@@ -725,10 +756,7 @@ class Engine(EngineBase):
         self._unpoll(worker.sentinel)
         if worker in self._exiting:
             self._exiting.remove(worker)
-        worker.process.join(1)
-        if worker.process.exitcode is not None:
-            worker.exitcode = worker.process.exitcode
-            worker.process.close()
+        worker.process.join(1)  # reaps it (not close(): see _forget_worker)
 
     def _send(self, worker: _Worker, msg: Any) -> None:
         """Queue a message for the worker and write what its socket takes now (never blocks).
@@ -788,6 +816,9 @@ class Engine(EngineBase):
                 self._kill_all()
                 return
             self._collect_thread_results()
+            if self._repopulate:
+                self._repopulate = False
+                self._replace()
             self._dispatch()
             if self._settle_waiters:
                 self._settled()
@@ -1276,6 +1307,37 @@ class Engine(EngineBase):
             else:
                 self._stop_worker(worker)
         self._reap(1.0, threads=False)  # a busy thread cannot be stopped: do not wait for it
+
+    def _abort_start(self) -> None:
+        """A worker could not be started while the pool was being made: stop the ones that were, as the
+        stdlib does (``terminate()`` each one still running, then ``join()`` it), and raise nothing.
+
+        None of them has a task yet, so SIGTERM loses nothing.  gilfree's own processes get a bounded
+        wait and then SIGKILL (nothing hangs); a ``Process`` of a context given by duck typing gets
+        exactly the stdlib's calls, since it may offer nothing else."""
+        from .process import BaseProcess  # L3
+
+        started = list(self._workers)
+        for worker in started:
+            if worker.process is None:  # a thread: told to stop, it exits between tasks
+                self._stop_worker(worker)
+                continue
+            self._close_channel(worker)
+            if worker.process.exitcode is None:
+                worker.process.terminate()
+        deadline = time.monotonic() + 5.0
+        for worker in started:
+            process = worker.process
+            if isinstance(process, BaseProcess):
+                process.join(max(0.0, deadline - time.monotonic()))
+                if process.exitcode is None:
+                    process.kill()
+                    process.join()
+            elif process is not None:
+                process.join()
+            self._unpoll(worker.sentinel)
+            self._workers.remove(worker)
+            worker.ended = True
 
     def _reap(self, seconds: float, threads: bool = True) -> None:
         """Wait up to ``seconds`` in all for the workers to end, SIGKILL what is left, forget them."""

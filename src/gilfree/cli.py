@@ -21,6 +21,8 @@ from typing import Callable
 
 import gilfree
 
+__all__ = ["main"]
+
 # ---------------------------------------------------------------------------------------------------
 # Targets run by the tour's child processes (module-level, so every start method can import them).
 

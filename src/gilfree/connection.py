@@ -97,6 +97,8 @@ _MSG_CTRUNC = int(_socket.MSG_CTRUNC)
 _MSG_WAITALL = int(_socket.MSG_WAITALL)
 _MSG_PEEK = int(_socket.MSG_PEEK)
 _MSG_DONTWAIT = int(_socket.MSG_DONTWAIT)
+#: Descriptors that arrive with a message are close-on-exec, as every descriptor Python makes (PEP 446).
+_MSG_CMSG_CLOEXEC = int(getattr(_socket, "MSG_CMSG_CLOEXEC", 0))
 _PEEK_SIZE = 1 << 16
 #: A header that says "the next message carries file descriptors" (gilfree's extension).
 _FDS_NEXT = -3
@@ -271,7 +273,10 @@ class Connection:
             raise ValueError(f"invalid file descriptor {handle}")
         if not readable and not writable:
             raise ValueError("at least one of `readable` and `writable` must be True")
-        self._is_socket = stat.S_ISSOCK(os.fstat(handle).st_mode)
+        try:
+            self._is_socket = stat.S_ISSOCK(os.fstat(handle).st_mode)
+        except OSError:  # not open (yet): as the stdlib, the first use raises, not the constructor
+            self._is_socket = False
         self._handle: int | None = handle
         self._readable = readable
         self._writable = writable
@@ -673,7 +678,7 @@ class Connection:
             self._bad_message("the peer announced file descriptors on a connection that cannot carry them")
         if self._deadline is not None:
             self._await_data(self._handle)  # type: ignore[arg-type]
-        data, anc, flags, _ = sock.recvmsg(4, _ANC_SPACE)
+        data, anc, flags, _ = sock.recvmsg(4, _ANC_SPACE, _MSG_CMSG_CLOEXEC)
         for level, kind, payload in anc:
             if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS:
                 arr = array.array("i")
@@ -1060,7 +1065,7 @@ class Inbox:
         got = 0
         while limit is None or got < limit:
             try:
-                n, anc, flags, _ = sock.recvmsg_into([chunk], _ANC_SPACE, _MSG_DONTWAIT)
+                n, anc, flags, _ = sock.recvmsg_into([chunk], _ANC_SPACE, _MSG_DONTWAIT | _MSG_CMSG_CLOEXEC)
             except BlockingIOError:
                 break
             fds: list[int] = []
@@ -1287,10 +1292,14 @@ def wait(object_list: Iterable[Any], timeout: float | None = None) -> list[Any]:
 _CHALLENGE = b"#CHALLENGE#"
 _WELCOME = b"#WELCOME#"
 _FAILURE = b"#FAILURE#"
+# the stdlib's names for the same protocol facts (public before 3.12; code and tests read them)
+CHALLENGE, WELCOME, FAILURE = _CHALLENGE, _WELCOME, _FAILURE
+CONNECTION_TIMEOUT = HANDSHAKE_TIMEOUT
 #: what a gilfree server sends, followed by the reason, to a peer it turns away before authentication
 _REFUSED = b"#REFUSED#"
 _DIGEST = b"{sha256}"
 _NONCE_BYTES = 40
+MESSAGE_LENGTH = _NONCE_BYTES  # the stdlib's name for it
 _AUTH_MAX = 256
 
 
@@ -1472,23 +1481,11 @@ def address_type(address: Any) -> str:
     """The family name of an address: a (host, port) tuple is AF_INET(6), a str is AF_UNIX."""
     if isinstance(address, tuple):
         return "AF_INET6" if ":" in str(address[0]) else "AF_INET"
+    if isinstance(address, str) and address.startswith("\\\\"):
+        return "AF_PIPE"  # a Windows named pipe (\\.\pipe\name): refused by _validate_family here
     if isinstance(address, (str, bytes)):
         return "AF_UNIX"
     raise ValueError(f"address type of {address!r} unrecognized: use (host, port) for TCP or a path for a Unix socket")
-
-
-_temp_dir: str | None = None
-
-
-def _get_temp_dir() -> str:
-    global _temp_dir
-    if _temp_dir is None or not os.path.isdir(_temp_dir):
-        import shutil
-        import tempfile
-
-        _temp_dir = tempfile.mkdtemp(prefix="gilfree-")
-        util.Finalize(None, shutil.rmtree, args=(_temp_dir, True), exitpriority=-100)
-    return _temp_dir
 
 
 def arbitrary_address(family: str) -> Any:
@@ -1498,7 +1495,7 @@ def arbitrary_address(family: str) -> Any:
     if family == "AF_INET6":
         return ("::1", 0)
     if family == "AF_UNIX":
-        return os.path.join(_get_temp_dir(), f"listener-{os.getpid()}-{os.urandom(6).hex()}")
+        return os.path.join(util.get_temp_dir(), f"listener-{os.getpid()}-{os.urandom(6).hex()}")
     raise ValueError(f"unrecognized family {family!r}; use one of {families}")
 
 

@@ -165,57 +165,6 @@ class _LoggedInitializer:
             raise
 
 
-class _WorkerProcess:
-    """A worker process as ``executor._processes`` hands it out.  The engine closes a worker's
-    ``Process`` once it has ended and been reaped; this handle stays usable after that: ``join``
-    returns at once, ``is_alive`` is False, ``exitcode`` is the one it ended with, and ``terminate``
-    and ``kill`` do nothing (as on an ended process)."""
-
-    __slots__ = ("_worker", "_process", "pid", "name")
-
-    def __init__(self, worker: Any) -> None:
-        self._worker = worker
-        self._process = worker.process
-        self.pid: int = worker.pid
-        self.name: str = self._process.name
-
-    def _call(self, method: str, *args: Any) -> Any:
-        try:
-            return getattr(self._process, method)(*args)
-        except ValueError:  # closed (by the supervisor, maybe just now): it has ended and was reaped
-            if not self._process._closed:
-                raise
-            return None
-
-    def join(self, timeout: float | None = None) -> None:
-        self._call("join", timeout)
-
-    def is_alive(self) -> bool:
-        return bool(self._call("is_alive"))
-
-    def terminate(self) -> None:
-        self._call("terminate")
-
-    def kill(self) -> None:
-        self._call("kill")
-
-    @property
-    def exitcode(self) -> int | None:
-        try:
-            return self._process.exitcode
-        except ValueError:  # closed: it ended, and the engine kept how
-            if not self._process._closed:
-                raise
-            return self._worker.exitcode
-
-    @property
-    def daemon(self) -> bool:
-        return self._process.daemon
-
-    def __repr__(self) -> str:
-        return f"<{type(self).__name__} {self.name} pid={self.pid} exitcode={self.exitcode}>"
-
-
 class _CallQueue:
     """What ``executor._call_queue`` is to code written for the stdlib's executor: a view of the tasks
     not yet handed to a worker.  ``join_thread()`` waits for the thread that feeds the workers (the
@@ -324,7 +273,8 @@ class ProcessPoolExecutor(Executor):
         tasks submitted so far need have started."""
         self._settle()
         workers = list(getattr(self._engine, "_workers", ()))
-        return {w.pid: _WorkerProcess(w) for w in workers if w.process is not None and w.pid is not None}
+        # the engine never closes these objects: they stay usable after the worker left (the stdlib's do)
+        return {w.pid: w.process for w in workers if w.process is not None and w.pid is not None}
 
     @property
     def _call_queue(self) -> _CallQueue:

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import collections
 import os
+import sys
 import threading
 import warnings
 import weakref
@@ -63,12 +64,15 @@ __all__ = [
     "TaskTimeoutError",
     "BrokenPoolError",
     "RemoteTraceback",
+    "INIT",
     "RUN",
     "CLOSE",
     "TERMINATE",
 ]
 
-RUN, CLOSE, TERMINATE = "RUN", "CLOSE", "TERMINATE"
+#: ``Pool._state``, as in the stdlib: INIT until the workers are started, RUN, then CLOSE after
+#: ``close()`` or TERMINATE after ``terminate()``.
+INIT, RUN, CLOSE, TERMINATE = "INIT", "RUN", "CLOSE", "TERMINATE"
 
 #: imap's automatic chunks aim at this many seconds of work each.
 CHUNK_TARGET = 0.005
@@ -300,6 +304,11 @@ class IMapIterator:
                 except BaseException as exc:  # the input itself raised: stop there, as the stdlib does
                     self._exhausted = True
                     self._source_error = exc
+                if chunk and self._source_error is not None and not self._auto:
+                    # the input raised inside a chunk of the caller's size: as in the stdlib, that chunk
+                    # is not run and the error takes its place (after the chunks before it).  With
+                    # automatic sizes every item read before the error runs, as with chunksize=1.
+                    chunk = []
                 if chunk:
                     tasks.append(Task(self, self._submitted, self._kind, self._function, chunk, None, len(chunk),
                                       **self._options))
@@ -451,6 +460,7 @@ class Pool:
                  on_worker_death: str = "fail", retries: int = 0, task_timeout: float | None = None,
                  max_memory_per_child: int | None = None, backend: str | None = None,
                  address: str | None = None) -> None:
+        self._state = INIT  # RUN once the workers have started (an unstarted pool does not warn in __del__)
         if processes is None and backend is None:
             processes = _default_workers()
         if processes is not None and processes < 1:
@@ -484,6 +494,7 @@ class Pool:
         self._iterators: weakref.WeakSet[IMapIterator] = weakref.WeakSet()  # imaps still reading their input
         self._closing = False
         self._drainer: threading.Thread | None = None
+        self._state = RUN
 
     def _check_timeout(self, task_timeout: float | None) -> None:
         if task_timeout is not None:
@@ -495,14 +506,6 @@ class Pool:
     def __repr__(self) -> str:
         return (f"<{type(self).__module__}.{type(self).__qualname__} state={self._state} "
                 f"pool_size={self._processes}>")
-
-    @property
-    def _state(self) -> str:
-        state = self._engine.state
-        if state == "running" and self._closing:
-            return CLOSE
-        return RUN if state == "running" else (CLOSE if state in ("closing", "closed") and
-                                               self._engine.broken is None else TERMINATE)
 
     def _call_options(self, on_worker_death: str | None, retries: int | None,
                       task_timeout: float | None) -> dict[str, Any]:
@@ -523,7 +526,7 @@ class Pool:
         return Function(func, pickle_it=not self._thread_workers)
 
     def _check_running(self) -> None:
-        if self._engine.state != "running" or self._closing:
+        if self._state != RUN or self._engine.state != "running":
             raise ValueError("Pool not running")
 
     # -- apply ---------------------------------------------------------------------------
@@ -663,6 +666,8 @@ class Pool:
         if self._closing:
             return
         self._closing = True
+        if self._state == RUN:
+            self._state = CLOSE
         feeding = [it for it in list(self._iterators) if not it._exhausted]
         if not feeding:
             self._engine.close()
@@ -673,6 +678,7 @@ class Pool:
 
     def terminate(self) -> None:
         """Stop the workers now; unfinished results fail with :class:`~gilfree.BrokenPoolError`."""
+        self._state = TERMINATE
         self._terminate()
 
     def join(self) -> None:
@@ -691,9 +697,9 @@ class Pool:
         self.terminate()
 
     def __del__(self, _warn: Any = warnings.warn) -> None:
-        engine = getattr(self, "_engine", None)
-        if engine is not None and engine.state == "running":
-            _warn(f"unclosed running pool {self!r}", ResourceWarning, source=self)
+        # the stdlib's test and text: a pool collected while its state says RUN was never closed
+        if getattr(self, "_state", None) == RUN:
+            _warn(f"unclosed running multiprocessing pool {self!r}", ResourceWarning, source=self)
 
     def __reduce__(self) -> Any:
         raise NotImplementedError(
@@ -705,6 +711,20 @@ class Pool:
     def pids(self) -> list[int]:
         """The pids of the current worker processes."""
         return self._engine.pids()
+
+    # -- the stdlib pool's private names that code (and CPython's tests) use ---------------------
+    @property
+    def _pool(self) -> list[Any]:
+        """The current workers' ``Process`` objects (threads for a ThreadPool; none with a cluster
+        backend), as the stdlib keeps them: ``len(pool._pool)``, ``[p.pid for p in pool._pool]``,
+        ``p.is_alive()``.  A new list each time: workers are replaced as they exit (the objects of
+        workers that left stay usable).  Changing the list changes nothing."""
+        return self._engine.worker_objects()  # type: ignore[no-any-return]
+
+    def _repopulate_pool(self) -> None:
+        """Start workers for those that have exited (the supervisor does it by itself as soon as it sees
+        a worker exit; this asks for it now, as the stdlib's does)."""
+        self._engine.repopulate()
 
 
 class ThreadPool(Pool):
@@ -724,13 +744,17 @@ class ThreadPool(Pool):
 def as_context(context: Any) -> Any:
     """A gilfree context for ``context``: None (the default), a start-method name, a gilfree context, or
     a stdlib context (replaced by gilfree's for the same start method: its processes could not carry
-    gilfree's pipes and shared memory)."""
+    gilfree's pipes and shared memory).  Any other object is used as it is, as the stdlib's Pool uses
+    whatever it is given: its ``Process`` makes the workers."""
     default = process.default_context  # filled in by the context layer (L8)
     if context is None or isinstance(context, str):
         return default.get_context(context)
-    if not type(context).__module__.startswith("gilfree."):
+    if type(context).__module__.startswith("gilfree."):
+        return context.get_context()
+    stdlib = sys.modules.get("multiprocessing.context")  # a stdlib context exists only once it is imported
+    if stdlib is not None and isinstance(context, stdlib.BaseContext):
         return default.get_context(context.get_start_method())
-    return context.get_context()
+    return context
 
 
 def _default_workers() -> int:

@@ -1248,18 +1248,37 @@ class _QueueBase(_Core):  # type: ignore[misc, valid-type]
         """
         if self._closed:
             self._check_closed()
-        if _pickled is _MISS:  # not a plain object (or reducers changed): the checks of _fast_dumps
-            data = _fast_dumps(obj, self._big_limit)
-        elif _pickled is None:
-            data = None
-        else:
-            data = _pickled if _pickled.find(b"__main__") < 0 or not _main_unimportable() else None
-        records = [(_MSG, data) if data is not None else self._encode_slow(obj)]
+        try:
+            if _pickled is _MISS:  # not a plain object (or reducers changed): the checks of _fast_dumps
+                data = _fast_dumps(obj, self._big_limit)
+            elif _pickled is None:
+                data = None
+            else:
+                data = _pickled if _pickled.find(b"__main__") < 0 or not _main_unimportable() else None
+            records = [(_MSG, data) if data is not None else self._encode_slow(obj)]
+        except Exception as e:
+            # the stdlib's hook for an object its feeder thread could not pickle: a subclass that
+            # overrides it decides (here, in the caller); otherwise the error is the caller's
+            if type(self)._on_queue_feeder_error is _QueueBase._on_queue_feeder_error:
+                raise
+            # the hook gets what pickling raised, as the stdlib's feeder passes it (gilfree's
+            # PicklingError says where in the object; its cause is the original)
+            cause = e.__cause__
+            self._on_queue_feeder_error(cause if isinstance(e, reduction.PicklingError)
+                                        and isinstance(cause, Exception) else e, obj)
+            return
         try:
             self._put_records(records, block, timeout)
         except BaseException:
             self._discard(records)
             raise
+
+    @staticmethod
+    def _on_queue_feeder_error(e: BaseException, obj: Any) -> None:
+        """The stdlib's hook for an object that could not be pickled.  gilfree pickles in ``put``
+        and raises there; a subclass that overrides this hook gets the call instead (in the caller,
+        with the exception and the object) and ``put`` returns, nothing queued."""
+        raise e
 
     def put_many(self, items: Iterable[Any], block: bool = True, timeout: float | None = None) -> None:
         """Put every item of ``items``, in order, with one round of locking: all of them or none.

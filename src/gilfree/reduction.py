@@ -49,6 +49,11 @@ __all__ = [
     "register",
     "assert_spawning",
     "fd_channel",
+    "sendfds",
+    "recvfds",
+    "send_handle",
+    "recv_handle",
+    "HAVE_SEND_HANDLE",
 ]
 
 HIGHEST_PROTOCOL = 5
@@ -368,23 +373,42 @@ def dump_chunks(obj: Any, oob_min: int | None = None, protocol: int = DEFAULT_PR
     tried first; tier 2 (by value) only if it fails.  Raises :class:`PicklingError` naming the
     unpicklable part.
     """
-    mark = len(_chan.sent)
+    chan = _chan
+    mark, smark = len(chan.sent), len(chan.shared)
+    chan.depth += 1
+    try:
+        return _dump_chunks(chan, obj, oob_min, protocol, mark, smark)
+    finally:
+        chan.depth -= 1
+        if not chan.depth:
+            chan.shared.clear()  # the outermost dump is over: what it shared is the receiver's now
+
+
+def _dump_chunks(chan: _FdChannel, obj: Any, oob_min: int | None, protocol: int, mark: int, smark: int) -> tuple[list[Any], list[Any]]:
     try:
         chunks, oob = _tier1_dump(obj, protocol, oob_min)
         if not _main_is_reimportable() and any(
             b"__main__" in c for c in chunks if type(c) is bytes and len(c) < _FRAME_SCAN_LIMIT
         ):
             raise pickle.PicklingError("__main__ cannot be imported by the receiver")
-        return chunks, oob
     except _TIER1_FAILURES as first:
-        _chan.rollback(mark)
+        chan.rollback(mark)
+        chan.revoke(smark)
         try:
-            return _dump_with(_tier2(), obj, protocol, oob_min)
+            chunks, oob = _dump_with(_tier2(), obj, protocol, oob_min)
         except RecursionError:
+            chan.revoke(smark)
             raise
-        except Exception as second:
-            _chan.rollback(mark)
+        except BaseException as second:
+            chan.rollback(mark)
+            chan.revoke(smark)
+            if not isinstance(second, Exception):
+                raise
             raise _explain(obj, second) from first
+    except BaseException:
+        chan.revoke(smark)
+        raise
+    return chunks, oob
 
 
 def dumps(obj: Any, protocol: int | None = None) -> bytes:
@@ -425,12 +449,18 @@ _MAX_DEPTH = 40
 
 
 def _picklable(obj: Any) -> bool:
+    chan = _chan
+    smark = len(chan.shared)
+    chan.depth += 1
     try:
         _dump_with(_tier2(), obj, DEFAULT_PROTOCOL, None)
     except RecursionError:
         return False
     except Exception:
         return False
+    finally:
+        chan.revoke(smark)  # a trial: nothing it shared is going anywhere
+        chan.depth -= 1
     return True
 
 
@@ -555,9 +585,22 @@ class _FdChannel(threading.local):
         self.resolve: Callable[[int], int] | None = None
         self.sent: list[int] = []
         self.spawning: object | None = None
+        #: descriptors handed to the resource sharer by the dump under way (revoked if it fails);
+        #: kept only inside :func:`dump_chunks` (``depth`` > 0): a plain pickle's are the receiver's
+        self.shared: list[Any] = []
+        self.depth = 0
 
     def rollback(self, mark: int) -> None:
         del self.sent[mark:]
+
+    def revoke(self, mark: int) -> None:
+        """Take back what a failed dump gave the resource sharer (the retry shares again)."""
+        shared = self.shared[mark:]
+        del self.shared[mark:]
+        if shared:
+            from . import resource_sharer
+
+            resource_sharer.revoke(shared)
 
 
 _chan = _FdChannel()
@@ -631,13 +674,121 @@ class _DupFd:
         return resolve(self.token)
 
 
-def DupFd(fd: int) -> _DupFd:
-    """Pickle-able stand-in for ``fd`` that the receiving process turns into its own copy."""
+def DupFd(fd: int) -> Any:
+    """Pickle-able stand-in for ``fd`` that the receiving process turns into its own copy.
+
+    Inside a channel that carries descriptors (a child's start-up data, a Unix-socket Connection) it
+    is a token for the descriptor that rides with the message.  Anywhere else (a one-way pipe, a
+    queue, ``pickle.dumps``) the descriptor is handed to this process's resource sharer
+    (:mod:`gilfree.resource_sharer`), which gives it to the one process that unpickles it, or
+    closes it after ``resource_sharer.SHARE_TTL`` seconds.
+    """
     if not _chan.sending:
-        raise PicklingError(
-            "a file descriptor (a Connection, socket or similar) can only be sent to a child as an "
-            "argument of Process(...) or over a duplex Pipe/Unix-socket Connection; this channel "
-            "cannot carry descriptors"
-        )
+        st = getattr(_lean, "state", None)
+        if st is not None and st.busy:
+            # the fast path of a message (dumps_small) is never where a descriptor is shared: the
+            # full path decides whether the message's channel carries it
+            raise _TooBig
+        from . import resource_sharer
+
+        shared = resource_sharer.DupFd(fd)
+        if _chan.depth:
+            _chan.shared.append(shared)
+        return shared
     _chan.sent.append(fd)
     return _DupFd(len(_chan.sent) - 1)
+
+
+# --------------------------------------------------------------------------------------------------
+# Descriptors over a Unix socket, as multiprocessing.reduction's sendfds/recvfds/send_handle/recv_handle.
+# The wire format is the stdlib's (one byte, the count modulo 256, with the descriptors in SCM_RIGHTS),
+# so either end may be the stdlib.
+
+#: Descriptors can be passed between processes (``SCM_RIGHTS``).
+HAVE_SEND_HANDLE = sys.platform != "win32" and hasattr(__import__("_socket"), "CMSG_LEN")
+#: Most descriptors :func:`recvfds` accepts in one call.
+MAX_RECV_FDS = 253
+
+
+def sendfds(sock: Any, fds: Any) -> None:
+    """Send the descriptors ``fds`` over the Unix socket ``sock`` (one byte of data carries them)."""
+    import _socket
+    import array
+
+    arr = array.array("i", fds)
+    if not 0 < len(arr) <= MAX_RECV_FDS:
+        raise ValueError(f"sendfds sends 1 to {MAX_RECV_FDS} descriptors, not {len(arr)}")
+    sock.sendmsg([bytes([len(arr) % 256])], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, arr)])
+
+
+def recvfds(sock: Any, size: int) -> list[int]:
+    """Receive exactly ``size`` descriptors sent with :func:`sendfds`; the caller owns them.
+
+    Bounded: room is made for ``size`` descriptors only (the kernel drops any more a peer sends),
+    and every descriptor that came is closed before raising when the message is not exactly what
+    was asked for.  ``EOFError`` if the peer closed; ``RuntimeError`` if data came without the
+    descriptors (or with a different number).
+    """
+    import _socket
+    import array
+
+    size = int(size)
+    if not 0 < size <= MAX_RECV_FDS:
+        raise ValueError(f"recvfds receives 1 to {MAX_RECV_FDS} descriptors, not {size}")
+    data, anc, flags, _ = sock.recvmsg(1, _socket.CMSG_SPACE(size * 4), getattr(_socket, "MSG_CMSG_CLOEXEC", 0))
+    fds: list[int] = []
+    for level, kind, payload in anc:
+        if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS:
+            arr = array.array("i")
+            arr.frombytes(payload[: len(payload) - len(payload) % arr.itemsize])
+            fds.extend(arr)
+    if not data and not fds:
+        raise EOFError("the peer closed the connection before sending descriptors")
+    if len(fds) != size or data[0] != size % 256 or flags & _socket.MSG_CTRUNC:
+        for fd in fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        raise RuntimeError(
+            f"expected {size} descriptor(s) with one byte {size % 256}; got {len(fds)} with {bytes(data)!r}"
+            + (" (more were sent than asked for; all were closed)" if flags & _socket.MSG_CTRUNC else "")
+        )
+    return fds
+
+
+def _unix_socket_of(conn: Any) -> tuple[Any, bool]:
+    """A socket object for ``conn`` (a Connection, a socket or a descriptor) and whether to detach it after."""
+    import _socket
+
+    sock = getattr(conn, "_sock", None)
+    if sock is not None:
+        return sock, False
+    if isinstance(conn, _socket.socket):
+        return conn, False
+    fd = conn if isinstance(conn, int) else conn.fileno()
+    s = _socket.socket(fileno=fd)
+    if s.gettimeout() is not None:
+        s.settimeout(None)
+    return s, True
+
+
+def send_handle(conn: Any, handle: int, destination_pid: int | None = None) -> None:
+    """Send the descriptor ``handle`` over the Unix-socket connection ``conn`` (``destination_pid``
+    is for Windows; unused here).  The peer takes it with :func:`recv_handle`."""
+    sock, detach = _unix_socket_of(conn)
+    try:
+        sendfds(sock, [handle])
+    finally:
+        if detach:
+            sock.detach()
+
+
+def recv_handle(conn: Any) -> int:
+    """Receive a descriptor sent with :func:`send_handle` over ``conn``; the caller owns it."""
+    sock, detach = _unix_socket_of(conn)
+    try:
+        return recvfds(sock, 1)[0]
+    finally:
+        if detach:
+            sock.detach()

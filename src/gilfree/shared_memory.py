@@ -19,8 +19,8 @@ Names of segments this module generates start with ``gf_`` (after ``GILFREE_SHM_
 see :data:`gilfree.util.SHM_PREFIX`).  The data layout of
 :class:`ShareableList` is the stdlib's, so a list created here can be attached by
 ``multiprocessing.shared_memory.ShareableList`` and the other way round.  Differences from the stdlib's
-list: ``str`` items are sized by their UTF-8 length (the stdlib counts characters and truncates
-non-ASCII text), a value that cannot be stored raises before anything is created or changed, and an
+list: a ``str`` item whose UTF-8 bytes do not fit the stdlib's slot (sized by characters) gets a
+slot sized by its bytes (the stdlib truncates such text), a value that cannot be stored raises before anything is created or changed, and an
 unsupported type raises a ``TypeError`` that is also a ``KeyError`` (what the stdlib raises).
 
 Where this runs: in any process, on the calling thread.  Creating a tracked segment may start the
@@ -50,11 +50,16 @@ __all__ = ["SharedMemory", "ShareableList"]
 #: prefix of every segment name this module generates
 NAME_PREFIX = "gf_"
 _MODE = 0o600
+#: the stdlib's names for the same facts, read by programs and tests written for it: segments are
+#: POSIX shared memory, and generated paths (``_name``, with the leading slash) start with this
+_USE_POSIX = True
+_SHM_NAME_PREFIX = "/" + util.SHM_PREFIX + NAME_PREFIX
 
 
-def _make_name() -> str:
+def _make_filename() -> str:
+    """A new random path for ``shm_open`` (leading slash included, as ``SharedMemory._name``)."""
     # 3 + 16 characters: within the 30 that the most restrictive systems (macOS) allow
-    return util.SHM_PREFIX + NAME_PREFIX + os.urandom(8).hex()
+    return "/" + util.SHM_PREFIX + NAME_PREFIX + os.urandom(8).hex()
 
 
 class SharedMemory:
@@ -68,6 +73,8 @@ class SharedMemory:
 
     _mmap: mmap.mmap | None
     _buf: memoryview | None
+    #: ``shm_open`` flags for attaching (the stdlib's attribute: a subclass may add ``os.O_CREAT``)
+    _flags = os.O_RDWR
 
     def __init__(self, name: str | None = None, create: bool = False, size: int = 0, *, track: bool = True) -> None:
         # Set first, so that close() and __del__ work whatever fails below.
@@ -93,7 +100,7 @@ class SharedMemory:
     def _create(self, name: str | None, size: int, track: bool) -> None:
         flags = os.O_CREAT | os.O_EXCL | os.O_RDWR
         while True:
-            path = "/" + (name if name is not None else _make_name())
+            path = "/" + name if name is not None else _make_filename()
             try:
                 fd = _posixshmem.shm_open(path, flags, mode=_MODE)
             except FileExistsError:
@@ -123,7 +130,7 @@ class SharedMemory:
 
     def _attach(self, name: str) -> None:
         path = "/" + name
-        fd = _posixshmem.shm_open(path, os.O_RDWR, mode=_MODE)
+        fd = _posixshmem.shm_open(path, self._flags, mode=_MODE)
         try:
             st = os.fstat(fd)
             size = st.st_size
@@ -234,8 +241,15 @@ def _encode_item(value: Any, where: str) -> tuple[str | None, int, Any]:
     )
 
 
-def _slot_format(data: bytes, where: str) -> str:
-    fmt = f"{_ALIGN * (len(data) // _ALIGN + 1)}s"
+def _slot_format(data: bytes, where: str, chars: int | None = None) -> str:
+    """The slot of a str/bytes item: its length rounded up to the next multiple of 8 (plus 8 if it
+    is one), as the stdlib sizes it -- for a str, the stdlib counts characters: that size is kept
+    while the UTF-8 bytes fit in it (so a copy of a stdlib list has the same format), else the
+    bytes' length decides (where the stdlib would truncate the text)."""
+    size = _ALIGN * (len(data) // _ALIGN + 1)
+    if chars is not None and len(data) <= _ALIGN * (chars // _ALIGN + 1):
+        size = _ALIGN * (chars // _ALIGN + 1)
+    fmt = f"{size}s"
     if len(fmt) > _MAX_FORMAT:
         raise ValueError(f"{where} is {len(data)} bytes long; a ShareableList item holds at most 9999991 bytes")
     return fmt
@@ -252,7 +266,7 @@ class ShareableList:
     :class:`SharedMemory`); ``ShareableList(name=...)`` attaches to an existing list.  Items can be
     read and replaced, not added or removed; a ``str``/``bytes`` item can be replaced by one no longer
     than its slot (its original length rounded up to the next multiple of 8, plus 8 if it was
-    already one).  Trailing NUL bytes/characters of str and bytes items are not preserved, as in
+    already one; a ``str``'s length in characters, or in UTF-8 bytes when those do not fit).  Trailing NUL bytes/characters of str and bytes items are not preserved, as in
     the stdlib.  ``shm`` is the underlying :class:`SharedMemory`.
     """
 
@@ -282,7 +296,8 @@ class ShareableList:
         values: list[Any] = []
         for i, item in enumerate(sequence):
             fmt, kind, value = _encode_item(item, f"item {i}")
-            formats.append(fmt if fmt is not None else _slot_format(value, f"item {i}"))
+            chars = len(item) if kind == _STR else None
+            formats.append(fmt if fmt is not None else _slot_format(value, f"item {i}", chars))
             kinds.append(kind)
             values.append(value)
         n = len(formats)
@@ -313,6 +328,11 @@ class ShareableList:
         if not 0 <= i < self._n:
             raise IndexError(message)
         return i
+
+    def _get_packing_format(self, position: int) -> str:
+        """The struct format of item ``position`` (the stdlib's method)."""
+        i = self._position(position, "Requested position out of range.")
+        return self._format(i, self._view())
 
     def _format(self, i: int, buf: memoryview) -> str:
         start = self._formats_start + 8 * i

@@ -32,6 +32,9 @@ __all__ = [
     "HandoffLock",
     "children_of",
     "close_fds",
+    "get_temp_dir",
+    "abstract_sockets_supported",
+    "is_abstract_socket_namespace",
     "recv_exact",
     "debug",
     "get_logger",
@@ -49,6 +52,7 @@ INFO = 20
 SUBWARNING = 25
 
 LOGGER_NAME = "gilfree"
+
 DEFAULT_LOGGING_FORMAT = "[%(levelname)s/%(processName)s] %(message)s"
 
 _logger: logging.Logger | None = None
@@ -57,22 +61,53 @@ _log_to_stderr = False
 
 def sub_debug(msg: str, *args: Any) -> None:
     if _logger:
-        _logger.log(SUBDEBUG, msg, *args)
+        _logger.log(SUBDEBUG, msg, *args, stacklevel=2)  # the record names the caller's file and line
 
 
 def debug(msg: str, *args: Any) -> None:
     if _logger:
-        _logger.log(DEBUG, msg, *args)
+        _logger.log(DEBUG, msg, *args, stacklevel=2)  # the record names the caller's file and line
 
 
 def info(msg: str, *args: Any) -> None:
     if _logger:
-        _logger.log(INFO, msg, *args)
+        _logger.log(INFO, msg, *args, stacklevel=2)  # the record names the caller's file and line
 
 
 def sub_warning(msg: str, *args: Any) -> None:
     if _logger:
-        _logger.log(SUBWARNING, msg, *args)
+        _logger.log(SUBWARNING, msg, *args, stacklevel=2)  # the record names the caller's file and line
+
+
+#: Linux's Unix sockets have an abstract namespace (an address that starts with a NUL byte): a
+#: :class:`~gilfree.connection.Listener` on one leaves no file behind
+abstract_sockets_supported = sys.platform.startswith("linux")
+
+
+def is_abstract_socket_namespace(address: object) -> bool:
+    """Whether ``address`` (str or bytes) names a socket in the abstract namespace."""
+    if isinstance(address, (str, bytes)):
+        return address[:1] in ("\0", b"\0")
+    return False
+
+
+_temp_dir: str | None = None
+
+
+def get_temp_dir() -> str:
+    """This process's own temporary directory, made on first use and removed when it exits.
+
+    Listeners' socket files go there (``multiprocessing.util.get_temp_dir``); a forked child uses
+    its parent's, as in the stdlib.
+    """
+    global _temp_dir
+    if _temp_dir is None or not os.path.isdir(_temp_dir):
+        import shutil
+        import tempfile
+
+        _temp_dir = tempfile.mkdtemp(prefix="gilfree-")
+        Finalize(None, shutil.rmtree, args=(_temp_dir, True), exitpriority=-100)
+    return _temp_dir
 
 
 def get_logger() -> logging.Logger:

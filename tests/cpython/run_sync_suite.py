@@ -15,10 +15,8 @@ or hangs is resumed from the next test, so one hang costs one test.
 
 Where gilfree lacks a private piece of the stdlib that the suite's fixtures touch, the gilfree copy
 gets a stand-in (listed in the report, see ``HARNESS`` below): ``process._dangling`` (an empty
-WeakSet, so the dangling-process warnings never fire), ``util._cleanup_tests`` (no-op),
-``util.get_temp_dir``, ``reduction.HAVE_SEND_HANDLE`` (False), ``resource_tracker`` (imported at
-module level, used only by shared_memory tests), and ``heap.BufferWrapper`` (used by
-the Barrier tests' ``_DummyList``: a gilfree shared-memory block).  gilfree's source is not touched.
+WeakSet, so the dangling-process warnings never fire) and ``util._cleanup_tests`` (no-op).
+gilfree's source is not touched.
 
 Exit status 0 whatever the results (this is a report, not a gate); results also go to --json.
 """
@@ -48,20 +46,10 @@ ADAPTED_CLASSES = ("Condition",)
 
 HARNESS = r'''
 """Stand-ins for stdlib-private bookkeeping that _test_multiprocessing's fixtures touch (gilfree copy)."""
-import sys, types, weakref, tempfile
-import gilfree, gilfree.process, gilfree.util, gilfree.reduction, gilfree._shm
+import weakref
+import gilfree, gilfree.process, gilfree.util, gilfree.reduction
 
 STANDINS = []
-
-
-class BufferWrapper:
-    """multiprocessing.heap.BufferWrapper's two uses in the suite: a size, create_memoryview()."""
-
-    def __init__(self, size):
-        self._block = gilfree._shm.Block(size)
-
-    def create_memoryview(self):
-        return self._block.memoryview()
 
 
 def install():
@@ -76,29 +64,6 @@ def install():
     if not hasattr(gilfree.util, "_cleanup_tests"):
         gilfree.util._cleanup_tests = lambda: None
         STANDINS.append("util._cleanup_tests")
-    if not hasattr(gilfree.util, "get_temp_dir"):
-        gilfree.util.get_temp_dir = tempfile.gettempdir
-        STANDINS.append("util.get_temp_dir")
-    if not hasattr(gilfree.reduction, "HAVE_SEND_HANDLE"):
-        gilfree.reduction.HAVE_SEND_HANDLE = False
-        STANDINS.append("reduction.HAVE_SEND_HANDLE")
-    if "gilfree.heap" not in sys.modules and not hasattr(gilfree, "heap"):
-        heap = types.ModuleType("gilfree.heap")
-        heap.BufferWrapper = BufferWrapper
-        sys.modules["gilfree.heap"] = heap
-        gilfree.heap = heap
-        STANDINS.append("heap.BufferWrapper")
-    if not hasattr(gilfree.util, "abstract_sockets_supported"):
-        # read by a skip decorator of _TestListener at import time
-        gilfree.util.abstract_sockets_supported = False
-        STANDINS.append("util.abstract_sockets_supported")
-    if "gilfree.resource_tracker" not in sys.modules and not hasattr(gilfree, "resource_tracker"):
-        # imported at module level by the suite; used only by the shared_memory tests
-        rt = types.ModuleType("gilfree.resource_tracker")
-        rt._CLEANUP_FUNCS = {}
-        sys.modules["gilfree.resource_tracker"] = rt
-        gilfree.resource_tracker = rt
-        STANDINS.append("resource_tracker (module)")
     if STANDINS == []:
         STANDINS.append("(none)")
 '''
@@ -285,7 +250,9 @@ def run_tests(cls, names: list[str], emit, per_test: float) -> None:
         def addSubTest(self, test, subtest, err):
             super().addSubTest(test, subtest, err)
             if err is not None:
-                self._done(subtest, "FAIL" if issubclass(err[0], test.failureException) else "ERROR", short(err))
+                # recorded under its test's name (a _SubTest's own _testMethodName is "runTest")
+                self._done(test, "FAIL" if issubclass(err[0], test.failureException) else "ERROR",
+                           f"subtest {subtest._subDescription()}:\n{short(err)}")
 
     suite = unittest.TestSuite(cls(n) for n in names)
     faulthandler.enable()
@@ -309,13 +276,13 @@ def run_job(tmp, impl, method, type_, cls_name, per_test, logdir):
     return run_resumable(cmd_for, tmp, f"{impl}-{method}-{type_}-{cls_name}", per_test, logdir)
 
 
-def run_resumable(cmd_for, tmp, tag, per_test, logdir, attempts=60):
+def run_resumable(cmd_for, tmp, tag, per_test, logdir, attempts=60, only=None):
     """Run the child ``cmd_for(out, only)`` until its class has ended, resuming after a test that
-    killed or hung the subprocess (that test is recorded as HANG or CRASH).  Returns
-    (results by test, test order, notes)."""
+    killed or hung the subprocess (that test is recorded as HANG or CRASH).  ``only``: run just
+    these tests of the class.  Returns (results by test, test order, notes)."""
     results: dict[str, dict] = {}
     order: list[str] = []
-    only: list[str] = []
+    only = list(only or [])
     notes: list[str] = []
     for attempt in range(attempts):
         out = os.path.join(logdir, f"{tag}-{attempt}.jsonl")

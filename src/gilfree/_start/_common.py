@@ -203,6 +203,16 @@ def _close_child_fds(lifeline_w: int, fds: tuple[int, ...]) -> None:
 # ---------------------------------------------------------------------------------------------------
 # Start-up data for spawned and forkserver children
 
+def own_atexit() -> None:
+    """In a forked child: forget the atexit handlers of the process it is a copy of (they are that
+    process's), keep only the exit hook of the package; the launcher runs what the child registers
+    before its ``os._exit``."""
+    import atexit
+
+    atexit._clear()
+    atexit.register(process._exit_function)
+
+
 def preparation_data(name: str, start_method: str) -> dict[str, Any]:
     """What a fresh interpreter needs to look like its parent before it unpickles the process."""
     data: dict[str, Any] = {

@@ -2,11 +2,14 @@
 
 Nothing is pickled: the child already holds the process object.  The child gets a lifeline (see
 ``_common``); the parent's sentinel is a pidfd.  The child ends with ``os._exit`` as in the stdlib,
-so the parent's atexit handlers and buffered files are not run or flushed twice.
+so the parent's atexit handlers and buffered files are not run or flushed twice; the handlers the
+child registers itself do run (as in the stdlib from 3.13): the inherited ones are dropped at the
+fork, and the child's are run before ``os._exit``.
 """
 
 from __future__ import annotations
 
+import atexit
 import os
 
 from .. import process
@@ -34,10 +37,12 @@ class ForkPopen(_common.ChildPopen):
         if pid == 0:  # child
             code = 1
             try:
+                _common.own_atexit()
                 if process_obj.daemon:
                     _common.arm_lifeline(r)
                 code = process_obj._bootstrap(parent_sentinel=r)
             finally:
+                atexit._run_exitfuncs()
                 os._exit(code)
         guard.release()
         os.close(r)

@@ -101,6 +101,11 @@ class ForkServer:
     def pid(self) -> int | None:
         return self._pid
 
+    @property
+    def _forkserver_pid(self) -> int | None:
+        """The stdlib's name for the server's pid (``multiprocessing.forkserver._forkserver``)."""
+        return self._pid
+
     def _running(self) -> bool:
         if self._pid is None:
             return False
@@ -304,6 +309,7 @@ def serve() -> None:
                 if pid == 0:
                     code = 1
                     try:
+                        _common.own_atexit()
                         signal.set_wakeup_fd(-1)
                         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
                         signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -322,6 +328,9 @@ def serve() -> None:
 
                         traceback.print_exc()
                     finally:
+                        import atexit
+
+                        atexit._run_exitfuncs()
                         util._flush_std_streams()
                         os._exit(code)
                 util.close_fds(*fds)

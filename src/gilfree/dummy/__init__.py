@@ -10,6 +10,7 @@ from __future__ import annotations
 import array
 import queue
 import threading
+import weakref
 from queue import Queue as Queue
 from threading import Barrier as Barrier
 from threading import BoundedSemaphore as BoundedSemaphore
@@ -44,7 +45,7 @@ class DummyProcess(threading.Thread):
                  args: Iterable[Any] = (), kwargs: dict[str, Any] | None = None, *, daemon: bool | None = None) -> None:
         threading.Thread.__init__(self, group, target, name, tuple(args), kwargs or {}, daemon=daemon)
         self._pid = None
-        self._children: dict[DummyProcess, None] = {}
+        self._children: weakref.WeakKeyDictionary[DummyProcess, None] = weakref.WeakKeyDictionary()
         self._start_called = False
         self._parent = current_process()
 
@@ -52,8 +53,7 @@ class DummyProcess(threading.Thread):
         if self._parent is not current_process():
             raise RuntimeError(f"Parent is {self._parent!r} but current_process is {current_process()!r}")
         self._start_called = True
-        if hasattr(self._parent, "_children"):
-            self._parent._children[self] = None
+        _children_of(self._parent)[self] = None
         threading.Thread.start(self)
 
     @property
@@ -66,8 +66,18 @@ class DummyProcess(threading.Thread):
 Process = DummyProcess
 
 
+def _children_of(thread: threading.Thread) -> Any:
+    """The DummyProcesses ``thread`` started (a table made on first use, on any thread: the stdlib
+    makes one only for the thread that imports the module)."""
+    children = getattr(thread, "_children", None)
+    if children is None:
+        children = thread._children = weakref.WeakKeyDictionary()  # type: ignore[attr-defined]
+    return children
+
+
 def active_children() -> list[DummyProcess]:
-    children = getattr(current_process(), "_children", {})
+    """The DummyProcesses the calling thread started that are still running."""
+    children = _children_of(current_process())
     for p in list(children):
         if not p.is_alive():
             children.pop(p, None)

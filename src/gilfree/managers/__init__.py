@@ -130,6 +130,8 @@ from ._client import (
     _local_servers,
     _release_deferred,
     _server_processes,
+    convert_to_error,
+    dispatch,
 )
 from ._protocol import (
     _ATOMS,
@@ -239,6 +241,7 @@ __all__ = [
     "TLSConfig",
     "Server",
     "State",
+    "NotStartedError",
     "Namespace",
     "Value",
     "Array",
@@ -311,6 +314,11 @@ sys.modules[__name__].__class__ = _Package
 
 # ---------------------------------------------------------------------------------------------------
 # Managers
+
+
+class NotStartedError(ProcessError, ValueError):
+    """A manager was used before ``start()`` or ``connect()`` (a ValueError too: the stdlib's
+    SharedMemoryManager raises that, having no address to connect to)."""
 
 
 class State:
@@ -434,7 +442,8 @@ class BaseManager:
         self._state.value = State.STARTED
         self._finalizer = util.Finalize(
             self, type(self)._finalize_manager,
-            args=(self._process, self._address, self._authkey, self._state, self._tls, self._shutdown_timeout),
+            args=(self._process, self._address, self._authkey, self._state, self._tls, self._shutdown_timeout,
+                  self._serializer),
             exitpriority=0,
         )
 
@@ -464,12 +473,12 @@ class BaseManager:
 
     @staticmethod
     def _finalize_manager(proc: Any, address: Any, authkey: bytes, state: State, tls: TLSConfig | None,
-                          shutdown_timeout: float) -> None:
+                          shutdown_timeout: float, serializer: str = "pickle") -> None:
         """Stop the server process: ask it to shut down, then terminate, then kill it."""
         if proc.is_alive():
             util.info("sending shutdown message to manager")
             try:
-                link = _Link(address, authkey, tls)  # a private connection: works from any thread, at exit
+                link = _Link(address, authkey, tls, serializer)  # a private connection: works from any thread, at exit
                 try:
                     link.call((OP_SERVICE, "shutdown", ()))
                 finally:
@@ -508,8 +517,9 @@ class BaseManager:
 
     def _link(self) -> _Link:
         if self._state.value != State.STARTED:
-            raise ProcessError("the manager is not started: call start() or connect() first"
-                               if self._state.value == State.INITIAL else "Manager has shut down")
+            if self._state.value == State.INITIAL:
+                raise NotStartedError("the manager is not started: call start() or connect() first")
+            raise ProcessError("Manager has shut down")
         return _client._link_for(self._address, self._authkey, self)
 
     def _create(self, typeid: str, /, *args: Any, **kwds: Any) -> tuple[Token, tuple[str, ...]]:

@@ -41,13 +41,15 @@ import threading
 import time
 import weakref
 
-from .. import connection, process, reduction
+from .. import connection, process
 from . import _protocol
 from ._protocol import (
+    OP_CALL,
     OP_DECREF,
     OP_HELLO,
     OP_INCREF,
     R_ERR,
+    R_FAILED,
     R_OK,
     R_PROXY,
     R_REMOTE,
@@ -55,7 +57,9 @@ from ._protocol import (
     TLSConfig,
     Token,
     _address_family,
+    _as_remote_error,
     _Channel,
+    _channel_type,
     _describe,
     _get_ident,
     _HDR_pack,
@@ -72,7 +76,7 @@ if TYPE_CHECKING:
 
 
 _client_id = os.urandom(16)
-_links: dict[tuple[Any, bytes, TLSConfig | None], _Link] = {}
+_links: dict[tuple[Any, bytes, TLSConfig | None, str], _Link] = {}
 _links_lock = threading.Lock()
 #: Servers running in this process, by their bound address (for proxies rebuilt in the server).
 _local_servers: weakref.WeakValueDictionary[Any, Server] = weakref.WeakValueDictionary()
@@ -100,10 +104,11 @@ class _Holder:
 class _Link:
     """This process's connections to one server (see the module docstring)."""
 
-    def __init__(self, address: Any, authkey: bytes, tls: TLSConfig | None) -> None:
+    def __init__(self, address: Any, authkey: bytes, tls: TLSConfig | None, serializer: str = "pickle") -> None:
         self.address = address
         self.authkey = bytes(authkey)
         self.tls = tls
+        self.serializer = serializer
         self._reset()
 
     def _reset(self) -> None:
@@ -164,12 +169,14 @@ class _Link:
                 # no challenge yet: a TLS server waits for our ClientHello and would never send one.
                 # An empty frame makes a TLS server say so at once; a plain gilfree server skips it.
                 sock.sendall(_HDR_pack(0))
-            chan = _Channel(sock, f"manager at {_describe(address)}")
+            chan = _channel_type(self.serializer)(sock, f"manager at {_describe(address)}")
             binding = connection.channel_binding(sock)
             connection.answer_challenge(chan, self.authkey, binding=binding)  # type: ignore[arg-type]
             connection.deliver_challenge(chan, self.authkey, binding=binding)  # type: ignore[arg-type]
-            chan.send((OP_HELLO, _client_id, os.getpid(), address))
-            kind, value = reduction.loads(chan.recv_bytes())
+            # the address as this client knows it (for proxies it sends back); XML cannot carry an abstract
+            # socket's NUL, and proxies do not travel under XML-RPC anyway
+            chan.send((OP_HELLO, _client_id, os.getpid(), address if self.serializer == "pickle" else None))
+            kind, value = chan.loads(chan.recv_bytes())
             if kind != R_OK:
                 raise RemoteError(value)
             self.server_pid = value
@@ -239,7 +246,10 @@ class _Link:
         chan.busy = False
         if msg[0] == R_OK:
             return msg[1]
-        return self._unusual(msg, manager)
+        try:
+            return self._unusual(msg, manager)
+        finally:
+            msg = None  # an exception raised must not be kept alive by this frame (its traceback's)
 
     def _before_call(self, chan: _Channel) -> None:
         if self.pending:
@@ -247,18 +257,30 @@ class _Link:
         if _deferred:
             _release_deferred()
 
-    def _unusual(self, msg: tuple[Any, Any], manager: Any) -> Any:
+    def _unusual(self, msg: tuple[Any, Any] | None, manager: Any) -> Any:
+        assert msg is not None
         kind, value = msg
-        if kind == R_ERR:
-            raise value
+        if kind == R_ERR or kind == R_FAILED:
+            # neither this frame nor the caller's (see call, _callmethod) may keep the exception: it
+            # would hold its traceback, which holds the frame (a cycle only the collector breaks)
+            msg = None
+            try:
+                raise value if kind == R_ERR else _as_remote_error(value)
+            finally:
+                value = None
         if kind == R_PROXY:
             from ._proxies import AutoProxy  # not at import time: proxies are built on this module
 
             spec, typeid, ident, exposed = value
             token = Token(typeid, self.address, ident)
             authkey = self.authkey
-            serializer = "pickle"
-            if spec is None:
+            serializer = self.serializer
+            if spec is None and manager is not None and serializer != "pickle":
+                # the class did not travel (XML-RPC): the one this client registered for typeid
+                entry = getattr(manager, "_registry", {}).get(typeid)
+                if entry is not None and entry[-1] is not None:
+                    spec = entry[-1]
+            if spec is None or spec is AutoProxy:
                 return AutoProxy(token, serializer, manager=manager, authkey=authkey, exposed=exposed, incref=False)
             return spec(token, serializer, manager=manager, authkey=authkey, exposed=exposed, incref=False)
         if kind == R_REMOTE:
@@ -291,40 +313,77 @@ class _Link:
 
 
 
+#: The stdlib's reply tags, read by :func:`dispatch` and :func:`convert_to_error` as the codes they stand for
+#: (code written against the stdlib's functions, a connection that replies as the stdlib's server does).
+_STDLIB_KINDS = {"#RETURN": R_OK, "#ERROR": R_ERR, "#TRACEBACK": R_REMOTE, "#UNSERIALIZABLE": R_REMOTE}
+
+
+def convert_to_error(kind: Any, result: Any) -> BaseException:
+    """The exception a reply that is not a success stands for: the method's own (``R_ERR``, the stdlib's
+    ``'#ERROR'``), a RemoteError (``R_FAILED``, ``R_REMOTE``, ``'#TRACEBACK'``, ``'#UNSERIALIZABLE'``),
+    or a ValueError naming a kind that is none of these."""
+    code = _STDLIB_KINDS.get(kind, kind) if isinstance(kind, str) else kind
+    if code == R_ERR:
+        return result
+    if code == R_FAILED:
+        return _as_remote_error(result)
+    if code == R_REMOTE:
+        if not isinstance(result, str):
+            raise TypeError(f"Result {result!r} (kind {kind!r}) type is {type(result)}, not str")
+        return RemoteError(f"Unserializable message: {result}\n" if kind == "#UNSERIALIZABLE" else result)
+    return ValueError(f"Unrecognized message type {kind!r}")
+
+
+def dispatch(c: Any, id: str, methodname: str, args: Any = (), kwds: Any = None) -> Any:
+    """Call ``methodname(*args, **kwds)`` of the object ``id`` over ``c`` and return the result, or raise
+    :func:`convert_to_error`'s exception.  ``c`` is a :mod:`gilfree.connection` connection to the
+    server, authenticated, that sent its ``(OP_HELLO, client id, pid, None)``; a proxy needs none of
+    this (its link does it), this is the stdlib's function for code that speaks to a server itself."""
+    c.send((OP_CALL, id, methodname, tuple(args), dict(kwds) if kwds else None))
+    kind, result = c.recv()
+    if kind == R_OK or kind == "#RETURN":
+        return result
+    try:
+        raise convert_to_error(kind, result)
+    finally:
+        del result  # the exception must not be kept alive by this frame (its traceback holds the frame)
+
+
 def _idle_here(chan: _Channel) -> bool:
     """Whether this process may write a message on ``chan`` now (rule 2): it is open, it was opened by
     this process (not inherited across a fork), and no message is being sent or awaited on it."""
     return chan.sock is not None and chan.pid == os.getpid() and not chan.busy
 
 
-def _get_link(address: Any, authkey: bytes, tls: TLSConfig | None = None) -> _Link:
-    """This process's link to the server at ``address`` for ``authkey`` and ``tls`` (made on first use)."""
-    key = (address, bytes(authkey), tls)
+def _get_link(address: Any, authkey: bytes, tls: TLSConfig | None = None, serializer: str = "pickle") -> _Link:
+    """This process's link to the server at ``address`` for ``authkey``, ``tls`` and ``serializer`` (made
+    on first use)."""
+    key = (address, bytes(authkey), tls, serializer)
     link = _links.get(key)
     if link is None:
         with _links_lock:
             link = _links.get(key)
             if link is None:
-                link = _links[key] = _Link(address, authkey, tls)
+                link = _links[key] = _Link(address, authkey, tls, serializer)
     return link
 
 
-def _find_link(address: Any, authkey: bytes) -> _Link:
+def _find_link(address: Any, authkey: bytes, serializer: str = "pickle") -> _Link:
     """A link to ``address`` for a proxy that came without TLS settings: the TLS one if this process has
     one (a proxy rebuilt here registered it), else a plain one."""
     key = bytes(authkey)
-    for (addr, k, tls), link in list(_links.items()):
-        if addr == address and k == key and tls is not None:
+    for (addr, k, tls, ser), link in list(_links.items()):
+        if addr == address and k == key and tls is not None and ser == serializer:
             return link
-    return _get_link(address, authkey, None)
+    return _get_link(address, authkey, None, serializer)
 
 
-def _link_for(address: Any, authkey: bytes, manager: Any = None) -> _Link:
-    """The link a proxy for an object at ``address`` uses (rule 1): with the TLS settings of
-    ``manager`` if it was made by one, else as :func:`_find_link` decides."""
+def _link_for(address: Any, authkey: bytes, manager: Any = None, serializer: str = "pickle") -> _Link:
+    """The link a proxy for an object at ``address`` uses (rule 1): with the TLS settings and serializer
+    of ``manager`` if it was made by one, else as :func:`_find_link` decides."""
     if manager is not None:
-        return _get_link(address, authkey, manager._tls)
-    return _find_link(address, authkey)
+        return _get_link(address, authkey, manager._tls, manager._serializer)
+    return _find_link(address, authkey, serializer)
 
 
 def _forget_link(address: Any, authkey: bytes) -> None:

@@ -47,6 +47,9 @@ R_OK = 0  # (R_OK, value)
 R_ERR = 1  # (R_ERR, exception raised by the method): raised as it is in the caller
 R_PROXY = 2  # (R_PROXY, (proxy spec, typeid, id, exposed)): a method_to_typeid result
 R_REMOTE = 3  # (R_REMOTE, text): something went wrong in the server itself -> RemoteError
+#: (R_FAILED, exception): the server could not do what was asked (create an object, call a method that is
+#: not exposed, take a reference): raised as a RemoteError that is also of the exception's own type
+R_FAILED = 4
 
 #: Seconds a piped channel looks for a message before it sleeps (see _Channel._spin_readinto);
 #: GILFREE_MANAGER_SPIN_US=0 turns looking off.
@@ -99,6 +102,47 @@ class RemoteError(Exception):
 
     def __str__(self) -> str:
         return "\n" + "-" * 75 + "\n" + str(self.args[0]) + "-" * 75 if self.args else ""
+
+
+_remote_types: dict[type, type] = {}
+
+
+def _rebuild_remote(cls: type, args: tuple[Any, ...]) -> BaseException:
+    return _remote_error_type(cls)(*args)
+
+
+def _remote_error_type(cls: type) -> type:
+    """A subclass of both :class:`RemoteError` and ``cls`` (made once per class): what a failure of the server
+    itself is raised as, so that both ``except RemoteError`` (the stdlib raises that) and ``except cls``
+    catch it."""
+    combined = _remote_types.get(cls)
+    if combined is None:
+        if issubclass(cls, RemoteError):
+            return cls
+
+        def reduce(self: BaseException) -> tuple[Any, ...]:
+            return _rebuild_remote, (cls, self.args)
+
+        namespace = {"__module__": RemoteError.__module__, "__str__": cls.__str__, "__reduce__": reduce,
+                     "__doc__": f"A failure of the manager's server, raised there as {cls.__qualname__}."}
+        combined = type(f"RemoteError[{cls.__qualname__}]", (RemoteError, cls), namespace)
+        _remote_types[cls] = combined
+    return combined
+
+
+def _as_remote_error(exc: BaseException) -> BaseException:
+    """``exc`` (raised in the server, doing what the server was asked) as a RemoteError of its own type."""
+    try:
+        new = _remote_error_type(type(exc))(*exc.args)
+    except Exception:  # a class that cannot be combined or rebuilt from its args
+        return RemoteError(f"{type(exc).__module__}.{type(exc).__qualname__}: {exc}\n")
+    if getattr(exc, "__dict__", None):
+        try:
+            new.__dict__.update(exc.__dict__)
+        except Exception:
+            pass
+    new.__cause__ = exc.__cause__
+    return new
 
 
 class Token:
@@ -423,6 +467,9 @@ class _Channel:
         pickler.dispatch_table = self._table = table
         return pickler
 
+    #: how a received message is read (the XML-RPC channel has its own)
+    loads = staticmethod(_loads)
+
     def send(self, obj: Any) -> None:
         self.send_bytes(self.dumps(obj))
 
@@ -533,7 +580,7 @@ def _take_pipes(chan: _Channel) -> None:
         fds = []
     chan._rbuf = data
     try:
-        kind, _ = reduction.loads(chan.recv_bytes())
+        kind, _ = chan.loads(chan.recv_bytes())
     except BaseException:
         for fd in fds:
             os.close(fd)
@@ -650,12 +697,140 @@ def _call_failed(msg: Any, exc: Exception) -> Any:
     return (R_REMOTE, f"bad request {_short(msg)}: {problem}\n")
 
 
+#: The serializers of a manager's messages after authentication.  ``'xmlrpclib'`` carries only what
+#: XML-RPC can: None, bool, int (32-bit), float, str, bytes, lists (tuples arrive as lists), dicts with
+#: str keys, datetimes; nothing is built from the peer's data but those (safe with a peer one does not
+#: trust further than its authkey).  Proxies do not travel as arguments or results (as in the stdlib); a
+#: method listed in ``method_to_typeid`` still returns a proxy, of the client's registered proxy type.
+SERIALIZERS = ("pickle", "xmlrpclib")
+
+
 def _check_serializer(serializer: str) -> None:
-    if serializer != "pickle":
-        raise ValueError(
-            f"serializer {serializer!r} is not supported by gilfree's managers: use 'pickle' (messages are "
-            "only unpickled after both sides proved the authkey)"
-        )
+    if serializer not in SERIALIZERS:
+        raise ValueError(f"unknown serializer {serializer!r}: a manager's messages are 'pickle' (the default) "
+                         "or 'xmlrpclib'")
+
+
+def _channel_type(serializer: str) -> type[_Channel]:
+    return _Channel if serializer == "pickle" else _XmlChannel
+
+
+def _dumps_for(serializer: str, obj: Any) -> bytes:
+    """``obj`` serialized as a server's reply with ``serializer`` (outside any channel)."""
+    if serializer == "pickle":
+        return reduction.dumps(obj)
+    return _xml_dumps(_xml_reply(obj))
+
+
+# -- XML-RPC (serializer='xmlrpclib') -----------------------------------------------------------------
+#: Exceptions a client rebuilds from an XML-RPC error reply (by name: nothing is imported on the peer's
+#: word); any other arrives as a RemoteError saying what it was.
+_XML_EXCEPTIONS: dict[tuple[str, str], type] = {}
+
+
+def _xml_exceptions() -> dict[tuple[str, str], type]:
+    if not _XML_EXCEPTIONS:
+        import builtins
+        import queue
+
+        for name, value in vars(builtins).items():
+            if isinstance(value, type) and issubclass(value, BaseException):
+                _XML_EXCEPTIONS[("builtins", name)] = value
+        for cls in (queue.Empty, queue.Full, RemoteError):
+            _XML_EXCEPTIONS[(cls.__module__, cls.__qualname__)] = cls
+    return _XML_EXCEPTIONS
+
+
+def _xml_dumps(obj: Any) -> bytes:
+    import xmlrpc.client
+
+    return xmlrpc.client.dumps((obj,), methodresponse=True, allow_none=True).encode("utf-8")
+
+
+def _xml_loads(data: Any) -> Any:
+    import xmlrpc.client
+
+    data = bytes(data)
+    if b"<!DOCTYPE" in data:  # XML-RPC has no use for a DTD; its entities are how XML bombs work
+        raise ValueError("an XML-RPC message with a DOCTYPE (refused)")
+    return xmlrpc.client.loads(data, use_builtin_types=True)[0][0]
+
+
+_XML_ATOMS = (type(None), bool, int, float, str, bytes)
+
+
+def _xml_reply(reply: Any) -> Any:
+    """A server's reply in a form XML-RPC can carry: an exception as [module, name, args] (args as text
+    unless they are plain values), a new proxy without its proxy class (the client uses its own)."""
+    kind = reply[0]
+    if kind == R_ERR or kind == R_FAILED:
+        exc = reply[1]
+        cls = type(exc)
+        args = list(exc.args)
+        if not all(type(a) in _XML_ATOMS and (type(a) is not int or -(1 << 31) <= a < (1 << 31)) for a in args):
+            args = [str(exc)]
+        return (kind, [cls.__module__, cls.__qualname__, args])
+    if kind == R_PROXY:
+        _, typeid, ident, exposed = reply[1]
+        return (kind, (None, typeid, ident, exposed))
+    if type(reply[1]) in _XML_VIEWS:  # dict.keys() & co arrive as lists (as they do with pickle)
+        return (kind, list(reply[1]))
+    return reply
+
+
+_XML_VIEWS: tuple[type, ...] = (type({}.keys()), type({}.values()), type({}.items()))
+
+
+def _xml_exception(value: Any) -> BaseException:
+    """The exception an XML-RPC error reply describes (see :func:`_xml_reply`)."""
+    try:
+        module, name, args = value
+        cls = _xml_exceptions().get((module, name))
+        if cls is not None:
+            return cls(*args)
+    except Exception:
+        pass
+    return RemoteError(f"{value!r}\n")
+
+
+class _XmlChannel(_Channel):
+    """A channel whose messages, after authentication, are XML-RPC documents (``serializer='xmlrpclib'``):
+    the same frames, handshake and limits as :class:`_Channel`.  The server's end (``server_side``) makes
+    tuples of a request's argument lists again, and sends what XML-RPC cannot carry as a RemoteError."""
+
+    __slots__ = ("server_side",)
+
+    def __init__(self, sock: Any, peer: str, max_message: int = MAX_MESSAGE, server_side: bool = False) -> None:
+        super().__init__(sock, peer, max_message)
+        self.server_side = server_side
+
+    def dumps(self, obj: Any) -> bytes:
+        if not self.server_side:
+            return _xml_dumps(obj)
+        try:
+            return _xml_dumps(_xml_reply(obj))
+        except Exception as exc:
+            return _xml_dumps((R_REMOTE, f"the manager could not send its reply with serializer 'xmlrpclib': "
+                                         f"{type(exc).__name__}: {exc}\n"))
+
+    def loads(self, data: Any) -> Any:  # type: ignore[override]
+        msg = _xml_loads(data)
+        if type(msg) is not list or not msg:
+            return msg
+        msg = tuple(msg)
+        op, n = msg[0], len(msg)
+        if self.server_side:  # a request: its argument list is a tuple again
+            where = {OP_CALL: 3, OP_CREATE: 2, OP_SERVICE: 2, OP_HELLO: 3}.get(op)
+            if where is not None and n == {OP_CALL: 5, OP_CREATE: 4, OP_SERVICE: 3, OP_HELLO: 4}[op] \
+                    and type(msg[where]) is list:
+                msg = (*msg[:where], tuple(msg[where]), *msg[where + 1:])
+        elif n == 2 and (op == R_ERR or op == R_FAILED):
+            msg = (op, _xml_exception(msg[1]))
+        return msg
+
+    def request(self, obj: Any) -> Any:
+        self.send_bytes(_xml_dumps(obj))
+        return self.loads(self.recv_frame())
 
 def _tls_failure(exc: OSError, address: Any) -> OSError:
     """The error for a TLS handshake that failed, saying what the usual causes mean."""

@@ -70,7 +70,7 @@ class BaseProxy:
         self._serializer = serializer
         self._manager = manager
         self._authkey = process.AuthenticationString(_authkey_for(authkey, manager))
-        self._link = _client._link_for(token.address, self._authkey, manager)
+        self._link = _client._link_for(token.address, self._authkey, manager, serializer)
         self._server = _client._local_server(token.address)
         self._owner_pid = os.getpid()
         self._gen = _client._fork_generation
@@ -136,7 +136,10 @@ class BaseProxy:
         chan.busy = False
         if msg[0] == R_OK:
             return msg[1]
-        return link._unusual(msg, self._manager)
+        try:
+            return link._unusual(msg, self._manager)
+        finally:
+            msg = None  # the exception it raises must not be kept alive by this frame
 
     def _getvalue(self) -> Any:
         """A copy of the referent."""
@@ -188,7 +191,7 @@ def _rebuild_proxy(spec: Any, token: Token, serializer: str, exposed: Any, tls: 
     if authkey is None:
         authkey = process.current_process().authkey
     if tls is not None:
-        _client._get_link(token.address, authkey, tls)  # _find_link finds it for the proxies to come
+        _client._get_link(token.address, authkey, tls, serializer)  # _find_link finds it for the proxies to come
     incref = not preincref
     if spec is None:
         return AutoProxy(token, serializer, authkey=authkey, exposed=exposed, incref=incref)
@@ -232,7 +235,7 @@ def AutoProxy(token: Token, serializer: str = "pickle", manager: Any = None, aut
               exposed: Any = None, incref: bool = True, manager_owned: bool = False) -> BaseProxy:
     """A proxy whose methods are the referent's public methods (or ``exposed``)."""
     if exposed is None:
-        link = _client._link_for(token.address, _authkey_for(authkey, manager), manager)
+        link = _client._link_for(token.address, _authkey_for(authkey, manager), manager, serializer)
         exposed = link.call((OP_SERVICE, "get_methods", (token.id,)))
     cls = MakeProxyType(f"AutoProxy[{token.typeid}]", exposed)
     proxy = cls(token, serializer, manager=manager, authkey=authkey, incref=incref, manager_owned=manager_owned)

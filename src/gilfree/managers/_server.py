@@ -8,6 +8,7 @@ connection closes; what it knows of a client (:class:`_ClientState`) and of a co
 from __future__ import annotations
 
 import collections
+import functools
 import importlib
 import itertools
 import os
@@ -17,7 +18,7 @@ import socket
 import threading
 import time
 
-from .. import _gate, connection, reduction, util
+from .. import _gate, connection, util
 from . import _client
 from ._protocol import (
     _ATOMS,
@@ -34,7 +35,7 @@ from ._protocol import (
     OP_INCREF,
     OP_PIPES,
     OP_SERVICE,
-    R_ERR,
+    R_FAILED,
     R_OK,
     R_PROXY,
     R_REMOTE,
@@ -48,10 +49,11 @@ from ._protocol import (
     _check_serializer,
     _ctx,
     _describe,
+    _dumps_for,
     _HDR_pack,
-    _loads,
     _request_problem,
     _short,
+    _XmlChannel,
 )
 from ._proxies import AutoProxy
 
@@ -161,6 +163,10 @@ class Server:
         self.registry = dict(registry)
         self.authkey = bytes(authkey)
         self.serializer = serializer
+        if serializer == "pickle":
+            self._channel_type: Any = _Channel
+        else:
+            self._channel_type = functools.partial(_XmlChannel, server_side=True)
         self.tls = tls
         self.handshake_timeout = connection.HANDSHAKE_TIMEOUT if handshake_timeout is None else handshake_timeout
         #: keepalive timers of accepted TCP connections (idle s, interval s, probes, user timeout s), or None
@@ -226,6 +232,12 @@ class Server:
         state = "stopped" if self._stop.is_set() else "serving"
         return (f"<{type(self).__name__} {_describe(self.address)} {state} objects={len(self._objects)} "
                 f"clients={len(self._clients)}{' tls' if self.tls else ''}>")
+
+    @property
+    def listener(self) -> socket.socket | None:
+        """The listening socket (None once the server stopped).  Closing it before :meth:`serve_forever`
+        frees the address without serving (as the stdlib's ``server.listener.close()`` does)."""
+        return self._listener
 
     # -- logging ---------------------------------------------------------------------------------
     def _logger(self) -> logging.Logger | None:
@@ -405,7 +417,7 @@ class Server:
         self.stats["refused"] += 1
         self._warn_limited("turned away", "manager server %s: turned away %s: %s", _describe(self.address), peer, reason)
         try:
-            data = reduction.dumps((R_REMOTE, reason + "\n"))
+            data = _dumps_for(self.serializer, (R_REMOTE, reason + "\n"))
             sock.settimeout(1.0)
             sock.sendall(_HDR_pack(len(data)) + data)
         except OSError:
@@ -441,13 +453,13 @@ class Server:
         client = None
         chan: _Channel | None = None
         try:
-            chan = _Channel(sock, peer, self.max_message)
+            chan = self._channel_type(sock, peer, self.max_message)
             try:
                 connection._tune_tcp(sock, self.keepalive)
                 # the HELLO comes right behind the handshake: a peer that holds it back (it knows the key,
                 # but is stuck or hostile) must not hold a thread for good
                 chan._deadline = time.monotonic() + self.handshake_timeout
-                hello = reduction.loads(chan.recv_bytes(HELLO_MAX))
+                hello = chan.loads(chan.recv_bytes(HELLO_MAX))
                 chan._deadline = None
                 if type(hello) is not tuple or len(hello) != 4 or hello[0] != OP_HELLO:
                     raise ValueError(f"expected HELLO, received {str(hello)[:80]}")
@@ -669,6 +681,7 @@ class Server:
         _ctx.server, _ctx.client, _ctx.alias = self, client, alias
         objects = self._objects
         recv = chan.recv_frame
+        loads = chan.loads
         state = _ctx.conn
         assert state is not None
         # The hot path (a method call) is written out here: one frame for the read, one for the reply.
@@ -692,13 +705,14 @@ class Server:
                                _describe(self.address), client.pid, chan.peer, exc)
                 return
             try:
-                msg = _loads(data)
+                msg = loads(data)
                 op = msg[0]
             except Exception as exc:
                 if msg is None:
                     # an authenticated peer sent something we cannot read (a class the server cannot
                     # import, a corrupt pickle): answer with an error, the stream itself is intact
-                    text = f"the manager could not unpickle a request: {type(exc).__name__}: {exc}\n"
+                    how = "unpickle" if self.serializer == "pickle" else f"read (serializer {self.serializer!r})"
+                    text = f"the manager could not {how} a request: {type(exc).__name__}: {exc}\n"
                 else:
                     text = _bad_request(msg, exc)
                 if not self._reply(chan, (R_REMOTE, text), client):
@@ -801,7 +815,7 @@ class Server:
         if name == "__repr__" or name == "__str__":
             obj = entry[0]
             return (R_OK, repr(obj) if name == "__repr__" else str(obj))
-        return (R_ERR, AttributeError(
+        return (R_FAILED, AttributeError(
             f"method {name!r} of {entry[3]!r} object is not in exposed={sorted(entry[1])}"))
 
     def _new_proxy(self, client: _ClientState, typeid: str, result: Any) -> Any:
@@ -819,6 +833,8 @@ class Server:
             return (R_REMOTE, f"bad request {_short(msg)}: {problem}\n")
         try:
             if op == OP_CREATE:
+                # an object that cannot be made (m.Pool(0)) fails below: R_FAILED, a RemoteError that
+                # is also the factory's exception type
                 return (R_OK, self.create(client, msg[1], msg[2], msg[3] or {}))
             if op == OP_INCREF:
                 self.incref(client, msg[1])
@@ -849,8 +865,8 @@ class Server:
             return (R_REMOTE, f"bad request {_short(msg)}: unknown opcode {op!r}\n")
         except _BadRequest as exc:
             return (R_REMOTE, _bad_request(msg, exc))
-        except Exception as exc:
-            return (R_ERR, exc)
+        except Exception as exc:  # the server could not do it: a RemoteError in the client (as the stdlib's)
+            return (R_FAILED, exc)
 
     def _reply(self, chan: _Channel, reply: Any, client: _ClientState) -> bool:
         """Send ``reply``; False if the client is gone.  A reply that cannot be pickled becomes a RemoteError."""
@@ -863,8 +879,8 @@ class Server:
                 data = chan.dumps(reply)
             except Exception as exc:
                 what = "result" if reply[0] == R_OK else "exception"
-                data = reduction.dumps((R_REMOTE, f"the manager could not pickle the {what} "
-                                                   f"({type(reply[1]).__name__}) to send it back: {exc}\n"))
+                data = chan.dumps((R_REMOTE, f"the manager could not pickle the {what} "
+                                             f"({type(reply[1]).__name__}) to send it back: {exc}\n"))
             finally:
                 ctx.replying = False
         try:
