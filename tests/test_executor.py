@@ -295,7 +295,10 @@ def test_the_stdlib_executors_private_attributes(method):
     with ProcessPoolExecutor(2, mp_context=method) as ex:
         assert ex.submit(sleep_then, 1, 0).result(30) == 1
         procs = ex._processes
-        assert len(procs) == 2 and all(p.is_alive() and p.pid == pid for pid, p in procs.items())
+        # under spawn and forkserver a worker starts when a task finds none idle, as the stdlib's do
+        assert len(procs) == (2 if method == "fork" else 1)
+        assert all(p.is_alive() and p.pid == pid and p.exitcode is None for pid, p in procs.items())
+        assert repr(procs[next(iter(procs))])
         assert ex._broken is False
         assert ex._mp_context is gilfree.get_context(method)
         thread = ex._executor_manager_thread
@@ -305,6 +308,8 @@ def test_the_stdlib_executors_private_attributes(method):
         while not all(f.running() for f in busy) and time.monotonic() < deadline:
             time.sleep(0.02)
         time.sleep(0.5)  # both workers are inside their task
+        procs = ex._processes
+        assert len(procs) == 2
         for p in procs.values():
             p.kill()  # as CPython's test_deadlock does: the default policy breaks the executor
         with pytest.raises(cfp.BrokenProcessPool):
@@ -427,3 +432,267 @@ def test_results_that_fail_in_every_way_fail_only_their_task(method):
                 got.append("bad")
         assert got == [0, 1, "bad", 3, 4, 5, "bad", 7]
         assert pool.apply(os.getpid) == pid
+
+
+# -- CPython 3.13's test_concurrent_futures (issue 14): each ran on the stdlib and gilfree ------------
+
+
+def _executor(impl, method, workers, **kwargs):
+    if impl == "stdlib":
+        return cf.ProcessPoolExecutor(workers, mp_context=__import__("multiprocessing").get_context(method), **kwargs)
+    return ProcessPoolExecutor(workers, mp_context=method, **kwargs)
+
+
+def raise_runtime_error():
+    raise RuntimeError(123)  # the line the remote traceback shows
+
+
+@pytest.mark.parametrize("impl", ["gilfree", "stdlib"])
+def test_a_workers_traceback_is_the_stdlibs_remote_traceback(method, impl):
+    """Code (and test_traceback) checks ``type(exc.__cause__) is concurrent.futures.process._RemoteTraceback``
+    (before: gilfree's own RemoteTraceback class)."""
+    with _executor(impl, method, 1) as ex:
+        exc = ex.submit(raise_runtime_error).exception(30)
+    assert type(exc) is RuntimeError and exc.args == (123,)
+    assert type(exc.__cause__) is cfp._RemoteTraceback
+    assert "raise RuntimeError(123)  # the line the remote traceback shows" in exc.__cause__.tb
+
+
+@pytest.mark.parametrize("impl", ["gilfree", "stdlib"])
+def test_max_tasks_per_child_refuses_fork_and_defaults_to_spawn(impl):
+    """As the stdlib 3.11+: a replacement worker is never forked from a process running threads (before:
+    gilfree accepted fork, and with no context used the default start method)."""
+    with pytest.raises(ValueError, match="fork"):
+        _executor(impl, "fork", 1, max_tasks_per_child=2)
+    ex = (cf.ProcessPoolExecutor if impl == "stdlib" else ProcessPoolExecutor)(1, max_tasks_per_child=1)
+    with ex:
+        assert ex._mp_context.get_start_method() == "spawn"
+        first = ex.submit(os.getpid).result(60)
+        assert ex.submit(os.getpid).result(60) != first  # one task per worker
+
+
+@pytest.mark.parametrize("impl", ["gilfree", "stdlib"])
+def test_worker_processes_stay_usable_after_shutdown(method, impl):
+    """``executor._processes`` taken before shutdown: join, is_alive and exitcode still work after it
+    (before: ValueError, the engine had closed the Process objects)."""
+    ex = _executor(impl, method, 2)
+    assert list(ex.map(abs, range(-4, 4))) == [4, 3, 2, 1, 0, 1, 2, 3]
+    procs = ex._processes
+    assert procs
+    ex.shutdown()
+    for p in procs.values():
+        p.join()
+        assert not p.is_alive()
+        assert p.exitcode == 0
+
+
+@pytest.mark.parametrize("impl", ["gilfree", "stdlib"])
+def test_call_queue_join_thread(method, impl):
+    """``executor._call_queue.join_thread()`` after a shutdown without wait returns once the workers are
+    fed and gone; before the shutdown it raises (the stdlib's assertion) rather than wait forever
+    (before: no ``_call_queue``)."""
+    ex = _executor(impl, method, 3)
+    res = ex.map(abs, range(-5, 5))
+    call_queue = ex._call_queue
+    with pytest.raises(AssertionError):
+        call_queue.join_thread()
+    thread = ex._executor_manager_thread
+    procs = ex._processes
+    ex.shutdown(wait=False)
+    thread.join(30)
+    assert not thread.is_alive()
+    for p in procs.values():
+        p.join(30)
+    call_queue.join_thread()
+    assert list(res) == [abs(v) for v in range(-5, 5)]
+
+
+def _raise_unpickling_error():
+    raise __import__("pickle").UnpicklingError("no rebuild here")
+
+
+def _exit_in_rebuild():
+    sys.exit(1)
+
+
+class FailsToUnpickle:
+    def __reduce__(self):
+        return _raise_unpickling_error, ()
+
+
+class ExitsInUnpickle:
+    def __reduce__(self):
+        return _exit_in_rebuild, ()
+
+
+@pytest.mark.parametrize("cls", [FailsToUnpickle, ExitsInUnpickle])
+@pytest.mark.parametrize("impl", ["gilfree", "stdlib"])
+def test_a_result_that_fails_to_unpickle_breaks_the_executor(method, impl, cls):
+    """CPython's test_error/exit_during_result_unpickle_in_result_handler: BrokenProcessPool, and the
+    executor is broken (before: the unpickling error itself, or a RuntimeError wrapping SystemExit)."""
+    with _executor(impl, method, 2) as ex:
+        with pytest.raises(cfp.BrokenProcessPool):
+            ex.submit(make, cls).result(30)
+        with pytest.raises(cfp.BrokenProcessPool):
+            ex.submit(abs, -1).result(30)
+
+
+def test_under_fail_a_result_that_fails_to_unpickle_fails_alone(method):
+    with ProcessPoolExecutor(1, mp_context=method, on_worker_death="fail") as ex:
+        with pytest.raises(__import__("pickle").UnpicklingError):
+            ex.submit(make, FailsToUnpickle).result(30)
+        assert ex.submit(abs, -1).result(30) == 1
+
+
+def init_fail(log_queue):
+    import logging
+    from logging.handlers import QueueHandler
+
+    logger = logging.getLogger("concurrent.futures")
+    logger.addHandler(QueueHandler(log_queue))
+    logger.setLevel("CRITICAL")
+    logger.propagate = False
+    raise ValueError("error in initializer")
+
+
+@pytest.mark.parametrize("impl", ["gilfree", "stdlib"])
+def test_a_failing_initializer_is_logged_and_breaks_the_executor(method, impl):
+    """The worker logs the initializer's exception on the ``concurrent.futures`` logger, CRITICAL with its
+    traceback, as the stdlib's does (before: the executor broke, nothing was logged)."""
+    import queue as std_queue
+
+    ctx = __import__("multiprocessing").get_context(method) if impl == "stdlib" else gilfree.get_context(method)
+    log_queue = ctx.Queue()
+    ex = None
+    try:
+        with _executor(impl, method, 2, initializer=init_fail, initargs=(log_queue,)) as ex:
+            try:
+                future = ex.submit(abs, -1)
+            except cf.BrokenExecutor:
+                pass
+            else:
+                with pytest.raises(cf.BrokenExecutor):
+                    future.result(30)
+            with pytest.raises(cf.BrokenExecutor):
+                ex.submit(abs, -1)
+        messages = []
+        try:
+            while True:
+                messages.append(log_queue.get(timeout=1).getMessage())
+        except std_queue.Empty:
+            pass
+        assert any("ValueError: error in initializer" in m for m in messages), messages
+    finally:
+        log_queue.close()
+        log_queue.join_thread()
+        del log_queue, ex  # the stdlib unlinks a spawn Queue's semaphores when the Queue is collected
+        gc.collect()
+
+
+@pytest.mark.parametrize("impl", ["gilfree", "stdlib"])
+def test_an_idle_workers_death_breaks_the_executor(method, impl):
+    """As the stdlib's: any worker killed breaks the executor, busy or not (before: gilfree replaced an
+    idle one silently, and CPython's test_killed_child got no BrokenProcessPool)."""
+    with _executor(impl, method, 2) as ex:
+        assert ex.submit(abs, -1).result(30) == 1
+        for p in ex._processes.values():
+            p.kill()
+        deadline = time.monotonic() + 30
+        while not ex._broken and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert ex._broken
+        with pytest.raises(cfp.BrokenProcessPool):
+            ex.submit(abs, -1)
+
+
+@pytest.mark.parametrize("policy", ["fail", "retry"])
+def test_under_fail_and_retry_an_idle_workers_death_replaces_it(method, policy):
+    with ProcessPoolExecutor(2, mp_context=method, on_worker_death=policy) as ex:
+        assert ex.submit(abs, -1).result(30) == 1
+        old = set(ex.pids)
+        for p in ex._processes.values():
+            p.kill()
+        deadline = time.monotonic() + 30
+        while (set(ex.pids) & old or len(ex.pids) < 2) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not ex._broken
+        assert [ex.submit(abs, -i).result(30) for i in range(4)] == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("impl", ["gilfree", "stdlib"])
+def test_shutdown_cancel_futures_runs_the_started_ones(method, impl):
+    """CPython's test_cancel_futures: some futures cancelled, some (those a worker took) finish (before:
+    submit returned before the supervisor had handed any task over, and every future was cancelled)."""
+    ex = _executor(impl, method, 5)
+    fs = [ex.submit(time.sleep, 0.1) for _ in range(50)]
+    ex.shutdown(cancel_futures=True)
+    cancelled = [f for f in fs if f.cancelled()]
+    others = [f for f in fs if not f.cancelled()]
+    assert len(cancelled) > 20
+    assert others
+    for f in others:
+        assert f.done() and f.exception() is None
+
+
+def test_a_supervisor_that_cannot_start_leaves_no_worker(method, monkeypatch):
+    """At interpreter finalization a thread cannot start (CPython's test_python_finalization_error,
+    gh-109047): the constructor raises that RuntimeError, as the stdlib's submit does, and stops the
+    workers it had started (before: they were left running).  The Pool shares the engine."""
+    import threading
+
+    start = threading.Thread.start
+
+    def failing_start(self):
+        if "supervisor" in self.name:
+            raise RuntimeError("can't create new thread at interpreter shutdown")
+        return start(self)
+
+    monkeypatch.setattr(threading.Thread, "start", failing_start)
+    with pytest.raises(RuntimeError, match="interpreter shutdown"):
+        ProcessPoolExecutor(2, mp_context=method)
+    monkeypatch.undo()
+    with pytest.raises(RuntimeError, match="interpreter shutdown"):
+        monkeypatch.setattr(threading.Thread, "start", failing_start)
+        gilfree.get_context(method).Pool(2)
+
+
+@pytest.mark.parametrize("impl", ["gilfree", "stdlib"])
+def test_workers_start_on_demand_except_under_fork(method, impl):
+    """As the stdlib's (3.9+): under spawn and forkserver a worker starts when a task finds none idle, and
+    idle workers are reused; under fork all start with the executor (before: all started up front
+    under every method, and CPython's test_idle_process_reuse_* and test_processes_terminate failed)."""
+    with _executor(impl, method, 4) as ex:
+        for _ in range(3):
+            assert ex.submit(abs, -2).result(60) == 2
+        assert len(ex._processes) == (4 if method == "fork" else 1)
+        busy = [ex.submit(sleep_then, i, 2) for i in range(3)]
+        assert len(ex._processes) == (4 if method == "fork" else 3)
+        assert [f.result(60) for f in busy] == [0, 1, 2]
+
+
+EXIT_WITH_REPLACEMENTS = """
+import os, sys, time
+
+def record(path, i):
+    time.sleep(0.2)
+    with open(os.path.join(path, str(i)), "w"):
+        pass
+    return i
+
+if __name__ == "__main__":
+    ex = multiprocessing.ProcessPoolExecutor(1, max_tasks_per_child=1)
+    futures = [ex.submit(record, sys.argv[1], i) for i in range(3)]
+    # no shutdown(): the workers for futures 1 and 2 start after the script's last line has run
+"""
+
+
+def test_workers_started_at_exit_find_the_main_modules_functions(tmp_path):
+    """CPython deletes ``__main__.__file__`` once the script has run, before the exit hooks: a worker
+    spawned then (here a replacement, max_tasks_per_child=1) got no main module and failed every task
+    with "Can't get attribute 'record'" (before: only future 0 ran)."""
+    out = tmp_path / "out"
+    out.mkdir()
+    prog = write_program(tmp_path, EXIT_WITH_REPLACEMENTS, module="gilfree", method="spawn")
+    res = run_program([str(prog), str(out)], timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert sorted(int(n) for n in os.listdir(out)) == [0, 1, 2], res.stderr

@@ -466,6 +466,33 @@ def test_main_modules_that_children_never_run_need_no_guard(tmp_path, method, mo
     assert res.stdout.split("\n")[0] == "[1, 2, 3]"
 
 
+IPYTHON_FUNCTIONS = """
+import gilfree as multiprocessing
+# no guard: an ipython.py launcher is never run again in a child, so its functions travel by value
+
+def triple(x):
+    return 3 * x
+
+multiprocessing.set_start_method({method!r}, force=True)
+with multiprocessing.Pool(2) as pool:
+    print(pool.map(triple, [1, 2, 3]))
+with multiprocessing.ProcessPoolExecutor(2) as ex:
+    print(list(ex.map(triple, [4, 5])))
+"""
+
+
+@pytest.mark.parametrize("method", ["spawn", "forkserver"])
+def test_functions_of_an_ipython_launcher_travel_by_value(tmp_path, method):
+    """One rule (reduction.main_runs_in_children) for "the child runs the main module again" and "its
+    functions travel by reference" (before: ipython.py was not run in the child, but its functions were
+    pickled by reference, and the child could not find them).  The stdlib fails here (its worker cannot
+    unpickle ``__main__.triple``), so this runs on gilfree alone."""
+    (tmp_path / "ipython.py").write_text(IPYTHON_FUNCTIONS.format(method=method))
+    res = run_program([str(tmp_path / "ipython.py")], cwd=tmp_path, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split("\n")[:2] == ["[3, 6, 9]", "[12, 15]"], (res.stdout, res.stderr)
+
+
 ORPHAN_PROGRAM = """
 import sys, time
 

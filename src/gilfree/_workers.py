@@ -531,9 +531,16 @@ class Engine(EngineBase):
     :meth:`submit`, :meth:`close`, :meth:`terminate` may be called from any thread.
     """
 
+    #: A worker that dies with no task running breaks the engine (the executor's "break" policy, as
+    #: the stdlib's executor does), instead of being replaced.
+    break_on_idle_death = False
+
     def __init__(self, processes: int, ctx: Any = None, initializer: Any = None, initargs: Iterable[Any] = (),
                  maxtasksperchild: int | None = None, max_memory_per_child: int | None = None,
-                 name: str = "Pool") -> None:
+                 name: str = "Pool", on_demand: bool = False) -> None:
+        # on_demand: no worker is started up front; one starts when a task finds no idle worker, up to
+        # ``processes`` (the stdlib's executor under spawn and forkserver); else all start now
+        self._on_demand = on_demand
         self._ctx = ctx
         self._threads = ctx is None
         self._size = processes
@@ -570,20 +577,41 @@ class Engine(EngineBase):
         self._poller.register(self._wake_r, select.POLLIN)
         self._by_fd: dict[int, tuple[_Worker, str]] = {}
         self._exiting: list[_Worker] = []  # forgotten workers whose processes have not ended yet
+        self._settle_waiters: list[threading.Event] = []  # see settle()
         self._repopulate = False  # repopulate() asked the supervisor to start missing workers now
         try:
-            for _ in range(processes):
+            for _ in range(0 if on_demand else processes):
                 self._start_worker()
-        except BaseException:  # a worker could not start: stop the ones that did, then raise
+            self._thread = threading.Thread(target=self._run, name=f"gilfree-{name}-supervisor", daemon=True)
+            # at interpreter finalization this raises RuntimeError ("can't create new thread")
+            self._thread.start()
+        except BaseException:  # a worker or the supervisor could not start: stop the workers, then raise
             self._abort_start()
             util.close_fds(self._wake_r, self._wake_w)
             self._wake_w = -1
             raise
-        self._thread = threading.Thread(target=self._run, name=f"gilfree-{name}-supervisor", daemon=True)
-        self._thread.start()
 
     def pids(self) -> list[int]:
         return [w.pid for w in self._workers if w.pid is not None]
+
+    def settle(self, timeout: float) -> None:
+        """Wait (up to ``timeout`` s) until the supervisor has handed the pending tasks that workers
+        have room for to them: what was submitted before this call and could start now has started."""
+        if threading.current_thread() is self._thread:
+            return
+        event = threading.Event()
+        with self._lock:
+            if self._state == "closed":
+                return
+            self._settle_waiters.append(event)
+        self._wake()
+        event.wait(timeout)
+
+    def _settled(self) -> None:
+        with self._lock:
+            waiters, self._settle_waiters = self._settle_waiters, []
+        for event in waiters:
+            event.set()
 
     def worker_objects(self) -> list[Any]:
         """The current workers' ``Process`` objects (threads for thread workers): a snapshot, since the
@@ -792,6 +820,8 @@ class Engine(EngineBase):
                 self._repopulate = False
                 self._replace()
             self._dispatch()
+            if self._settle_waiters:
+                self._settled()
             if state == "closing" and not self._pending and not any(w.inflight for w in self._workers):
                 for worker in list(self._workers):
                     self._stop_worker(worker)
@@ -888,6 +918,13 @@ class Engine(EngineBase):
         util.sub_warning("pool: result from worker %s could not be read: %r", worker.pid, exc)
         if worker.inflight:
             task = worker.inflight.popleft()
+            if task.policy == "break":  # as the stdlib's executor: a result it cannot read breaks it
+                broken = BrokenPoolError(f"the result of {task.describe()} could not be unpickled here "
+                                         f"({exc!r}); on_worker_death='break': no task can run")
+                broken.__cause__ = exc
+                self._finish_task(worker, task, False, broken)
+                self._break(broken)
+                return
             if not isinstance(exc, Exception):  # SystemExit from a __reduce__: get() must not exit
                 wrapped = RuntimeError(f"the result of {task.describe()} could not be unpickled here: "
                                        f"rebuilding it raised {exc!r}")
@@ -958,6 +995,8 @@ class Engine(EngineBase):
         pending = self._pending
         if not pending:
             return
+        if self._on_demand and len(self._workers) < self._size and not self._start_on_demand():
+            return
         rooms = {w: room for w in self._workers if (room := self._capacity(w)) > 0}
         plans: dict[_Worker, list[Task]] = {}
         while pending and rooms:
@@ -977,6 +1016,20 @@ class Engine(EngineBase):
             else:
                 for task in tasks:  # long ones: the worker starts the first while the next arrives
                     self._send_batch(worker, [task])
+
+    def _start_on_demand(self) -> bool:
+        """Start a worker for each pending task beyond the idle workers (up to the pool's size); False
+        if one could not start (the engine is broken then)."""
+        if self._state not in ("running", "closing") or self._broken is not None:
+            return True
+        idle = sum(1 for w in self._workers if not w.inflight and self._capacity(w) > 0)
+        for _ in range(min(len(self._pending) - idle, self._size - len(self._workers))):
+            try:
+                self._start_worker()
+            except Exception as exc:
+                self._break(BrokenPoolError(f"could not start a worker: {exc!r}"), cause=exc)
+                return False
+        return True
 
     def _send_batch(self, worker: _Worker, tasks: list[Task]) -> None:
         added: list[int] = []
@@ -1106,6 +1159,13 @@ class Engine(EngineBase):
                 self._task_failed(worker, task, item, timed_out, retry=False)
             else:
                 self._lost(worker, task, item, exitcode, sending)
+        elif (not expected and self.break_on_idle_death and self._broken is None
+              and self._state in ("running", "closing")):
+            from ._errors import describe_exit
+
+            self._break(BrokenPoolError(
+                f"a worker (pid {worker.pid}) died with no task running ({describe_exit(exitcode)}) under "
+                f"on_worker_death='break': a process in the pool was terminated abruptly; no task can run"))
         elif not expected and worker.done == 0 and self._state == "running" and not worker.stopping:
             self._start_failures += 1
             if self._start_failures >= MAX_START_FAILURES:
@@ -1191,6 +1251,8 @@ class Engine(EngineBase):
             self._pending.appendleft(task)
 
     def _replace(self) -> None:
+        if self._on_demand:
+            return  # _dispatch starts a worker when a task needs one
         if self._state not in ("running", "closing") or self._broken is not None:
             return
         if self._state == "closing" and not self._pending:
@@ -1297,6 +1359,7 @@ class Engine(EngineBase):
         self._reap(5.0)  # after close(): the workers told to stop
         with self._lock:
             self._state = "closed"
+        self._settled()
         with self._wake_lock:
             wake_w, self._wake_w = self._wake_w, -1
         util.close_fds(self._wake_r, wake_w)

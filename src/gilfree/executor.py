@@ -5,7 +5,9 @@
     executor.submit(fn, *args) ──> Task ──> Engine (gilfree._workers) ──> a worker process
           Future <── set_result / set_exception (supervisor thread) <── result ──┘
 
-The same engine as :class:`gilfree.Pool`.  A worker that dies (SIGKILL, OOM, a crash) breaks the
+The same engine as :class:`gilfree.Pool`.  As the stdlib's, under fork every worker starts with the
+executor, under spawn and forkserver a worker starts when a task finds none idle.  A worker that dies
+(SIGKILL, OOM, a crash; running a task or idle), or a result that cannot be unpickled here, breaks the
 executor, as the stdlib's does: every unfinished future, the running one too, fails with
 :class:`BrokenProcessPool` (a subclass of the stdlib's, so code written for the stdlib catches it),
 and later submissions raise it.  ``on_worker_death="fail"`` fails only the future that was running
@@ -21,6 +23,7 @@ Where this runs: ``submit`` and ``map`` return at once; iterating ``map``'s resu
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import threading
 import time
@@ -28,10 +31,11 @@ import weakref
 from concurrent.futures import Executor, Future
 from concurrent.futures import TimeoutError as FuturesTimeoutError
 from concurrent.futures.process import BrokenProcessPool as _StdBrokenProcessPool
+from concurrent.futures.process import _RemoteTraceback as _StdRemoteTraceback
 
 from . import _workers, util
 from ._errors import BrokenPoolError, MaybeEncodingError
-from ._workers import CALL, STARMAP, Engine, Function, Task
+from ._workers import CALL, STARMAP, Engine, Function, RemoteTraceback, Task
 from .pool import _default_workers, as_context
 
 TYPE_CHECKING = False
@@ -137,7 +141,54 @@ class _FutureJob:
                 broken = BrokenProcessPool(str(value))
                 broken.__cause__ = value.__cause__ or value
                 value = broken
+            cause = value.__cause__
+            if type(cause) is RemoteTraceback:
+                # the worker's traceback, as the stdlib's executor chains it (code checks the class)
+                value.__cause__ = _StdRemoteTraceback(cause.tb)  # type: ignore[arg-type]  # typeshed: it takes the text
             future.set_exception(value)
+
+
+class _LoggedInitializer:
+    """The initializer, run in a worker: if it raises, the worker logs it on the ``concurrent.futures``
+    logger (CRITICAL, with the traceback) before the executor breaks, as the stdlib's worker does."""
+
+    __slots__ = ("func",)
+
+    def __init__(self, func: Callable[..., Any]) -> None:
+        self.func = func
+
+    def __call__(self, *args: Any) -> Any:
+        try:
+            return self.func(*args)
+        except BaseException:
+            logging.getLogger("concurrent.futures").critical("Exception in initializer:", exc_info=True)
+            raise
+
+
+class _CallQueue:
+    """What ``executor._call_queue`` is to code written for the stdlib's executor: a view of the tasks
+    not yet handed to a worker.  ``join_thread()`` waits for the thread that feeds the workers (the
+    engine's supervisor) to end, which it does once the executor is shut down and its workers have
+    exited; before ``shutdown()`` it raises, as the stdlib's queue does before ``close()``."""
+
+    __slots__ = ("_engine",)
+
+    def __init__(self, engine: Any) -> None:
+        self._engine = engine
+
+    def qsize(self) -> int:
+        return len(self._engine._pending)
+
+    def empty(self) -> bool:
+        return not self._engine._pending
+
+    def close(self) -> None:
+        """Nothing to release here: the executor's ``shutdown()`` closes the channels to the workers."""
+
+    def join_thread(self) -> None:
+        if self._engine.state == "running":
+            raise AssertionError("the executor is not shut down: its call queue's thread runs on")
+        self._engine.join()
 
 
 class ProcessPoolExecutor(Executor):
@@ -165,17 +216,30 @@ class ProcessPoolExecutor(Executor):
         if max_tasks_per_child is not None:
             if not isinstance(max_tasks_per_child, int) or max_tasks_per_child <= 0:
                 raise ValueError("max_tasks_per_child must be >= 1")
+            if mp_context is None and backend is None:
+                # as the stdlib (3.11+): a worker replaced while the executor's threads run is not forked
+                mp_context = "spawn"
         if task_timeout is not None and task_timeout <= 0:
             raise ValueError(f"task_timeout={task_timeout}: give seconds > 0 or None")
         _workers.check_policy(on_worker_death, retries)
         ctx = as_context(mp_context)
+        if max_tasks_per_child is not None and backend is None and ctx.get_start_method() == "fork":
+            raise ValueError("max_tasks_per_child is incompatible with the 'fork' start method (a replacement "
+                             "worker would be forked from a process running threads); give another mp_context")
         self._max_workers = max_workers
         self._options: dict[str, Any] = {"policy": on_worker_death, "retries": retries, "timeout": task_timeout}
         if backend is None:
             if address is not None:
                 raise ValueError(f"address={address!r} needs backend='ray' or backend='dask'")
+            if initializer is not None:
+                initializer = _LoggedInitializer(initializer)
+            # as the stdlib's: under fork every worker starts now (forking later, from a process running
+            # threads, is unsafe); under spawn and forkserver a worker starts when a task finds none idle
             self._engine: Any = Engine(max_workers or 1, ctx, initializer, initargs, max_tasks_per_child,
-                                       max_memory_per_child, name="ProcessPoolExecutor")
+                                       max_memory_per_child, name="ProcessPoolExecutor",
+                                       on_demand=ctx.get_start_method() != "fork")
+            # a worker that dies idle breaks the executor too, as the stdlib's does
+            self._engine.break_on_idle_death = on_worker_death == "break"
         else:  # a cluster engine: an optional dependency (ray, dask), imported only when asked for
             from .backends import open_engine
 
@@ -205,9 +269,17 @@ class ProcessPoolExecutor(Executor):
     @property
     def _processes(self) -> dict[int, Any]:
         """pid -> the worker's process (``join``, ``terminate``, ``kill``, ``is_alive``, ``exitcode``), as
-        the stdlib's executor keeps them; a snapshot (workers come and go)."""
+        the stdlib's executor keeps them; a snapshot (workers come and go), taken once the workers the
+        tasks submitted so far need have started."""
+        self._settle()
         workers = list(getattr(self._engine, "_workers", ()))
-        return {w.process.pid: w.process for w in workers if w.process is not None and w.process.pid is not None}
+        # the engine never closes these objects: they stay usable after the worker left (the stdlib's do)
+        return {w.pid: w.process for w in workers if w.process is not None and w.pid is not None}
+
+    @property
+    def _call_queue(self) -> _CallQueue:
+        """The tasks not yet handed to a worker (see :class:`_CallQueue`)."""
+        return _CallQueue(self._engine)
 
     @property
     def _broken(self) -> str | bool:
@@ -281,6 +353,10 @@ class ProcessPoolExecutor(Executor):
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """No more submissions; with ``cancel_futures``, pending futures are cancelled; with
         ``wait``, return once the workers have exited."""
+        if cancel_futures:
+            # what a free worker could take has been handed to it (RUNNING, it runs), as the stdlib's
+            # call queue holds a few; the rest is cancelled
+            self._settle()
         with self._shutdown_lock:
             self._shutdown = True
             if cancel_futures:
@@ -291,7 +367,14 @@ class ProcessPoolExecutor(Executor):
         if wait:
             self._engine.join()
 
+    def _settle(self) -> None:
+        settle = getattr(self._engine, "settle", None)
+        if settle is not None and self._engine.state == "running":
+            settle(5.0)
+
     @property
     def pids(self) -> list[int]:
-        """The pids of the current worker processes (gilfree's)."""
+        """The pids of the current worker processes (gilfree's), once the workers the tasks submitted
+        so far need have started."""
+        self._settle()
         return self._engine.pids()

@@ -180,15 +180,48 @@ def _main_is_reimportable() -> bool:
         return False
     if _main_checked[0] == id(main):
         return _main_checked[1]
+    answer = main_runs_in_children(main)
+    _main_checked = (id(main), answer)
+    return answer
+
+
+def main_runs_in_children(main: Any) -> bool:
+    """Whether a spawned child runs (imports) the main module ``main`` again, as the stdlib decides --
+    the one rule for what travels by reference and what the start methods send the child.
+
+    Not a package's or a directory's ``__main__`` (``python -m pkg``, ``python dir``), not the IPython
+    launcher (``ipython.py``), not a main module without a file that exists (the REPL, ``-c``, a
+    notebook): their functions and classes travel by value, and starting processes from their
+    unguarded code is no fork bomb."""
     spec = getattr(main, "__spec__", None)
     name = getattr(spec, "name", None) if spec is not None else None
     if name:
-        answer = name != "__main__" and not name.endswith(".__main__")
-    else:
-        path = getattr(main, "__file__", None)
-        answer = isinstance(path, str) and os.path.exists(path)
-    _main_checked = (id(main), answer)
-    return answer
+        return name != "__main__" and not name.endswith(".__main__")
+    path = main_file(main)
+    if path is None:
+        return False
+    return os.path.splitext(os.path.basename(path))[0] != "ipython" and os.path.exists(path)
+
+
+_main_file: tuple[Any, str] | None = None
+
+
+def main_file(main: Any) -> str | None:
+    """The main module's file, also once the interpreter has deleted ``__main__.__file__`` -- which it
+    does when the script's last line has run, before the exit hooks (where an executor still starts
+    workers for the futures pending): remembered whenever it is seen, and at gilfree's import."""
+    global _main_file
+    path = getattr(main, "__file__", None)
+    if isinstance(path, str) and path:
+        if _main_file is None or _main_file[0] is not main:
+            _main_file = (main, path)
+        return path
+    if _main_file is not None and _main_file[0] is main:
+        return _main_file[1]
+    return None
+
+
+main_file(sys.modules.get("__main__"))
 
 
 def _in_band(buf: pickle.PickleBuffer, oob_min: int | None, oob: list[Any]) -> bool:

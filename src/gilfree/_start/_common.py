@@ -242,7 +242,7 @@ def preparation_data(name: str, start_method: str) -> dict[str, Any]:
         if _main_runs_in_children(main):
             data["main_name"] = name_
     elif _main_runs_in_children(main):
-        path = getattr(main, "__file__", None)
+        path = reduction.main_file(main)  # also once the interpreter deleted __main__.__file__ (at exit)
         if path and os.path.exists(path):
             main_path = os.path.normpath(os.path.join(process.ORIGINAL_DIR or os.getcwd(), path))
             data["main_path"] = main_path
@@ -480,14 +480,9 @@ def _main_runs_in_children(main: Any) -> bool:
     """Whether a spawned child runs the main module again, as the stdlib decides: not a package's or a
     directory's ``__main__`` (``python -m pkg``, ``python dir``: their functions travel by value, see
     ``reduction._main_is_reimportable``), not the IPython launcher (``ipython.py``), not a main module
-    without a file (the REPL, ``-c``)."""
-    name_ = getattr(getattr(main, "__spec__", None), "name", None)
-    if name_:
-        return name_ != "__main__" and not name_.endswith(".__main__")
-    path = getattr(main, "__file__", None)
-    if not path:
-        return False
-    return os.path.splitext(os.path.basename(path))[0] != "ipython"
+    without a file (the REPL, ``-c``).  The same rule as what travels by reference:
+    :func:`gilfree.reduction.main_runs_in_children`."""
+    return reduction.main_runs_in_children(main)
 
 
 def check_main_guard(method: str) -> None:
