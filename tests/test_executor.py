@@ -109,6 +109,7 @@ def test_break_gives_every_unfinished_future_broken_process_pool(method, impl):
 
 def test_broken_process_pool_is_the_stdlibs_and_gilfrees():
     assert issubclass(gilfree.executor.BrokenProcessPool, cfp.BrokenProcessPool)
+    assert gilfree.BrokenProcessPool is gilfree.executor.BrokenProcessPool  # beside ProcessPoolExecutor
     assert issubclass(gilfree.executor.BrokenProcessPool, cf.BrokenExecutor)
     assert issubclass(gilfree.executor.BrokenProcessPool, gilfree.BrokenPoolError)
 

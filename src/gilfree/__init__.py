@@ -66,6 +66,7 @@ if TYPE_CHECKING:
     from .arrays import SharedArray as SharedArray
     from .arrays import as_shared as as_shared
     from .arrays import shared_array as shared_array
+    from .executor import BrokenProcessPool as BrokenProcessPool
     from .executor import ProcessPoolExecutor as ProcessPoolExecutor
     from .queues import JoinableQueue as JoinableQueue
     from .queues import Queue as Queue
@@ -92,6 +93,7 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     "dummy": ("dummy", None),
     "executor": ("executor", None),
     "ProcessPoolExecutor": ("executor", "ProcessPoolExecutor"),
+    "BrokenProcessPool": ("executor", "BrokenProcessPool"),
     "queues": ("queues", None),
     "Queue": ("queues", "Queue"),
     "JoinableQueue": ("queues", "JoinableQueue"),
@@ -239,6 +241,7 @@ __all__ = [
     "dummy",
     "executor",
     "ProcessPoolExecutor",
+    "BrokenProcessPool",
     "WorkerLostError",
     "TaskTimeoutError",
     "BrokenPoolError",

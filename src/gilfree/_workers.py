@@ -607,9 +607,13 @@ class Engine(EngineBase):
         self._wake()
         event.wait(timeout)
 
-    def _settled(self) -> None:
+    def _settled(self, count: int | None = None) -> None:
+        """Release the first ``count`` settle() waiters (all of them if None)."""
         with self._lock:
-            waiters, self._settle_waiters = self._settle_waiters, []
+            if count is None:
+                waiters, self._settle_waiters = self._settle_waiters, []
+            else:
+                waiters, self._settle_waiters = self._settle_waiters[:count], self._settle_waiters[count:]
         for event in waiters:
             event.set()
 
@@ -810,6 +814,9 @@ class Engine(EngineBase):
     def _loop(self) -> None:
         while True:
             self._drain_wake()
+            # settle() waiters that asked before this round: their tasks are in _pending by now
+            # (one who asks later is answered after the next round; its wake-up makes one)
+            settling = len(self._settle_waiters)
             state = self._state
             if state == "terminating":
                 self._break(BrokenPoolError("the pool was terminated before this task finished"), terminated=True)
@@ -820,8 +827,8 @@ class Engine(EngineBase):
                 self._repopulate = False
                 self._replace()
             self._dispatch()
-            if self._settle_waiters:
-                self._settled()
+            if settling:
+                self._settled(settling)
             if state == "closing" and not self._pending and not any(w.inflight for w in self._workers):
                 for worker in list(self._workers):
                     self._stop_worker(worker)
@@ -992,12 +999,32 @@ class Engine(EngineBase):
 
     def _dispatch(self) -> None:
         """Hand pending tasks to workers with room: round-robin (balance first), one message per worker."""
+        self._dispatch_round()
+        # a pool that starts workers on demand and is still growing: tasks submitted while that
+        # round ran wait in _pending, each for a worker of its own; rounds until none is left or
+        # nothing changes (then the next wake-up takes over)
+        while self._on_demand and self._pending and len(self._workers) < self._size:
+            before = (len(self._pending), len(self._workers))
+            self._dispatch_round()
+            if (len(self._pending), len(self._workers)) == before:
+                return
+
+    def _dispatch_round(self) -> None:
         pending = self._pending
         if not pending:
             return
-        if self._on_demand and len(self._workers) < self._size and not self._start_on_demand():
-            return
-        rooms = {w: room for w in self._workers if (room := self._capacity(w)) > 0}
+        if self._on_demand and len(self._workers) < self._size:
+            if not self._start_on_demand():
+                return
+            if len(self._workers) < self._size:
+                # still growing: a task goes to an idle worker (a new one is idle) or waits for the
+                # next round, which starts a worker for it -- never behind a busy worker's task (a
+                # submit() can add to _pending while this round runs)
+                rooms = {w: 1 for w in self._workers if not w.inflight and self._capacity(w) > 0}
+            else:
+                rooms = {w: room for w in self._workers if (room := self._capacity(w)) > 0}
+        else:
+            rooms = {w: room for w in self._workers if (room := self._capacity(w)) > 0}
         plans: dict[_Worker, list[Task]] = {}
         while pending and rooms:
             for worker in sorted(rooms, key=lambda w: len(w.inflight) + len(plans.get(w, ()))):
