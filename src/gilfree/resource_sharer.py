@@ -69,6 +69,9 @@ IDLE_EXIT = 1.0
 #: Seconds a peer of the sharer gets to send its key (and a receiver to get its answer).
 REQUEST_TIMEOUT = 10.0
 _KEY_SIZE = 16
+#: Connections whose key has not fully come yet that the sharer keeps at once (more: the oldest goes).
+_MAX_PENDING = 64
+_MSG_NOSIGNAL = getattr(_socket, "MSG_NOSIGNAL", 0)
 _OK = b"\x01"
 _REFUSED = b"\x00"
 
@@ -77,7 +80,9 @@ class _Sharer:
     """This process's table of shared descriptors and the thread that hands them out."""
 
     def __init__(self) -> None:
-        self.lock = threading.Lock()
+        # reentrant: a finalizer, weakref callback or signal handler that pickles a Connection may run
+        # on a thread that holds it (inside share/take), and must not deadlock there
+        self.lock = threading.RLock()
         self.table: dict[bytes, tuple[int, float]] = {}
         self.listener: _socket.socket | None = None
         self.address: Any = None
@@ -113,22 +118,37 @@ class _Sharer:
         if self.thread is not None:
             return
         sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+        tmpdir = None
+        wake_r = wake_w = -1
         try:
             if sys.platform.startswith("linux"):
                 address: Any = "\0gilfree-rs-" + secrets.token_hex(12)
             else:
                 import tempfile
 
-                self.tmpdir = tempfile.mkdtemp(prefix="gilfree-rs-")  # 0700
-                address = os.path.join(self.tmpdir, "s")
+                tmpdir = tempfile.mkdtemp(prefix="gilfree-rs-")  # 0700
+                address = os.path.join(tmpdir, "s")
             sock.bind(address)
-            sock.listen(16)
+            sock.listen(64)
             sock.setblocking(False)
-            self.wake_r, self.wake_w = os.pipe()
-            os.set_blocking(self.wake_w, False)
+            wake_r, wake_w = os.pipe()
+            os.set_blocking(wake_w, False)
         except BaseException:
             sock.close()
+            util.close_fds(*(fd for fd in (wake_r, wake_w) if fd >= 0))
             raise
+        if self.thread is not None:
+            # a reentrant share (a finalizer or signal handler run on this thread while the lock was
+            # held, above) started the thread meanwhile: it serves; ours is not needed
+            sock.close()
+            util.close_fds(wake_r, wake_w)
+            if tmpdir is not None:
+                import shutil
+
+                shutil.rmtree(tmpdir, ignore_errors=True)
+            return
+        self.tmpdir = tmpdir
+        self.wake_r, self.wake_w = wake_r, wake_w
         self.listener, self.address = sock, address
         global _finalizer_pid
         if _finalizer_pid != os.getpid():
@@ -149,56 +169,141 @@ class _Sharer:
 
     # -- the thread ----------------------------------------------------------------------------
     def _serve(self, listener: _socket.socket, wake_r: int, stopping: threading.Event) -> None:
+        """Hand out descriptors, close expired ones, retire when idle.  Requests are read side by side
+        (``poll``, nothing blocks): a peer that connects and sends nothing (or a slow trickle) holds only
+        its own slot, for at most :data:`REQUEST_TIMEOUT` s, never the claims of others."""
         import select
 
+        poller = select.poll()
+        lfd = listener.fileno()
+        poller.register(lfd, select.POLLIN)
+        poller.register(wake_r, select.POLLIN)
+        #: connections whose key is still coming: fd -> [socket, key so far, deadline]
+        pending: dict[int, list[Any]] = {}
         idle_since: float | None = None
-        while True:
-            with self.lock:
-                if stopping.is_set():
-                    return
-                now = time.monotonic()
-                expired = [k for k, (_, t) in self.table.items() if t <= now]
-                fds = [self.table.pop(k)[0] for k in expired]
-                if self.table:
-                    idle_since = None
-                    timeout = min(t for _, t in self.table.values()) - now
-                else:
-                    idle_since = now if idle_since is None else idle_since
-                    timeout = idle_since + IDLE_EXIT - now
-                    if timeout <= 0:  # nothing to hand out for a while: no thread left behind
-                        self._retire()
-                        util.close_fds(*fds)
-                        return
-            if fds:
-                util.close_fds(*fds)
-                util.debug(f"resource sharer: closed {len(fds)} descriptor(s) nobody claimed in {SHARE_TTL:g} s")
-            try:
-                ready, _, _ = select.select([listener.fileno(), wake_r], [], [], max(timeout, 0.0))
-            except (OSError, ValueError):  # closed by stop()
-                return
-            if wake_r in ready:
-                try:
-                    os.read(wake_r, 4096)
-                except OSError:
-                    return
-            if listener.fileno() in ready:
-                try:
-                    fd, _ = listener._accept()  # type: ignore[attr-defined]  # the C socket's accept
-                except (BlockingIOError, InterruptedError, ConnectionAbortedError):
-                    continue
-                except OSError as exc:  # EMFILE and the like: expiries go on, requests wait
+        try:
+            while True:
+                with self.lock:
                     if stopping.is_set():
                         return
-                    util.debug(f"resource sharer: accept failed: {exc!r}")
-                    time.sleep(0.1)
-                    continue
-                conn = _socket.socket(fileno=fd)
+                    now = time.monotonic()
+                    table = self.table.copy()  # a snapshot: a reentrant share may change the table
+                    expired = [k for k, (_, t) in table.items() if t <= now]
+                    fds = [e[0] for e in (self.table.pop(k, None) for k in expired) if e is not None]
+                    if self.table:
+                        idle_since = None
+                        left = [t for _, t in table.values() if t > now]
+                        timeout = min(left) - now if left else 0.0  # none left: a reentrant share's, look again
+                    else:
+                        idle_since = now if idle_since is None else idle_since
+                        timeout = idle_since + IDLE_EXIT - now
+                        if timeout <= 0:  # nothing to hand out for a while: no thread left behind
+                            self._retire()
+                            util.close_fds(*fds)
+                            return
+                if fds:
+                    util.close_fds(*fds)
+                    util.debug(f"resource sharer: closed {len(fds)} descriptor(s) nobody claimed in {SHARE_TTL:g} s")
+                for fd in [fd for fd, p in pending.items() if p[2] <= now]:  # too slow: dropped
+                    self._drop(pending, poller, fd)
+                if pending:
+                    timeout = min(timeout, min(p[2] for p in pending.values()) - now)
                 try:
-                    self._answer(conn)
-                except Exception as exc:  # one peer's trouble is that peer's; the thread serves on
-                    util.debug(f"resource sharer: a request failed: {exc!r}")
-                finally:
-                    conn.close()
+                    events = poller.poll(max(timeout, 0.0) * 1000.0)
+                except InterruptedError:
+                    continue
+                except (OSError, ValueError):  # closed by stop()
+                    return
+                for fd, ev in events:
+                    if fd == wake_r:
+                        if ev & select.POLLNVAL:
+                            return
+                        try:
+                            os.read(wake_r, 4096)
+                        except BlockingIOError:
+                            pass
+                        except OSError:
+                            return
+                    elif fd == lfd:
+                        if ev & select.POLLNVAL or stopping.is_set():
+                            return
+                        self._accept(listener, pending, poller)
+                    elif fd in pending:
+                        self._read_key(pending, poller, fd)
+        finally:
+            for p in pending.values():
+                p[0].close()
+
+    def _accept(self, listener: _socket.socket, pending: dict[int, list[Any]], poller: Any) -> None:
+        """Take the connections waiting (a few at a time); each is answered when its key has come."""
+        import select
+
+        for _ in range(16):
+            try:
+                fd, _ = listener._accept()  # type: ignore[attr-defined]  # the C socket's accept
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                return
+            except OSError as exc:  # EMFILE and the like: expiries go on, requests wait
+                util.debug(f"resource sharer: accept failed: {exc!r}")
+                time.sleep(0.1)
+                return
+            conn = _socket.socket(fileno=fd)
+            try:
+                conn.setblocking(False)
+                peercred = getattr(_socket, "SO_PEERCRED", None)
+                if peercred is not None:  # elsewhere the socket is in a 0700 directory: only our uid gets in
+                    _pid, uid, _gid = struct.unpack(
+                        "3i", conn.getsockopt(_socket.SOL_SOCKET, peercred, struct.calcsize("3i")))
+                    if uid != os.getuid() and uid != 0:
+                        conn.send(_REFUSED, _MSG_NOSIGNAL)
+                        conn.close()
+                        continue
+            except OSError as exc:
+                util.debug(f"resource sharer: a request failed: {exc!r}")
+                conn.close()
+                continue
+            if len(pending) >= _MAX_PENDING:  # a flood of silent peers: the oldest makes room
+                self._drop(pending, poller, next(iter(pending)))
+            pending[fd] = [conn, b"", time.monotonic() + REQUEST_TIMEOUT]
+            poller.register(fd, select.POLLIN)
+            self._read_key(pending, poller, fd)  # a receiver sends its key at once: usually here already
+
+    def _drop(self, pending: dict[int, list[Any]], poller: Any, fd: int) -> None:
+        conn = pending.pop(fd)[0]
+        try:
+            poller.unregister(fd)
+        except (KeyError, ValueError, OSError):
+            pass
+        conn.close()
+
+    def _read_key(self, pending: dict[int, list[Any]], poller: Any, fd: int) -> None:
+        """Read what has come of a peer's key; with all of it, answer: the descriptor, or a refusal."""
+        entry = pending[fd]
+        conn = entry[0]
+        try:
+            part = conn.recv(_KEY_SIZE - len(entry[1]))
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            part = b""
+        if not part:
+            self._drop(pending, poller, fd)
+            return
+        entry[1] += part
+        if len(entry[1]) < _KEY_SIZE:
+            return
+        key = entry[1]
+        try:
+            poller.unregister(fd)
+        except (KeyError, ValueError, OSError):
+            pass
+        del pending[fd]
+        try:
+            self._answer(conn, key)
+        except Exception as exc:  # one peer's trouble is that peer's; the thread serves on
+            util.debug(f"resource sharer: a request failed: {exc!r}")
+        finally:
+            conn.close()
 
     def _retire(self) -> None:
         """The thread ends (the lock is held): close the socket and pipe; the next share starts anew."""
@@ -215,29 +320,15 @@ class _Sharer:
             shutil.rmtree(self.tmpdir, ignore_errors=True)
             self.tmpdir = None
 
-    def _answer(self, conn: _socket.socket) -> None:
-        """One request: a peer of our uid sends a key; it gets the descriptor, or a refusal."""
-        conn.settimeout(REQUEST_TIMEOUT)
-        peercred = getattr(_socket, "SO_PEERCRED", None)
-        if peercred is not None:  # elsewhere the socket is in a 0700 directory: only our uid gets in
-            _pid, uid, _gid = struct.unpack("3i", conn.getsockopt(_socket.SOL_SOCKET, peercred, struct.calcsize("3i")))
-            if uid != os.getuid() and uid != 0:
-                conn.sendall(_REFUSED)
-                return
-        key = b""
-        deadline = time.monotonic() + REQUEST_TIMEOUT
-        while len(key) < _KEY_SIZE:
-            conn.settimeout(max(deadline - time.monotonic(), 0.001))
-            part = conn.recv(_KEY_SIZE - len(key))
-            if not part:
-                return
-            key += part
+    def _answer(self, conn: _socket.socket, key: bytes) -> None:
+        """A peer of our uid sent a whole key: it gets the descriptor, or a refusal (never a signal:
+        ``MSG_NOSIGNAL``, in case the peer is gone and SIGPIPE is not ignored in this process)."""
         fd = self.take(key)
         if fd is None:
-            conn.sendall(_REFUSED)
+            conn.send(_REFUSED, _MSG_NOSIGNAL)
             return
         try:
-            conn.sendmsg([_OK], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, array.array("i", [fd]))])
+            conn.sendmsg([_OK], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, array.array("i", [fd]))], _MSG_NOSIGNAL)
         finally:
             os.close(fd)  # sent or not, the key is spent: the receiver gets it now or never
 

@@ -1,0 +1,143 @@
+"""Attacks on the resource sharer's promises (issue 14): reentrancy, hostile peers, signals.
+
+Each program runs in its own interpreter with a timeout: a deadlock or a killed process is a
+failure, not a hung test run.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from _helpers import run_program, write_program
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="abstract sockets, SO_PEERCRED")
+
+
+def run(tmp_path, source: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    path = write_program(tmp_path, source)
+    try:
+        return run_program(path, timeout=timeout)
+    except subprocess.TimeoutExpired as exc:  # subprocess.run killed it
+        pytest.fail(f"the program hung (killed after {timeout} s): {exc.stdout!r} {exc.stderr!r}")
+
+
+def test_pickling_a_connection_from_a_finalizer_while_the_sharer_lock_is_held_does_not_deadlock(tmp_path):
+    # A finalizer (here: a gc callback, which runs where __del__ and weakref callbacks of cyclic
+    # garbage run) pickles a Connection while this thread is inside share(), holding the sharer's
+    # lock.  The lock was a plain Lock: the nested share() waited for itself forever.
+    r = run(tmp_path, """
+        import gc, pickle
+        from gilfree import resource_sharer
+        if __name__ == "__main__":
+            r, w = multiprocessing.Pipe(duplex=False)
+            hits = []
+            def held():
+                lock = resource_sharer._sharer.lock
+                return lock._is_owned() if hasattr(lock, "_is_owned") else lock.locked()
+            def finalizer(phase, info):
+                if phase == "start" and len(hits) < 5 and held():
+                    hits.append(1)
+                    pickle.loads(pickle.dumps(w)).close()  # shares, then takes it back (same process)
+            gc.callbacks.append(finalizer)
+            old = gc.get_threshold()
+            gc.set_threshold(1)
+            try:
+                for i in range(300):
+                    junk = [[] for _ in range(3)]
+                    pickle.loads(pickle.dumps(r)).close()
+            finally:
+                gc.set_threshold(*old)
+                gc.callbacks.remove(finalizer)
+            assert hits, "the finalizer never ran inside the lock: the test proves nothing"
+            assert resource_sharer._sharer.table == {}
+            print("ok", len(hits))
+    """, timeout=30)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("ok")
+
+
+def test_pickling_a_connection_in_a_signal_handler_does_not_deadlock(tmp_path):
+    r = run(tmp_path, """
+        import pickle, signal
+        from gilfree import resource_sharer
+        if __name__ == "__main__":
+            r, w = multiprocessing.Pipe(duplex=False)
+            n, busy = [0], [False]
+            def handler(signum, frame):
+                if busy[0]:  # a signal that came while the last one was handled
+                    return
+                busy[0] = True
+                try:
+                    n[0] += 1
+                    pickle.loads(pickle.dumps(w)).close()
+                finally:
+                    busy[0] = False
+            signal.signal(signal.SIGALRM, handler)
+            signal.setitimer(signal.ITIMER_REAL, 0.001, 0.001)
+            try:
+                for i in range(3000):
+                    pickle.loads(pickle.dumps(r)).close()
+            finally:
+                signal.setitimer(signal.ITIMER_REAL, 0, 0)
+            assert n[0] > 0
+            print("ok", n[0])
+    """, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("ok")
+
+
+def test_silent_peers_on_the_sharer_socket_do_not_block_a_legitimate_claim(tmp_path):
+    # The sharer answered one connection at a time, each given REQUEST_TIMEOUT (10 s) to send its
+    # key: three connections that send nothing (any process of our uid can find the abstract socket
+    # in /proc/net/unix) made a receiver behind them time out, and its descriptor was lost.
+    r = run(tmp_path, """
+        import os, pickle, socket, subprocess, sys, time
+        from gilfree import resource_sharer
+        if __name__ == "__main__":
+            r, w = multiprocessing.Pipe(duplex=False)
+            data = pickle.dumps(r)
+            silent = []
+            for i in range(3):
+                s = socket.socket(socket.AF_UNIX)
+                s.connect(resource_sharer._sharer.address)
+                silent.append(s)
+            silent[0].send(b"123")  # a trickle, too
+            t = time.monotonic()
+            out = subprocess.run([sys.executable, "-c",
+                                  "import pickle, sys; c = pickle.loads(sys.stdin.buffer.read()); print(c.recv())"],
+                                 input=data, capture_output=True, timeout=50)
+            took = time.monotonic() - t
+            for s in silent:
+                s.close()
+            print(out.returncode, out.stdout, out.stderr[-300:], round(took, 1))
+    """.replace("print(c.recv())", "print('got', c.fileno() >= 0)"), timeout=90)
+    assert r.returncode == 0, r.stderr
+    rc, rest = r.stdout.split(" ", 1)
+    assert rc == "0" and "got True" in rest, r.stdout
+    assert float(r.stdout.split()[-1]) < 5.0, r.stdout
+
+
+def test_a_receiver_that_hangs_up_does_not_kill_a_sender_with_default_sigpipe(tmp_path):
+    # A program that restores SIGPIPE's default (as CLI tools that write to pipes do) must survive a
+    # peer that sends a key and hangs up before the answer: the answer is sent with MSG_NOSIGNAL.
+    r = run(tmp_path, """
+        import os, pickle, signal, socket, time
+        from gilfree import resource_sharer
+        if __name__ == "__main__":
+            signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+            r, w = multiprocessing.Pipe(duplex=False)
+            sf = resource_sharer.DupFd(r.fileno())
+            for key in (os.urandom(16), sf.key):  # a wrong key (refusal), then the right one (the fd)
+                s = socket.socket(socket.AF_UNIX)
+                s.connect(sf.address)
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\\x01\\0\\0\\0\\0\\0\\0\\0")
+                s.send(key)
+                s.close()
+                time.sleep(0.3)
+            print("alive")
+    """, timeout=30)
+    assert r.returncode == 0, (r.returncode, r.stderr)
+    assert r.stdout.strip() == "alive"
