@@ -1,0 +1,58 @@
+"""Attacks on managers with ``serializer='xmlrpclib'``: XML bombs past the DOCTYPE check, and clients
+of the other serializer."""
+
+from __future__ import annotations
+
+import pytest
+
+from gilfree.managers import RemoteError, SyncManager
+from gilfree.managers import _client
+from gilfree.managers._protocol import OP_CALL, R_OK, R_REMOTE
+
+T = 10.0
+
+
+def raw_request(m: SyncManager, data: bytes):
+    """Send ``data`` as one frame on an authenticated XML-RPC connection; the reply, as the client reads it."""
+    link = _client._get_link(m.address, bytes(m._authkey), None, "xmlrpclib")
+    chan = link.channel()
+    chan.send_bytes(data)
+    return chan.loads(chan.recv_frame())
+
+
+def call_doc(ident: str, value_xml: str) -> str:
+    """An OP_CALL of ``append`` on object ``ident`` with one argument, as XML-RPC."""
+    return (
+        "<methodResponse><params><param><value><array><data>"
+        f"<value><int>{OP_CALL}</int></value><value><string>{ident}</string></value>"
+        "<value><string>append</string></value>"
+        f"<value><array><data><value>{value_xml}</value></data></array></value>"
+        "<value><nil/></value>"
+        "</data></array></value></param></params></methodResponse>"
+    )
+
+
+@pytest.fixture
+def xml_manager():
+    m = SyncManager(serializer="xmlrpclib")
+    m.start()
+    try:
+        yield m
+    finally:
+        m.shutdown()
+
+
+def test_an_entity_bomb_in_utf16_is_refused_like_one_in_utf8(xml_manager):
+    # The DOCTYPE check searched the raw bytes for b"<!DOCTYPE": a UTF-16 document (which expat reads
+    # as well) passed it, and 20 KB of XML became a 1 MB string in the server (expat's own limit on
+    # amplification is 100x: a large frame still becomes gigabytes).
+    lst = xml_manager.list()
+    dtd = ('<?xml version="1.0" encoding="UTF-16"?><!DOCTYPE x [<!ENTITY a "' + "A" * 10000 + '">'
+           '<!ENTITY b "&a;&a;&a;&a;&a;&a;&a;&a;&a;&a;"><!ENTITY c "&b;&b;&b;&b;&b;&b;&b;&b;&b;&b;">]>')
+    for encoding in ("utf-8", "utf-16"):
+        doc = dtd.replace("UTF-16", encoding.upper()) + call_doc(lst._id, "<string>&c;</string>")
+        kind, text = raw_request(xml_manager, doc.encode(encoding))
+        assert kind == R_REMOTE and "DOCTYPE" in text, (encoding, kind, text)
+    assert len(lst) == 0, "nothing was built from a document with a DTD"
+    lst.append(1)  # the server serves on
+    assert len(lst) == 1 and lst[0] == 1
