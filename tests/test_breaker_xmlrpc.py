@@ -56,3 +56,22 @@ def test_an_entity_bomb_in_utf16_is_refused_like_one_in_utf8(xml_manager):
     assert len(lst) == 0, "nothing was built from a document with a DTD"
     lst.append(1)  # the server serves on
     assert len(lst) == 1 and lst[0] == 1
+
+
+@pytest.mark.parametrize("server, client", [("xmlrpclib", "pickle"), ("pickle", "xmlrpclib")])
+def test_a_client_of_the_other_serializer_is_told_so(server, client):
+    # It got "EOFError: manager at ... closed the connection", which says nothing of the cause.
+    m = SyncManager(serializer=server)
+    m.start()
+    try:
+        c = SyncManager(address=m.address, authkey=bytes(m._authkey), serializer=client)
+        with pytest.raises(RemoteError) as info:
+            c.connect()
+            c.list()
+        text = str(info.value)
+        assert "serializer" in text and repr(server) in text and repr(client) in text, text
+        lst = m.list()  # the server serves its own kind on
+        lst.append(2)
+        assert len(lst) == 1 and lst[0] == 2
+    finally:
+        m.shutdown()
