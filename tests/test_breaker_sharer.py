@@ -141,3 +141,44 @@ def test_a_receiver_that_hangs_up_does_not_kill_a_sender_with_default_sigpipe(tm
     """, timeout=30)
     assert r.returncode == 0, (r.returncode, r.stderr)
     assert r.stdout.strip() == "alive"
+
+
+def test_a_child_forked_while_another_thread_shares_inherits_no_shared_descriptor(tmp_path):
+    # share() made its duplicate before taking the lock, and revoke/_answer/expiry closed theirs
+    # after dropping it: a fork from another thread in that window gave the child a duplicate that
+    # after_fork_in_child could not know of (here: more than half of 300 children, each then holding
+    # a stray write end of the pipe, so that its reader sees no EOF while the child lives).
+    r = run(tmp_path, """
+        import os, threading
+        from gilfree import resource_sharer
+        if __name__ == "__main__":
+            r, w = multiprocessing.Pipe(duplex=False)
+            ino = os.fstat(w.fileno()).st_ino
+            stop = False
+            def churn():
+                while not stop:
+                    resource_sharer.revoke([resource_sharer.DupFd(w.fileno())])
+            t = threading.Thread(target=churn)
+            t.start()
+            leaks = 0
+            try:
+                for i in range(200):
+                    pid = os.fork()
+                    if pid == 0:
+                        n = 0
+                        for fd in map(int, os.listdir("/proc/self/fd")):
+                            if fd not in (r.fileno(), w.fileno()):
+                                try:
+                                    n += os.fstat(fd).st_ino == ino
+                                except OSError:
+                                    pass
+                        os._exit(min(n, 100))
+                    _, status = os.waitpid(pid, 0)
+                    leaks += os.waitstatus_to_exitcode(status) != 0
+            finally:
+                stop = True
+                t.join()
+            print(leaks)
+    """, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "0", f"{r.stdout.strip()} of 200 forked children inherited a shared duplicate"

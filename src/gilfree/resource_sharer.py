@@ -93,15 +93,17 @@ class _Sharer:
 
     # -- sender side ---------------------------------------------------------------------------
     def share(self, fd: int) -> tuple[Any, bytes]:
-        dup = os.dup(fd)
         key = secrets.token_bytes(_KEY_SIZE)
+        # Every duplicate is made, and closed, with the lock held, and a fork takes the lock first
+        # (see _before_fork): a child forked by another thread never inherits one that is in no table.
         with self.lock:
+            self._start()
+            dup = os.dup(fd)
             try:
-                self._start()
-            except BaseException:
+                self.table[key] = (dup, time.monotonic() + SHARE_TTL)
+            except BaseException:  # KeyboardInterrupt from a signal handler: not a duplicate in no table
                 os.close(dup)
                 raise
-            self.table[key] = (dup, time.monotonic() + SHARE_TTL)
             address = self.address
             if len(self.table) == 1:
                 self._wake()  # the thread may be waiting to retire: it has work again
@@ -201,8 +203,8 @@ class _Sharer:
                             self._retire()
                             util.close_fds(*fds)
                             return
-                if fds:
                     util.close_fds(*fds)
+                if fds:
                     util.debug(f"resource sharer: closed {len(fds)} descriptor(s) nobody claimed in {SHARE_TTL:g} s")
                 for fd in [fd for fd, p in pending.items() if p[2] <= now]:  # too slow: dropped
                     self._drop(pending, poller, fd)
@@ -323,14 +325,15 @@ class _Sharer:
     def _answer(self, conn: _socket.socket, key: bytes) -> None:
         """A peer of our uid sent a whole key: it gets the descriptor, or a refusal (never a signal:
         ``MSG_NOSIGNAL``, in case the peer is gone and SIGPIPE is not ignored in this process)."""
-        fd = self.take(key)
-        if fd is None:
-            conn.send(_REFUSED, _MSG_NOSIGNAL)
-            return
-        try:
-            conn.sendmsg([_OK], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, array.array("i", [fd]))], _MSG_NOSIGNAL)
-        finally:
-            os.close(fd)  # sent or not, the key is spent: the receiver gets it now or never
+        with self.lock:  # the duplicate is closed with the lock held (see share)
+            fd = self.take(key)
+            if fd is None:
+                conn.send(_REFUSED, _MSG_NOSIGNAL)
+                return
+            try:  # a non-blocking socket: never waits with the lock held
+                conn.sendmsg([_OK], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, array.array("i", [fd]))], _MSG_NOSIGNAL)
+            finally:
+                os.close(fd)  # sent or not, the key is spent: the receiver gets it now or never
 
     # -- life cycle ----------------------------------------------------------------------------
     def stop(self, timeout: float | None = None) -> None:
@@ -339,6 +342,8 @@ class _Sharer:
             self.stopping.set()
             fds = [fd for fd, _ in self.table.values()]
             self.table.clear()
+            util.close_fds(*fds)
+            fds = []
             listener, self.listener = self.listener, None
             wake_r, wake_w, self.wake_r, self.wake_w = self.wake_r, self.wake_w, -1, -1
             tmpdir, self.tmpdir = self.tmpdir, None
@@ -388,7 +393,16 @@ def _after_fork_in_child() -> None:
     _sharer.after_fork_in_child()
 
 
-os.register_at_fork(after_in_child=_after_fork_in_child)
+def _before_fork() -> None:
+    # no duplicate is between os.dup and the table (or between the table and close) while we fork
+    _sharer.lock.acquire()
+
+
+def _after_fork_in_parent() -> None:
+    _sharer.lock.release()
+
+
+os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent, after_in_child=_after_fork_in_child)
 
 
 class SharedFd:
@@ -461,8 +475,9 @@ def DupFd(fd: int) -> SharedFd:
 def revoke(shared: list[SharedFd]) -> None:
     """Close the descriptors of ``shared`` (this process's, not yet claimed): no receiver will come."""
     pid = os.getpid()
-    fds = [_sharer.take(s.key) for s in shared if s.pid == pid]
-    util.close_fds(*(fd for fd in fds if fd is not None))
+    with _sharer.lock:  # the duplicates are closed with the lock held (see _Sharer.share)
+        fds = [_sharer.take(s.key) for s in shared if s.pid == pid]
+        util.close_fds(*(fd for fd in fds if fd is not None))
 
 
 def stop(timeout: float | None = None) -> None:
