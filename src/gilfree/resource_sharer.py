@@ -23,7 +23,8 @@ Promises.
 * **Only our user, only with the key.**  The sharer listens on a Unix socket (an abstract one on
   Linux, else in a 0700 directory), checks the peer's uid (``SO_PEERCRED``) and reads a fixed-size
   key within :data:`REQUEST_TIMEOUT` seconds; a wrong key gets a refusal and no descriptor.  Nothing
-  is unpickled from a peer.
+  is unpickled from a peer.  Requests are read side by side (``poll``; at most :data:`_MAX_PENDING`
+  wait for their key, the oldest goes): a peer that sends nothing holds up no other receiver.
 * **The sender exits first.**  A process that exits while descriptors it shared are unclaimed
   keeps serving them for up to :data:`EXIT_LINGER` seconds (a child that puts a Connection on a
   queue and returns is the common case: its parent is usually reading already), then closes them.
