@@ -10,7 +10,6 @@ import subprocess
 import sys
 
 import pytest
-
 from _helpers import run_program, write_program
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="abstract sockets, SO_PEERCRED")

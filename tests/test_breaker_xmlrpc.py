@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from gilfree.managers import RemoteError, SyncManager
-from gilfree.managers import _client
-from gilfree.managers._protocol import OP_CALL, R_OK, R_REMOTE
+from gilfree.managers import RemoteError, SyncManager, _client
+from gilfree.managers._protocol import OP_CALL, R_REMOTE
 
 T = 10.0
 
