@@ -437,7 +437,7 @@ class SharedFd:
                     f"the process that sent this descriptor (pid {self.pid}) has exited or stopped sharing "
                     f"before it was received"
                 ) from exc
-            sock.sendall(self.key)
+            sock.sendall(self.key, _MSG_NOSIGNAL)  # a sharer that hung up: EPIPE, never SIGPIPE
             fds = _recv_fds(sock, 1)
         finally:
             sock.close()
