@@ -201,3 +201,47 @@ def test_a_failed_plain_pickle_revokes_what_it_shared(tmp_path):
     """, timeout=30)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "0", "the failed pickle's duplicate is still shared"
+
+
+def test_a_finalizer_that_shares_while_stop_runs_does_not_break_the_sharer_for_good(tmp_path):
+    # stop() took the thread, then (lock held) a finalizer pickled a Connection: the share started a
+    # new thread, whose socket stop() then took and closed.  That thread ended without retiring, and
+    # `_sharer.thread` stayed a dead thread: no later share in the process was ever served.
+    r = run(tmp_path, """
+        import gc, os, pickle, subprocess, sys, time
+        from gilfree import resource_sharer
+        def in_stop():
+            f = sys._getframe(1)
+            while f is not None:
+                if f.f_code.co_name == "stop" and f.f_code.co_filename == resource_sharer.__file__:
+                    return True
+                f = f.f_back
+            return False
+        if __name__ == "__main__":
+            r, w = multiprocessing.Pipe(duplex=False)
+            keep, hits = [], []
+            def finalizer(phase, info):
+                sharer = resource_sharer._sharer
+                if phase == "start" and not hits and sharer.thread is None and sharer.lock._is_owned() and in_stop():
+                    hits.append(1)
+                    keep.append(pickle.dumps(w))
+            pickle.dumps(r)  # the sharer runs
+            gc.callbacks.append(finalizer)
+            old = gc.get_threshold()
+            gc.set_threshold(1)
+            try:
+                junk = [[] for _ in range(10)]
+                resource_sharer.stop(5)
+            finally:
+                gc.set_threshold(*old)
+                gc.callbacks.remove(finalizer)
+            assert hits, "the finalizer never ran inside stop(): the test proves nothing"
+            time.sleep(0.3)
+            data = pickle.dumps(r)  # a share after stop(): served as ever
+            out = subprocess.run([sys.executable, "-c", "import pickle, sys; pickle.loads(sys.stdin.buffer.read()); print('got')"],
+                                 input=data, capture_output=True, timeout=30)
+            print(out.stdout.decode().strip(), out.stderr.decode()[-200:])
+            resource_sharer.stop(5)
+    """, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("got"), r.stdout

@@ -236,6 +236,11 @@ class _Sharer:
         finally:
             for p in pending.values():
                 p[0].close()
+            with self.lock:
+                if self.thread is threading.current_thread():
+                    # ended without retiring: its socket was closed under it (a finalizer shared while
+                    # stop() ran, and stop took this thread's socket); the next share starts anew
+                    self._retire()
 
     def _accept(self, listener: _socket.socket, pending: dict[int, list[Any]], poller: Any) -> None:
         """Take the connections waiting (a few at a time); each is answered when its key has come."""
