@@ -399,13 +399,21 @@ def _after_fork_in_child() -> None:
     _sharer.after_fork_in_child()
 
 
+_fork_held = threading.local()
+
+
 def _before_fork() -> None:
-    # no duplicate is between os.dup and the table (or between the table and close) while we fork
-    _sharer.lock.acquire()
+    # no duplicate is between os.dup and the table (or between the table and close) while we fork.
+    # Whoever holds the lock does only short non-blocking work; the bound is for what cannot be
+    # foreseen (a finalizer of the holder's that waits for a lock the forking thread holds)
+    _fork_held.lock = _sharer.lock if _sharer.lock.acquire(timeout=1.0) else None
 
 
 def _after_fork_in_parent() -> None:
-    _sharer.lock.release()
+    lock = getattr(_fork_held, "lock", None)
+    _fork_held.lock = None
+    if lock is not None:
+        lock.release()
 
 
 os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent, after_in_child=_after_fork_in_child)
