@@ -3,6 +3,8 @@ of the other serializer."""
 
 from __future__ import annotations
 
+import socket
+
 import pytest
 
 from gilfree.managers import RemoteError, SyncManager, _client
@@ -74,3 +76,25 @@ def test_a_client_of_the_other_serializer_is_told_so(server, client):
         assert len(lst) == 1 and lst[0] == 2
     finally:
         m.shutdown()
+
+
+@pytest.mark.parametrize("name", ["SystemExit", "KeyboardInterrupt", "GeneratorExit", "BaseExceptionGroup"])
+def test_an_xml_error_reply_cannot_make_the_client_raise_a_base_exception(name):
+    # Error replies were rebuilt for every builtin BaseException: a server (trusted with the authkey,
+    # not with pickle) could make a proxy call raise SystemExit or KeyboardInterrupt in the client,
+    # past every `except Exception`.  No server sends one (it catches Exception only).
+    from gilfree.managers._protocol import R_ERR, _xml_dumps, _XmlChannel
+
+    a, b = socket.socketpair()
+    try:
+        chan = _XmlChannel(a, "test")  # the client's end
+        args = [0] if name != "BaseExceptionGroup" else ["x", [0]]
+        kind, exc = chan.loads(_xml_dumps((R_ERR, ["builtins", name, args])))
+        assert kind == R_ERR
+        assert isinstance(exc, Exception), type(exc)
+        assert isinstance(exc, RemoteError) and name in str(exc)
+        kind, exc = chan.loads(_xml_dumps((R_ERR, ["builtins", "ValueError", ["bad"]])))
+        assert type(exc) is ValueError and exc.args == ("bad",)
+    finally:
+        a.close()
+        b.close()

@@ -734,7 +734,9 @@ def _xml_exceptions() -> dict[tuple[str, str], type]:
         import queue
 
         for name, value in vars(builtins).items():
-            if isinstance(value, type) and issubclass(value, BaseException):
+            # Exception only: a server never sends SystemExit, KeyboardInterrupt or GeneratorExit (it
+            # catches Exception), and a hostile one must not make the client raise them
+            if isinstance(value, type) and issubclass(value, Exception):
                 _XML_EXCEPTIONS[("builtins", name)] = value
         for cls in (queue.Empty, queue.Full, RemoteError):
             _XML_EXCEPTIONS[(cls.__module__, cls.__qualname__)] = cls
