@@ -23,7 +23,8 @@ Promises.
 * **Only our user, only with the key.**  The sharer listens on a Unix socket (an abstract one on
   Linux, else in a 0700 directory), checks the peer's uid (``SO_PEERCRED``) and reads a fixed-size
   key within :data:`REQUEST_TIMEOUT` seconds; a wrong key gets a refusal and no descriptor.  Nothing
-  is unpickled from a peer.
+  is unpickled from a peer.  Requests are read side by side (``poll``; at most :data:`_MAX_PENDING`
+  wait for their key, the oldest goes): a peer that sends nothing holds up no other receiver.
 * **The sender exits first.**  A process that exits while descriptors it shared are unclaimed
   keeps serving them for up to :data:`EXIT_LINGER` seconds (a child that puts a Connection on a
   queue and returns is the common case: its parent is usually reading already), then closes them.
@@ -69,6 +70,9 @@ IDLE_EXIT = 1.0
 #: Seconds a peer of the sharer gets to send its key (and a receiver to get its answer).
 REQUEST_TIMEOUT = 10.0
 _KEY_SIZE = 16
+#: Connections whose key has not fully come yet that the sharer keeps at once (more: the oldest goes).
+_MAX_PENDING = 64
+_MSG_NOSIGNAL = getattr(_socket, "MSG_NOSIGNAL", 0)
 _OK = b"\x01"
 _REFUSED = b"\x00"
 
@@ -77,7 +81,9 @@ class _Sharer:
     """This process's table of shared descriptors and the thread that hands them out."""
 
     def __init__(self) -> None:
-        self.lock = threading.Lock()
+        # reentrant: a finalizer, weakref callback or signal handler that pickles a Connection may run
+        # on a thread that holds it (inside share/take), and must not deadlock there
+        self.lock = threading.RLock()
         self.table: dict[bytes, tuple[int, float]] = {}
         self.listener: _socket.socket | None = None
         self.address: Any = None
@@ -88,15 +94,17 @@ class _Sharer:
 
     # -- sender side ---------------------------------------------------------------------------
     def share(self, fd: int) -> tuple[Any, bytes]:
-        dup = os.dup(fd)
         key = secrets.token_bytes(_KEY_SIZE)
+        # Every duplicate is made, and closed, with the lock held, and a fork takes the lock first
+        # (see _before_fork): a child forked by another thread never inherits one that is in no table.
         with self.lock:
+            self._start()
+            dup = os.dup(fd)
             try:
-                self._start()
-            except BaseException:
+                self.table[key] = (dup, time.monotonic() + SHARE_TTL)
+            except BaseException:  # KeyboardInterrupt from a signal handler: not a duplicate in no table
                 os.close(dup)
                 raise
-            self.table[key] = (dup, time.monotonic() + SHARE_TTL)
             address = self.address
             if len(self.table) == 1:
                 self._wake()  # the thread may be waiting to retire: it has work again
@@ -113,22 +121,37 @@ class _Sharer:
         if self.thread is not None:
             return
         sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+        tmpdir = None
+        wake_r = wake_w = -1
         try:
             if sys.platform.startswith("linux"):
                 address: Any = "\0gilfree-rs-" + secrets.token_hex(12)
             else:
                 import tempfile
 
-                self.tmpdir = tempfile.mkdtemp(prefix="gilfree-rs-")  # 0700
-                address = os.path.join(self.tmpdir, "s")
+                tmpdir = tempfile.mkdtemp(prefix="gilfree-rs-")  # 0700
+                address = os.path.join(tmpdir, "s")
             sock.bind(address)
-            sock.listen(16)
+            sock.listen(64)
             sock.setblocking(False)
-            self.wake_r, self.wake_w = os.pipe()
-            os.set_blocking(self.wake_w, False)
+            wake_r, wake_w = os.pipe()
+            os.set_blocking(wake_w, False)
         except BaseException:
             sock.close()
+            util.close_fds(*(fd for fd in (wake_r, wake_w) if fd >= 0))
             raise
+        if self.thread is not None:
+            # a reentrant share (a finalizer or signal handler run on this thread while the lock was
+            # held, above) started the thread meanwhile: it serves; ours is not needed
+            sock.close()
+            util.close_fds(wake_r, wake_w)
+            if tmpdir is not None:
+                import shutil
+
+                shutil.rmtree(tmpdir, ignore_errors=True)
+            return
+        self.tmpdir = tmpdir
+        self.wake_r, self.wake_w = wake_r, wake_w
         self.listener, self.address = sock, address
         global _finalizer_pid
         if _finalizer_pid != os.getpid():
@@ -149,56 +172,146 @@ class _Sharer:
 
     # -- the thread ----------------------------------------------------------------------------
     def _serve(self, listener: _socket.socket, wake_r: int, stopping: threading.Event) -> None:
+        """Hand out descriptors, close expired ones, retire when idle.  Requests are read side by side
+        (``poll``, nothing blocks): a peer that connects and sends nothing (or a slow trickle) holds only
+        its own slot, for at most :data:`REQUEST_TIMEOUT` s, never the claims of others."""
         import select
 
+        poller = select.poll()
+        lfd = listener.fileno()
+        poller.register(lfd, select.POLLIN)
+        poller.register(wake_r, select.POLLIN)
+        #: connections whose key is still coming: fd -> [socket, key so far, deadline]
+        pending: dict[int, list[Any]] = {}
         idle_since: float | None = None
-        while True:
-            with self.lock:
-                if stopping.is_set():
-                    return
-                now = time.monotonic()
-                expired = [k for k, (_, t) in self.table.items() if t <= now]
-                fds = [self.table.pop(k)[0] for k in expired]
-                if self.table:
-                    idle_since = None
-                    timeout = min(t for _, t in self.table.values()) - now
-                else:
-                    idle_since = now if idle_since is None else idle_since
-                    timeout = idle_since + IDLE_EXIT - now
-                    if timeout <= 0:  # nothing to hand out for a while: no thread left behind
-                        self._retire()
-                        util.close_fds(*fds)
-                        return
-            if fds:
-                util.close_fds(*fds)
-                util.debug(f"resource sharer: closed {len(fds)} descriptor(s) nobody claimed in {SHARE_TTL:g} s")
-            try:
-                ready, _, _ = select.select([listener.fileno(), wake_r], [], [], max(timeout, 0.0))
-            except (OSError, ValueError):  # closed by stop()
-                return
-            if wake_r in ready:
-                try:
-                    os.read(wake_r, 4096)
-                except OSError:
-                    return
-            if listener.fileno() in ready:
-                try:
-                    fd, _ = listener._accept()  # type: ignore[attr-defined]  # the C socket's accept
-                except (BlockingIOError, InterruptedError, ConnectionAbortedError):
-                    continue
-                except OSError as exc:  # EMFILE and the like: expiries go on, requests wait
+        try:
+            while True:
+                with self.lock:
                     if stopping.is_set():
                         return
-                    util.debug(f"resource sharer: accept failed: {exc!r}")
-                    time.sleep(0.1)
-                    continue
-                conn = _socket.socket(fileno=fd)
+                    now = time.monotonic()
+                    table = self.table.copy()  # a snapshot: a reentrant share may change the table
+                    expired = [k for k, (_, t) in table.items() if t <= now]
+                    fds = [e[0] for e in (self.table.pop(k, None) for k in expired) if e is not None]
+                    if self.table:
+                        idle_since = None
+                        left = [t for _, t in table.values() if t > now]
+                        timeout = min(left) - now if left else 0.0  # none left: a reentrant share's, look again
+                    else:
+                        idle_since = now if idle_since is None else idle_since
+                        timeout = idle_since + IDLE_EXIT - now
+                        if timeout <= 0:  # nothing to hand out for a while: no thread left behind
+                            self._retire()
+                            util.close_fds(*fds)
+                            return
+                    util.close_fds(*fds)
+                if fds:
+                    util.debug(f"resource sharer: closed {len(fds)} descriptor(s) nobody claimed in {SHARE_TTL:g} s")
+                for fd in [fd for fd, p in pending.items() if p[2] <= now]:  # too slow: dropped
+                    self._drop(pending, poller, fd)
+                if pending:
+                    timeout = min(timeout, min(p[2] for p in pending.values()) - now)
                 try:
-                    self._answer(conn)
-                except Exception as exc:  # one peer's trouble is that peer's; the thread serves on
-                    util.debug(f"resource sharer: a request failed: {exc!r}")
-                finally:
-                    conn.close()
+                    events = poller.poll(max(timeout, 0.0) * 1000.0)
+                except InterruptedError:
+                    continue
+                except (OSError, ValueError):  # closed by stop()
+                    return
+                for fd, ev in events:
+                    if fd == wake_r:
+                        if ev & select.POLLNVAL:
+                            return
+                        try:
+                            os.read(wake_r, 4096)
+                        except BlockingIOError:
+                            pass
+                        except OSError:
+                            return
+                    elif fd == lfd:
+                        if ev & select.POLLNVAL or stopping.is_set():
+                            return
+                        self._accept(listener, pending, poller)
+                    elif fd in pending:
+                        self._read_key(pending, poller, fd)
+        finally:
+            for p in pending.values():
+                p[0].close()
+            with self.lock:
+                if self.thread is threading.current_thread():
+                    # ended without retiring: its socket was closed under it (a finalizer shared while
+                    # stop() ran, and stop took this thread's socket); the next share starts anew
+                    self._retire()
+
+    def _accept(self, listener: _socket.socket, pending: dict[int, list[Any]], poller: Any) -> None:
+        """Take the connections waiting (a few at a time); each is answered when its key has come."""
+        import select
+
+        for _ in range(16):
+            try:
+                fd, _ = listener._accept()  # type: ignore[attr-defined]  # the C socket's accept
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                return
+            except OSError as exc:  # EMFILE and the like: expiries go on, requests wait
+                util.debug(f"resource sharer: accept failed: {exc!r}")
+                time.sleep(0.1)
+                return
+            conn = _socket.socket(fileno=fd)
+            try:
+                conn.setblocking(False)
+                peercred = getattr(_socket, "SO_PEERCRED", None)
+                if peercred is not None:  # elsewhere the socket is in a 0700 directory: only our uid gets in
+                    _pid, uid, _gid = struct.unpack(
+                        "3i", conn.getsockopt(_socket.SOL_SOCKET, peercred, struct.calcsize("3i")))
+                    if uid != os.getuid() and uid != 0:
+                        conn.send(_REFUSED, _MSG_NOSIGNAL)
+                        conn.close()
+                        continue
+            except OSError as exc:
+                util.debug(f"resource sharer: a request failed: {exc!r}")
+                conn.close()
+                continue
+            if len(pending) >= _MAX_PENDING:  # a flood of silent peers: the oldest makes room
+                self._drop(pending, poller, next(iter(pending)))
+            pending[fd] = [conn, b"", time.monotonic() + REQUEST_TIMEOUT]
+            poller.register(fd, select.POLLIN)
+            self._read_key(pending, poller, fd)  # a receiver sends its key at once: usually here already
+
+    def _drop(self, pending: dict[int, list[Any]], poller: Any, fd: int) -> None:
+        conn = pending.pop(fd)[0]
+        try:
+            poller.unregister(fd)
+        except (KeyError, ValueError, OSError):
+            pass
+        conn.close()
+
+    def _read_key(self, pending: dict[int, list[Any]], poller: Any, fd: int) -> None:
+        """Read what has come of a peer's key; with all of it, answer: the descriptor, or a refusal."""
+        entry = pending[fd]
+        conn = entry[0]
+        try:
+            part = conn.recv(_KEY_SIZE - len(entry[1]))
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            part = b""
+        if not part:
+            self._drop(pending, poller, fd)
+            return
+        entry[1] += part
+        if len(entry[1]) < _KEY_SIZE:
+            return
+        key = entry[1]
+        try:
+            poller.unregister(fd)
+        except (KeyError, ValueError, OSError):
+            pass
+        del pending[fd]
+        try:
+            self._answer(conn, key)
+        except Exception as exc:  # one peer's trouble is that peer's; the thread serves on
+            util.debug(f"resource sharer: a request failed: {exc!r}")
+        finally:
+            conn.close()
 
     def _retire(self) -> None:
         """The thread ends (the lock is held): close the socket and pipe; the next share starts anew."""
@@ -215,31 +328,18 @@ class _Sharer:
             shutil.rmtree(self.tmpdir, ignore_errors=True)
             self.tmpdir = None
 
-    def _answer(self, conn: _socket.socket) -> None:
-        """One request: a peer of our uid sends a key; it gets the descriptor, or a refusal."""
-        conn.settimeout(REQUEST_TIMEOUT)
-        peercred = getattr(_socket, "SO_PEERCRED", None)
-        if peercred is not None:  # elsewhere the socket is in a 0700 directory: only our uid gets in
-            _pid, uid, _gid = struct.unpack("3i", conn.getsockopt(_socket.SOL_SOCKET, peercred, struct.calcsize("3i")))
-            if uid != os.getuid() and uid != 0:
-                conn.sendall(_REFUSED)
+    def _answer(self, conn: _socket.socket, key: bytes) -> None:
+        """A peer of our uid sent a whole key: it gets the descriptor, or a refusal (never a signal:
+        ``MSG_NOSIGNAL``, in case the peer is gone and SIGPIPE is not ignored in this process)."""
+        with self.lock:  # the duplicate is closed with the lock held (see share)
+            fd = self.take(key)
+            if fd is None:
+                conn.send(_REFUSED, _MSG_NOSIGNAL)
                 return
-        key = b""
-        deadline = time.monotonic() + REQUEST_TIMEOUT
-        while len(key) < _KEY_SIZE:
-            conn.settimeout(max(deadline - time.monotonic(), 0.001))
-            part = conn.recv(_KEY_SIZE - len(key))
-            if not part:
-                return
-            key += part
-        fd = self.take(key)
-        if fd is None:
-            conn.sendall(_REFUSED)
-            return
-        try:
-            conn.sendmsg([_OK], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, array.array("i", [fd]))])
-        finally:
-            os.close(fd)  # sent or not, the key is spent: the receiver gets it now or never
+            try:  # a non-blocking socket: never waits with the lock held
+                conn.sendmsg([_OK], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, array.array("i", [fd]))], _MSG_NOSIGNAL)
+            finally:
+                os.close(fd)  # sent or not, the key is spent: the receiver gets it now or never
 
     # -- life cycle ----------------------------------------------------------------------------
     def stop(self, timeout: float | None = None) -> None:
@@ -248,6 +348,8 @@ class _Sharer:
             self.stopping.set()
             fds = [fd for fd, _ in self.table.values()]
             self.table.clear()
+            util.close_fds(*fds)
+            fds = []
             listener, self.listener = self.listener, None
             wake_r, wake_w, self.wake_r, self.wake_w = self.wake_r, self.wake_w, -1, -1
             tmpdir, self.tmpdir = self.tmpdir, None
@@ -297,7 +399,24 @@ def _after_fork_in_child() -> None:
     _sharer.after_fork_in_child()
 
 
-os.register_at_fork(after_in_child=_after_fork_in_child)
+_fork_held = threading.local()
+
+
+def _before_fork() -> None:
+    # no duplicate is between os.dup and the table (or between the table and close) while we fork.
+    # Whoever holds the lock does only short non-blocking work; the bound is for what cannot be
+    # foreseen (a finalizer of the holder's that waits for a lock the forking thread holds)
+    _fork_held.lock = _sharer.lock if _sharer.lock.acquire(timeout=1.0) else None
+
+
+def _after_fork_in_parent() -> None:
+    lock = getattr(_fork_held, "lock", None)
+    _fork_held.lock = None
+    if lock is not None:
+        lock.release()
+
+
+os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent, after_in_child=_after_fork_in_child)
 
 
 class SharedFd:
@@ -331,7 +450,7 @@ class SharedFd:
                     f"the process that sent this descriptor (pid {self.pid}) has exited or stopped sharing "
                     f"before it was received"
                 ) from exc
-            sock.sendall(self.key)
+            sock.sendall(self.key, _MSG_NOSIGNAL)  # a sharer that hung up: EPIPE, never SIGPIPE
             fds = _recv_fds(sock, 1)
         finally:
             sock.close()
@@ -370,8 +489,9 @@ def DupFd(fd: int) -> SharedFd:
 def revoke(shared: list[SharedFd]) -> None:
     """Close the descriptors of ``shared`` (this process's, not yet claimed): no receiver will come."""
     pid = os.getpid()
-    fds = [_sharer.take(s.key) for s in shared if s.pid == pid]
-    util.close_fds(*(fd for fd in fds if fd is not None))
+    with _sharer.lock:  # the duplicates are closed with the lock held (see _Sharer.share)
+        fds = [_sharer.take(s.key) for s in shared if s.pid == pid]
+        util.close_fds(*(fd for fd in fds if fd is not None))
 
 
 def stop(timeout: float | None = None) -> None:

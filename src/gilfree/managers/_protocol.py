@@ -734,7 +734,9 @@ def _xml_exceptions() -> dict[tuple[str, str], type]:
         import queue
 
         for name, value in vars(builtins).items():
-            if isinstance(value, type) and issubclass(value, BaseException):
+            # Exception only: a server never sends SystemExit, KeyboardInterrupt or GeneratorExit (it
+            # catches Exception), and a hostile one must not make the client raise them
+            if isinstance(value, type) and issubclass(value, Exception):
                 _XML_EXCEPTIONS[("builtins", name)] = value
         for cls in (queue.Empty, queue.Full, RemoteError):
             _XML_EXCEPTIONS[(cls.__module__, cls.__qualname__)] = cls
@@ -747,13 +749,23 @@ def _xml_dumps(obj: Any) -> bytes:
     return xmlrpc.client.dumps((obj,), methodresponse=True, allow_none=True).encode("utf-8")
 
 
+def _refuse_doctype(*args: Any) -> None:
+    raise ValueError("an XML-RPC message with a DOCTYPE (refused)")
+
+
 def _xml_loads(data: Any) -> Any:
+    """The value of an XML-RPC document.  XML-RPC has no use for a DTD, and its entities are how XML
+    bombs work: the parser itself refuses a DOCTYPE (a search of the bytes for ``<!DOCTYPE`` missed
+    one in UTF-16, which expat reads as well)."""
     import xmlrpc.client
 
-    data = bytes(data)
-    if b"<!DOCTYPE" in data:  # XML-RPC has no use for a DTD; its entities are how XML bombs work
-        raise ValueError("an XML-RPC message with a DOCTYPE (refused)")
-    return xmlrpc.client.loads(data, use_builtin_types=True)[0][0]
+    parser, unmarshaller = xmlrpc.client.getparser(use_builtin_types=True)
+    expat = parser._parser  # type: ignore[attr-defined]
+    expat.StartDoctypeDeclHandler = _refuse_doctype
+    expat.EntityDeclHandler = _refuse_doctype
+    parser.feed(bytes(data))
+    parser.close()
+    return unmarshaller.close()[0]
 
 
 _XML_ATOMS = (type(None), bool, int, float, str, bytes)

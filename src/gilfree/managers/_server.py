@@ -412,6 +412,26 @@ class Server:
             threading.current_thread().name = f"gilfree-manager {peer}"
             self._handle(sock, peer)
 
+    def _other_serializer(self, chan: _Channel, data: Any) -> None:
+        """A HELLO this server cannot read: if it is plainly the other serializer's (a pickle at an
+        XML-RPC server, XML at a pickle server), tell the client so in its own format (only written,
+        never read: nothing is unpickled), instead of a bare hang-up."""
+        head = bytes(data[:4])
+        if head[:1] == b"\x80":
+            other = "pickle"
+        elif head.lstrip()[:1] == b"<" or head[:2] in (b"\xff\xfe", b"\xfe\xff") or head[:3] == b"\xef\xbb\xbf":
+            other = "xmlrpclib"
+        else:
+            return
+        if other == self.serializer:
+            return
+        reason = (f"this manager's serializer is {self.serializer!r}, the client's is {other!r}: "
+                  f"both ends must use the same serializer\n")
+        try:
+            chan.send_bytes(_dumps_for(other, (R_REMOTE, reason)))
+        except Exception:
+            pass
+
     def _turn_away(self, sock: Any, peer: str, reason: str) -> None:
         """Tell an authenticated client (waiting for the reply to its HELLO) why it is not served; close."""
         self.stats["refused"] += 1
@@ -459,7 +479,12 @@ class Server:
                 # the HELLO comes right behind the handshake: a peer that holds it back (it knows the key,
                 # but is stuck or hostile) must not hold a thread for good
                 chan._deadline = time.monotonic() + self.handshake_timeout
-                hello = chan.loads(chan.recv_bytes(HELLO_MAX))
+                data = chan.recv_bytes(HELLO_MAX)
+                try:
+                    hello = chan.loads(data)
+                except Exception:
+                    self._other_serializer(chan, data)
+                    raise
                 chan._deadline = None
                 if type(hello) is not tuple or len(hello) != 4 or hello[0] != OP_HELLO:
                     raise ValueError(f"expected HELLO, received {str(hello)[:80]}")
