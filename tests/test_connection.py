@@ -1827,3 +1827,27 @@ def test_inbox_keeps_a_partial_message_and_reports_a_hang_up_in_its_middle():
             inbox.receive()
     finally:
         b.close()
+
+
+def test_challenge_response_helpers_speak_hmac_sha256_only():
+    # the stdlib's (3.12+) _create_response/_verify_challenge names, with gilfree's policy: a
+    # {sha256} challenge is answered as the stdlib answers it, MD5 (legacy or {md5}) is refused
+    import multiprocessing.connection as std
+
+    from gilfree import connection as gc
+
+    key = b"supadupasecretkey"
+    msg = b"{sha256}" + os.urandom(32)
+    response = gc._create_response(key, msg)
+    assert response.startswith(b"{sha256}")
+    gc._verify_challenge(key, msg, response)
+    if hasattr(std, "_create_response"):  # 3.12+: both ways with the stdlib's helpers
+        std._verify_challenge(key, msg, response)
+        gc._verify_challenge(key, msg, std._create_response(key, msg))
+    with pytest.raises(gilfree.AuthenticationError):
+        gc._verify_challenge(key, msg, b"{sha256}" + bytes(32))
+    for weak in (b"is-twenty-bytes-long", b"{md5}is-twenty-bytes-long"):
+        with pytest.raises(gilfree.AuthenticationError, match="sha256"):
+            gc._create_response(key, weak)
+    with pytest.raises(gilfree.AuthenticationError, match="SHA256"):
+        gc._verify_challenge(key, msg, b"{md5}" + bytes(16))

@@ -1407,6 +1407,26 @@ def channel_binding(sock: Any, certfile: str | None = None) -> bytes:
     return unique + hashlib.sha256(der).digest()
 
 
+def _create_response(authkey: bytes, message: bytes) -> bytes:
+    """The answer to the challenge ``message`` (the stdlib's name, 3.12+): ``{sha256}`` + the HMAC.
+
+    gilfree speaks only HMAC-SHA256: a legacy (unprefixed, MD5) or ``{md5}`` challenge raises
+    AuthenticationError instead of being answered with a weaker MAC."""
+    if not message.startswith(_DIGEST):
+        raise AuthenticationError(f"gilfree answers only {_DIGEST.decode()} challenges, got {message[:16]!r}")
+    return _auth_digest(_check_key(authkey), message)
+
+
+def _verify_challenge(authkey: bytes, message: bytes, response: bytes) -> None:
+    """Raise AuthenticationError unless ``response`` is the HMAC-SHA256 answer to ``message``."""
+    import hmac
+
+    if not response.startswith(_DIGEST):
+        raise AuthenticationError("the response is not an HMAC-SHA256 answer (gilfree accepts no other)")
+    if not hmac.compare_digest(response, _auth_digest(_check_key(authkey), message)):
+        raise AuthenticationError("digest received was wrong")
+
+
 def deliver_challenge(conn: Connection, authkey: bytes, timeout: float | None = None, *, binding: bytes = b"") -> None:
     """Challenge the peer to prove it knows ``authkey``; raise AuthenticationError if it does not.
 
