@@ -697,3 +697,28 @@ def test_workers_started_at_exit_find_the_main_modules_functions(tmp_path):
     res = run_program([str(prog), str(out)], timeout=60)
     assert res.returncode == 0, res.stderr
     assert sorted(int(n) for n in os.listdir(out)) == [0, 1, 2], res.stderr
+
+
+def start_time_then_linger_at_exit(seconds):
+    import atexit
+
+    atexit.register(time.sleep, seconds)  # the worker's exit takes this long after its last result
+    return time.monotonic()  # CLOCK_MONOTONIC: the same clock in every process of the machine
+
+
+@pytest.mark.parametrize("impl", ["gilfree", "stdlib"])
+def test_a_retiring_worker_counts_until_it_has_exited(impl):
+    """max_workers is a limit on processes: a worker that reached max_tasks_per_child and is still
+    exiting is one of them, so its replacement starts once it has gone, as the stdlib's executor
+    joins it first (before: the replacement started at once, and 2 workers ran with max_workers=1)."""
+    ex = (cf.ProcessPoolExecutor if impl == "stdlib" else ProcessPoolExecutor)(1, max_tasks_per_child=1)
+    with ex:
+        first, second = [ex.submit(start_time_then_linger_at_exit, 1.0) for _ in range(2)]
+        assert second.result(60) - first.result(60) >= 1.0
+
+
+def test_a_pool_replaces_a_retiring_worker_once_it_has_exited(method):
+    """The same for Pool(maxtasksperchild=): the stdlib's pool replaces only workers that have exited."""
+    with gilfree.get_context(method).Pool(1, maxtasksperchild=1) as pool:
+        first, second = [pool.apply_async(start_time_then_linger_at_exit, (1.0,)) for _ in range(2)]
+        assert second.get(60) - first.get(60) >= 1.0

@@ -844,6 +844,7 @@ class Engine(EngineBase):
             for worker, what, ev in ready:
                 if what == "exiting":
                     self._exited(worker)
+                    self._replace()  # its replacement waited for it to go
                     continue
                 if worker.ended:
                     continue
@@ -1050,7 +1051,9 @@ class Engine(EngineBase):
         if self._state not in ("running", "closing") or self._broken is not None:
             return True
         idle = sum(1 for w in self._workers if not w.inflight and self._capacity(w) > 0)
-        for _ in range(min(len(self._pending) - idle, self._size - len(self._workers))):
+        # a worker still exiting (it reached max_tasks_per_child, or was stopped) is one of the pool's
+        # processes until its sentinel says it has gone: the pool never runs more than its size
+        for _ in range(min(len(self._pending) - idle, self._size - len(self._workers) - len(self._exiting))):
             try:
                 self._start_worker()
             except Exception as exc:
@@ -1284,7 +1287,7 @@ class Engine(EngineBase):
             return
         if self._state == "closing" and not self._pending:
             return
-        while len(self._workers) < self._size:
+        while len(self._workers) + len(self._exiting) < self._size:  # an exiting worker counts (see above)
             try:
                 self._start_worker()
             except Exception as exc:
