@@ -577,6 +577,7 @@ class Engine(EngineBase):
         self._poller.register(self._wake_r, select.POLLIN)
         self._by_fd: dict[int, tuple[_Worker, str]] = {}
         self._exiting: list[_Worker] = []  # forgotten workers whose processes have not ended yet
+        self._left: list[Any] = []  # processes of the workers that left after close()/terminate()
         self._settle_waiters: list[threading.Event] = []  # see settle()
         self._repopulate = False  # repopulate() asked the supervisor to start missing workers now
         try:
@@ -622,7 +623,10 @@ class Engine(EngineBase):
         supervisor replaces workers as they exit.  The engine never closes these objects (their
         descriptors go with the last reference), so a caller holding one may still ask ``is_alive()``,
         ``exitcode`` or ``join()`` after the worker has left the pool."""
-        return [w.process if w.process is not None else w.thread for w in list(self._workers)]
+        current = [w.process if w.process is not None else w.thread for w in list(self._workers)]
+        # once the pool is closed or terminated, the workers that left since stay listed (the stdlib's
+        # pool keeps them in ``_pool``, with their exit codes, after ``join()``)
+        return current if self._state == "running" else list(self._left) + current
 
     def repopulate(self) -> None:
         with self._lock:
@@ -736,6 +740,8 @@ class Engine(EngineBase):
             return
         worker.ended = True
         self._workers.remove(worker)
+        if self._state != "running":
+            self._left.append(worker.process if worker.process is not None else worker.thread)
         self._free_slots.append(worker.index)
         self._close_channel(worker)
         process = worker.process
