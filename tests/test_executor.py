@@ -722,3 +722,22 @@ def test_a_pool_replaces_a_retiring_worker_once_it_has_exited(method):
     with gilfree.get_context(method).Pool(1, maxtasksperchild=1) as pool:
         first, second = [pool.apply_async(start_time_then_linger_at_exit, (1.0,)) for _ in range(2)]
         assert second.get(60) - first.get(60) >= 1.0
+
+
+def start_time_then_keep_the_worker_alive(seconds):
+    import threading
+
+    threading.Thread(target=time.sleep, args=(seconds,)).start()  # not daemonic: the worker's exit waits
+    return time.monotonic()
+
+
+def test_a_retiring_worker_that_does_not_exit_delays_its_replacement_only_for_a_while(monkeypatch):
+    """A worker kept alive at exit (a non-daemonic thread) counts toward max_workers only for
+    EXIT_GRACE seconds: the executor does not stall behind it (the stdlib's waits for it forever)."""
+    from gilfree import _workers
+
+    monkeypatch.setattr(_workers, "EXIT_GRACE", 1.0)
+    with ProcessPoolExecutor(1, max_tasks_per_child=1) as ex:
+        first, second = [ex.submit(start_time_then_keep_the_worker_alive, 4.0) for _ in range(2)]
+        gap = second.result(60) - first.result(60)
+        assert 1.0 <= gap < 3.5

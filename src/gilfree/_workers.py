@@ -83,6 +83,9 @@ MAX_START_FAILURES = 3
 #: Seconds a worker that hung up (closed its connection) without being told to stop has to end
 #: before it is killed.
 HANG_UP_GRACE = 1.0
+#: how long a worker that is exiting (max tasks reached, or stopped) still counts toward the pool's size:
+#: its replacement waits for it to go, but not forever (one kept alive by a non-daemonic thread)
+EXIT_GRACE = 5.0
 
 # kinds of task: a call; a chunk that fails at its first error (map); a chunk whose items fail
 # one by one (imap: a failed item comes back as a Failure in the list, the others as values)
@@ -577,6 +580,7 @@ class Engine(EngineBase):
         self._poller.register(self._wake_r, select.POLLIN)
         self._by_fd: dict[int, tuple[_Worker, str]] = {}
         self._exiting: list[_Worker] = []  # forgotten workers whose processes have not ended yet
+        self._exiting_since: dict[_Worker, int] = {}  # monotonic_ns when each began to exit
         self._left: list[Any] = []  # processes of the workers that left after close()/terminate()
         self._settle_waiters: list[threading.Event] = []  # see settle()
         self._repopulate = False  # repopulate() asked the supervisor to start missing workers now
@@ -750,6 +754,7 @@ class Engine(EngineBase):
         if process.exitcode is None and not self._reaped(worker):
             self._by_fd[worker.sentinel] = (worker, "exiting")  # type: ignore[index]
             self._exiting.append(worker)
+            self._exiting_since[worker] = time.monotonic_ns()
             return
         self._unpoll(worker.sentinel)
         # not process.close(): the object may be in a caller's hands (``Pool._pool``, the executor's
@@ -766,6 +771,7 @@ class Engine(EngineBase):
         self._unpoll(worker.sentinel)
         if worker in self._exiting:
             self._exiting.remove(worker)
+        self._exiting_since.pop(worker, None)
         worker.process.join(1)  # reaps it (not close(): see _forget_worker)
 
     def _send(self, worker: _Worker, msg: Any) -> None:
@@ -1059,7 +1065,7 @@ class Engine(EngineBase):
         idle = sum(1 for w in self._workers if not w.inflight and self._capacity(w) > 0)
         # a worker still exiting (it reached max_tasks_per_child, or was stopped) is one of the pool's
         # processes until its sentinel says it has gone: the pool never runs more than its size
-        for _ in range(min(len(self._pending) - idle, self._size - len(self._workers) - len(self._exiting))):
+        for _ in range(min(len(self._pending) - idle, self._size - len(self._workers) - self._lingering())):
             try:
                 self._start_worker()
             except Exception as exc:
@@ -1116,11 +1122,24 @@ class Engine(EngineBase):
         for fid in fids:
             worker.functions.pop(fid, None)
 
+    def _lingering(self) -> int:
+        """The exiting workers that still count toward the pool's size (for ``EXIT_GRACE`` s)."""
+        limit = time.monotonic_ns() - int(EXIT_GRACE * 1e9)
+        return sum(1 for since in self._exiting_since.values() if since > limit)
+
     def _check_deadlines(self) -> int | None:
         """Kill workers whose task ran past its timeout, or that hung up and linger; return the poll
         timeout in ms."""
         soonest: float | None = None
         now = time.monotonic_ns()
+        for worker, since in list(self._exiting_since.items()):
+            remaining = since + int(EXIT_GRACE * 1e9) - now
+            if remaining <= 0:  # counts no more: its replacement starts now
+                del self._exiting_since[worker]
+                self._repopulate = True
+                soonest = 0  # the next round starts it (on demand: dispatch; else _replace)
+            elif soonest is None or remaining < soonest:
+                soonest = remaining
         for worker in self._workers:
             if worker.hung_up is not None:
                 remaining = worker.hung_up + int(HANG_UP_GRACE * 1e9) - now
@@ -1293,7 +1312,7 @@ class Engine(EngineBase):
             return
         if self._state == "closing" and not self._pending:
             return
-        while len(self._workers) + len(self._exiting) < self._size:  # an exiting worker counts (see above)
+        while len(self._workers) + self._lingering() < self._size:  # an exiting worker counts (see above)
             try:
                 self._start_worker()
             except Exception as exc:
