@@ -717,13 +717,6 @@ def test_a_retiring_worker_counts_until_it_has_exited(impl):
         assert second.result(60) - first.result(60) >= 1.0
 
 
-def test_a_pool_replaces_a_retiring_worker_once_it_has_exited(method):
-    """The same for Pool(maxtasksperchild=): the stdlib's pool replaces only workers that have exited."""
-    with gilfree.get_context(method).Pool(1, maxtasksperchild=1) as pool:
-        first, second = [pool.apply_async(start_time_then_linger_at_exit, (1.0,)) for _ in range(2)]
-        assert second.get(60) - first.get(60) >= 1.0
-
-
 def start_time_then_keep_the_worker_alive(seconds):
     import threading
 

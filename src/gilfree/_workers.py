@@ -83,8 +83,9 @@ MAX_START_FAILURES = 3
 #: Seconds a worker that hung up (closed its connection) without being told to stop has to end
 #: before it is killed.
 HANG_UP_GRACE = 1.0
-#: how long a worker that is exiting (max tasks reached, or stopped) still counts toward the pool's size:
-#: its replacement waits for it to go, but not forever (one kept alive by a non-daemonic thread)
+#: how long a worker that is exiting (max tasks reached, or stopped) still counts toward the size of a
+#: pool that starts workers on demand (the executor): its replacement waits for it to go, but not
+#: forever (one kept alive by a non-daemonic thread)
 EXIT_GRACE = 5.0
 
 # kinds of task: a call; a chunk that fails at its first error (map); a chunk whose items fail
@@ -754,7 +755,8 @@ class Engine(EngineBase):
         if process.exitcode is None and not self._reaped(worker):
             self._by_fd[worker.sentinel] = (worker, "exiting")  # type: ignore[index]
             self._exiting.append(worker)
-            self._exiting_since[worker] = time.monotonic_ns()
+            if self._on_demand:
+                self._exiting_since[worker] = time.monotonic_ns()
             return
         self._unpoll(worker.sentinel)
         # not process.close(): the object may be in a caller's hands (``Pool._pool``, the executor's
@@ -856,7 +858,6 @@ class Engine(EngineBase):
             for worker, what, ev in ready:
                 if what == "exiting":
                     self._exited(worker)
-                    self._replace()  # its replacement waited for it to go
                     continue
                 if worker.ended:
                     continue
@@ -1063,8 +1064,11 @@ class Engine(EngineBase):
         if self._state not in ("running", "closing") or self._broken is not None:
             return True
         idle = sum(1 for w in self._workers if not w.inflight and self._capacity(w) > 0)
-        # a worker still exiting (it reached max_tasks_per_child, or was stopped) is one of the pool's
-        # processes until its sentinel says it has gone: the pool never runs more than its size
+        # a worker still exiting (it reached max_tasks_per_child, or was stopped) is one of the
+        # executor's processes until its sentinel says it has gone (for EXIT_GRACE s at most): the
+        # executor never runs more than max_workers, as the stdlib's joins a retiring worker first.
+        # (A Pool, which starts its workers up front, replaces one at once: it never waits for a
+        # worker that lingers at exit, tests/test_pool_promises.py)
         for _ in range(min(len(self._pending) - idle, self._size - len(self._workers) - self._lingering())):
             try:
                 self._start_worker()
@@ -1136,8 +1140,7 @@ class Engine(EngineBase):
             remaining = since + int(EXIT_GRACE * 1e9) - now
             if remaining <= 0:  # counts no more: its replacement starts now
                 del self._exiting_since[worker]
-                self._repopulate = True
-                soonest = 0  # the next round starts it (on demand: dispatch; else _replace)
+                soonest = 0  # the next round's dispatch starts its replacement
             elif soonest is None or remaining < soonest:
                 soonest = remaining
         for worker in self._workers:
@@ -1312,7 +1315,7 @@ class Engine(EngineBase):
             return
         if self._state == "closing" and not self._pending:
             return
-        while len(self._workers) + self._lingering() < self._size:  # an exiting worker counts (see above)
+        while len(self._workers) < self._size:
             try:
                 self._start_worker()
             except Exception as exc:
