@@ -697,3 +697,40 @@ def test_workers_started_at_exit_find_the_main_modules_functions(tmp_path):
     res = run_program([str(prog), str(out)], timeout=60)
     assert res.returncode == 0, res.stderr
     assert sorted(int(n) for n in os.listdir(out)) == [0, 1, 2], res.stderr
+
+
+def start_time_then_linger_at_exit(seconds):
+    import atexit
+
+    atexit.register(time.sleep, seconds)  # the worker's exit takes this long after its last result
+    return time.monotonic()  # CLOCK_MONOTONIC: the same clock in every process of the machine
+
+
+@pytest.mark.parametrize("impl", ["gilfree", "stdlib"])
+def test_a_retiring_worker_counts_until_it_has_exited(impl):
+    """max_workers is a limit on processes: a worker that reached max_tasks_per_child and is still
+    exiting is one of them, so its replacement starts once it has gone, as the stdlib's executor
+    joins it first (before: the replacement started at once, and 2 workers ran with max_workers=1)."""
+    ex = (cf.ProcessPoolExecutor if impl == "stdlib" else ProcessPoolExecutor)(1, max_tasks_per_child=1)
+    with ex:
+        first, second = [ex.submit(start_time_then_linger_at_exit, 1.0) for _ in range(2)]
+        assert second.result(60) - first.result(60) >= 1.0
+
+
+def start_time_then_keep_the_worker_alive(seconds):
+    import threading
+
+    threading.Thread(target=time.sleep, args=(seconds,)).start()  # not daemonic: the worker's exit waits
+    return time.monotonic()
+
+
+def test_a_retiring_worker_that_does_not_exit_delays_its_replacement_only_for_a_while(monkeypatch):
+    """A worker kept alive at exit (a non-daemonic thread) counts toward max_workers only for
+    EXIT_GRACE seconds: the executor does not stall behind it (the stdlib's waits for it forever)."""
+    from gilfree import _workers
+
+    monkeypatch.setattr(_workers, "EXIT_GRACE", 1.0)
+    with ProcessPoolExecutor(1, max_tasks_per_child=1) as ex:
+        first, second = [ex.submit(start_time_then_keep_the_worker_alive, 4.0) for _ in range(2)]
+        gap = second.result(60) - first.result(60)
+        assert 1.0 <= gap < 3.5

@@ -628,3 +628,19 @@ def test_terminate_right_after_the_last_result_keeps_the_workers_output(tmp_path
     out = run_program(prog, timeout=60)
     assert out.returncode == 0, out.stderr
     assert sorted(out.stdout.splitlines()) == ["joined True", "printed by the worker 1"]
+
+
+@pytest.mark.parametrize("stop", ["terminate", "close"])
+def test_pool_keeps_its_workers_process_objects_after_join(method, stop):
+    """``pool._pool`` after ``terminate()``/``close()`` and ``join()`` still lists the workers that
+    ended then, with their exit codes, as the stdlib's does (before: an empty list, so code reading
+    ``[p.exitcode for p in pool._pool]`` after ``join()`` saw no worker at all)."""
+    import gilfree
+
+    pool = gilfree.get_context(method).Pool(2)
+    assert pool.map(abs, [-1, -2]) == [1, 2]
+    getattr(pool, stop)()
+    pool.join()
+    workers = pool._pool
+    assert len(workers) == 2
+    assert all(p.exitcode is not None for p in workers)

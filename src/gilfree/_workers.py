@@ -83,6 +83,10 @@ MAX_START_FAILURES = 3
 #: Seconds a worker that hung up (closed its connection) without being told to stop has to end
 #: before it is killed.
 HANG_UP_GRACE = 1.0
+#: how long a worker that is exiting (max tasks reached, or stopped) still counts toward the size of a
+#: pool that starts workers on demand (the executor): its replacement waits for it to go, but not
+#: forever (one kept alive by a non-daemonic thread)
+EXIT_GRACE = 5.0
 
 # kinds of task: a call; a chunk that fails at its first error (map); a chunk whose items fail
 # one by one (imap: a failed item comes back as a Failure in the list, the others as values)
@@ -577,6 +581,8 @@ class Engine(EngineBase):
         self._poller.register(self._wake_r, select.POLLIN)
         self._by_fd: dict[int, tuple[_Worker, str]] = {}
         self._exiting: list[_Worker] = []  # forgotten workers whose processes have not ended yet
+        self._exiting_since: dict[_Worker, int] = {}  # monotonic_ns when each began to exit
+        self._left: list[Any] = []  # processes of the workers that left after close()/terminate()
         self._settle_waiters: list[threading.Event] = []  # see settle()
         self._repopulate = False  # repopulate() asked the supervisor to start missing workers now
         try:
@@ -622,7 +628,10 @@ class Engine(EngineBase):
         supervisor replaces workers as they exit.  The engine never closes these objects (their
         descriptors go with the last reference), so a caller holding one may still ask ``is_alive()``,
         ``exitcode`` or ``join()`` after the worker has left the pool."""
-        return [w.process if w.process is not None else w.thread for w in list(self._workers)]
+        current = [w.process if w.process is not None else w.thread for w in list(self._workers)]
+        # once the pool is closed or terminated, the workers that left since stay listed (the stdlib's
+        # pool keeps them in ``_pool``, with their exit codes, after ``join()``)
+        return current if self._state == "running" else list(self._left) + current
 
     def repopulate(self) -> None:
         with self._lock:
@@ -736,6 +745,8 @@ class Engine(EngineBase):
             return
         worker.ended = True
         self._workers.remove(worker)
+        if self._state != "running":
+            self._left.append(worker.process if worker.process is not None else worker.thread)
         self._free_slots.append(worker.index)
         self._close_channel(worker)
         process = worker.process
@@ -744,6 +755,8 @@ class Engine(EngineBase):
         if process.exitcode is None and not self._reaped(worker):
             self._by_fd[worker.sentinel] = (worker, "exiting")  # type: ignore[index]
             self._exiting.append(worker)
+            if self._on_demand:
+                self._exiting_since[worker] = time.monotonic_ns()
             return
         self._unpoll(worker.sentinel)
         # not process.close(): the object may be in a caller's hands (``Pool._pool``, the executor's
@@ -760,6 +773,7 @@ class Engine(EngineBase):
         self._unpoll(worker.sentinel)
         if worker in self._exiting:
             self._exiting.remove(worker)
+        self._exiting_since.pop(worker, None)
         worker.process.join(1)  # reaps it (not close(): see _forget_worker)
 
     def _send(self, worker: _Worker, msg: Any) -> None:
@@ -1050,7 +1064,12 @@ class Engine(EngineBase):
         if self._state not in ("running", "closing") or self._broken is not None:
             return True
         idle = sum(1 for w in self._workers if not w.inflight and self._capacity(w) > 0)
-        for _ in range(min(len(self._pending) - idle, self._size - len(self._workers))):
+        # a worker still exiting (it reached max_tasks_per_child, or was stopped) is one of the
+        # executor's processes until its sentinel says it has gone (for EXIT_GRACE s at most): the
+        # executor never runs more than max_workers, as the stdlib's joins a retiring worker first.
+        # (A Pool, which starts its workers up front, replaces one at once: it never waits for a
+        # worker that lingers at exit, tests/test_pool_promises.py)
+        for _ in range(min(len(self._pending) - idle, self._size - len(self._workers) - self._lingering())):
             try:
                 self._start_worker()
             except Exception as exc:
@@ -1107,11 +1126,23 @@ class Engine(EngineBase):
         for fid in fids:
             worker.functions.pop(fid, None)
 
+    def _lingering(self) -> int:
+        """The exiting workers that still count toward the pool's size (for ``EXIT_GRACE`` s)."""
+        limit = time.monotonic_ns() - int(EXIT_GRACE * 1e9)
+        return sum(1 for since in self._exiting_since.values() if since > limit)
+
     def _check_deadlines(self) -> int | None:
         """Kill workers whose task ran past its timeout, or that hung up and linger; return the poll
         timeout in ms."""
         soonest: float | None = None
         now = time.monotonic_ns()
+        for worker, since in list(self._exiting_since.items()):
+            remaining = since + int(EXIT_GRACE * 1e9) - now
+            if remaining <= 0:  # counts no more: its replacement starts now
+                del self._exiting_since[worker]
+                soonest = 0  # the next round's dispatch starts its replacement
+            elif soonest is None or remaining < soonest:
+                soonest = remaining
         for worker in self._workers:
             if worker.hung_up is not None:
                 remaining = worker.hung_up + int(HANG_UP_GRACE * 1e9) - now
