@@ -332,21 +332,29 @@ def test_spawn_set_executable_is_what_children_run(tmp_path):
     import shutil
     import sys
 
-    link = tmp_path / "python-link"
-    os.symlink(shutil.which(sys.executable) or sys.executable, link)
+    # a launcher that notes it ran, then becomes this interpreter (a symlink to a venv's python placed
+    # elsewhere would start the venv's base interpreter, which cannot import gilfree's dependencies)
+    exe = shutil.which(sys.executable) or sys.executable
+    marker = tmp_path / "launched"
+    link = str(tmp_path / "python-launcher")
+    with open(link, "w") as f:
+        f.write(f'#!/bin/sh\necho ran >> "{marker}"\nexec "{exe}" "$@"\n')
+    os.chmod(link, 0o755)
     old = gilfree.spawn.get_executable()
-    gilfree.spawn.set_executable(str(link))
+    gilfree.spawn.set_executable(link)
     try:
         ctx = gilfree.get_context("spawn")
         q = ctx.SimpleQueue()
         p = ctx.Process(target=_report_spawn_setup, args=(q, "x"))
         p.start()
+        p.join(60)
+        assert p.exitcode == 0  # (a child that failed to start would leave q.get() waiting)
         got = q.get()
-        p.join()
         data = gilfree.spawn.get_preparation_data("child-name")
     finally:
         gilfree.spawn.set_executable(old)
-    assert got == (str(link), "x")
+    assert "ran" in marker.read_text()  # the child (and any helper it needed) started through it
+    assert got[1] == "x"
     assert data["name"] == "child-name" and data["sys_path"] == sys.path
 
 

@@ -58,6 +58,7 @@ if TYPE_CHECKING:
     from . import managers as managers
     from . import pool as pool
     from . import queues as queues
+    from . import resource_sharer as resource_sharer
     from . import resource_tracker as resource_tracker
     from . import shared_memory as shared_memory
     from . import sharedctypes as sharedctypes
@@ -88,6 +89,7 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     "heap": ("heap", None),
     "forkserver": ("forkserver", None),
     "resource_tracker": ("resource_tracker", None),
+    "resource_sharer": ("resource_sharer", None),
     "spawn": ("spawn", None),
     "pool": ("pool", None),
     "dummy": ("dummy", None),
@@ -252,6 +254,7 @@ __all__ = [
     "SimpleQueue",
     "queues",
     "heap",
+    "resource_sharer",
     "resource_tracker",
     "spawn",
     "RLock",
