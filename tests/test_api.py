@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing as std_mp
 import sys
+import types
 from pathlib import Path
 
 import gilfree
@@ -29,7 +30,10 @@ def test_stdlib_names_exist():
 def test_all_is_complete_and_resolvable():
     for name in gilfree.__all__:
         assert hasattr(gilfree, name), name
-    public = {n for n in vars(gilfree) if not n.startswith("_")} - {"annotations", "Any"}
+    # a submodule becomes an attribute of the package once anything imports it (gilfree.backends
+    # after a backend test ran): what the tests before imported must not decide this test
+    public = {n for n, v in vars(gilfree).items() if not n.startswith("_")
+              and not (isinstance(v, types.ModuleType) and v.__name__ == f"gilfree.{n}")} - {"annotations", "Any"}
     assert public <= set(gilfree.__all__), public - set(gilfree.__all__)
 
 
