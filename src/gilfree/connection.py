@@ -679,11 +679,7 @@ class Connection:
         if self._deadline is not None:
             self._await_data(self._handle)  # type: ignore[arg-type]
         data, anc, flags, _ = sock.recvmsg(4, _ANC_SPACE, _MSG_CMSG_CLOEXEC)
-        for level, kind, payload in anc:
-            if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS:
-                arr = array.array("i")
-                arr.frombytes(payload[: len(payload) - (len(payload) % arr.itemsize)])
-                fds.extend(arr)
+        fds.extend(util.fds_from_ancillary(anc))
         if flags & _MSG_CTRUNC:
             util.close_fds(*fds)
             raise OSError("a message carried more file descriptors than allowed; they were dropped")
@@ -1068,12 +1064,7 @@ class Inbox:
                 n, anc, flags, _ = sock.recvmsg_into([chunk], _ANC_SPACE, _MSG_DONTWAIT | _MSG_CMSG_CLOEXEC)
             except BlockingIOError:
                 break
-            fds: list[int] = []
-            for level, kind, payload in anc:
-                if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS:
-                    arr = array.array("i")
-                    arr.frombytes(payload[: len(payload) - (len(payload) % arr.itemsize)])
-                    fds.extend(arr)
+            fds = util.fds_from_ancillary(anc)
             if flags & _MSG_CTRUNC:
                 util.close_fds(*fds)
                 self._bad("a message carried more file descriptors than allowed")

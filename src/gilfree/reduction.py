@@ -730,18 +730,14 @@ def recvfds(sock: Any, size: int) -> list[int]:
     descriptors (or with a different number).
     """
     import _socket
-    import array
+
+    from .util import fds_from_ancillary
 
     size = int(size)
     if not 0 < size <= MAX_RECV_FDS:
         raise ValueError(f"recvfds receives 1 to {MAX_RECV_FDS} descriptors, not {size}")
     data, anc, flags, _ = sock.recvmsg(1, _socket.CMSG_SPACE(size * 4), getattr(_socket, "MSG_CMSG_CLOEXEC", 0))
-    fds: list[int] = []
-    for level, kind, payload in anc:
-        if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS:
-            arr = array.array("i")
-            arr.frombytes(payload[: len(payload) - len(payload) % arr.itemsize])
-            fds.extend(arr)
+    fds = fds_from_ancillary(anc)
     if not data and not fds:
         raise EOFError("the peer closed the connection before sending descriptors")
     if len(fds) != size or data[0] != size % 256 or flags & _socket.MSG_CTRUNC:

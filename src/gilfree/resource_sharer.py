@@ -466,12 +466,7 @@ def _recv_fds(sock: _socket.socket, count: int) -> list[int] | None:
     """Read the sharer's one-byte answer; the descriptors on it, exactly ``count`` (else ``OSError``)."""
     flags = getattr(_socket, "MSG_CMSG_CLOEXEC", 0)
     data, anc, mflags, _ = sock.recvmsg(1, _socket.CMSG_SPACE(count * 4), flags)
-    fds: list[int] = []
-    for level, kind, payload in anc:
-        if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS:
-            arr = array.array("i")
-            arr.frombytes(payload[: len(payload) - len(payload) % arr.itemsize])
-            fds.extend(arr)
+    fds = util.fds_from_ancillary(anc)
     if data != _OK or len(fds) != count or mflags & _socket.MSG_CTRUNC:
         util.close_fds(*fds)
         if data == _REFUSED or not data:

@@ -279,6 +279,21 @@ def close_fds(*fds: int) -> None:
             pass
 
 
+def fds_from_ancillary(anc: list[tuple[int, int, bytes]]) -> list[int]:
+    """The descriptors of the ``SCM_RIGHTS`` items in ``recvmsg``'s ancillary data (a trailing
+    partial int, from a truncated message, is ignored)."""
+    import _socket
+    import array
+
+    fds: list[int] = []
+    for level, kind, payload in anc:
+        if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS:
+            arr = array.array("i")
+            arr.frombytes(payload[: len(payload) - len(payload) % arr.itemsize])
+            fds.extend(arr)
+    return fds
+
+
 def _shm_prefix_from_env() -> str:
     value = os.environ.get("GILFREE_SHM_PREFIX", "")
     if len(value) > 16 or not all(c.isalnum() or c in "_-." for c in value):
