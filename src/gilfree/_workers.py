@@ -7,13 +7,16 @@
     submit(tasks) ─> pending ─┐
                    wake pipe ─┤ poll(wake, conn 1..n, sentinel 1..n; next deadline)
                               ├─ dispatch ── conn_i.send((tid, fn?, kind, args)) ──> worker i: recv,
-                              │    (up to `depth` tasks per worker, FIFO)             run, send result
+                              │    (up to `depth` tasks per worker, FIFO; on_demand   run, send result
+                              │    engines -- the executor under spawn/forkserver --
+                              │    first start a worker per task that finds none idle,
+                              │    and give a busy worker nothing while they can grow)
                               ├─ results <── conn_i.recv() <── (tid, ok, value) ────┘
                               │    └─> task.job._done(task, ok, value): AsyncResult, callbacks
                               ├─ sentinel_i ready: worker i died.  Its running task fails with
                               │    WorkerLostError (or is retried, or breaks the pool); the tasks
                               │    queued behind it go back to the front of `pending`; a new
-                              │    worker takes its place.
+                              │    worker takes its place (on_demand: when a task needs one).
                               └─ deadlines: a task past its task_timeout: SIGKILL its worker,
                                    fail the task with TaskTimeoutError.
 
